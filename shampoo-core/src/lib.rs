@@ -1,0 +1,1 @@
+//! Shampoo core (work in progress).
