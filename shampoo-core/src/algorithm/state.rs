@@ -1,0 +1,344 @@
+//! Optimizer state of one group of same-shape blocks, and its allocation.
+//!
+//! All memory a step needs is allocated here, once, at construction: state
+//! (factors, roots, accumulators) and scratch (gathered gradients, products,
+//! root-inverse work). A steady-state step allocates nothing on the backend.
+
+use crate::backend::{Backend, EighStatus, TableEntry};
+use crate::config::{Preconditioner, RootInverse, ShampooConfig, WeightDecayType};
+use crate::layout::{FactorSpec, Group, Layout};
+use crate::{DType, Result};
+
+/// State and scratch of one preconditioned dimension of a group.
+pub(crate) struct FactorState<B: Backend> {
+    /// Which dimension, its size and exponent.
+    pub spec: FactorSpec,
+    /// Newton's integer root `p = 1 / exponent` (coupled Newton only).
+    pub newton_root: u32,
+    /// Statistics `L` (factor dtype), `count * n * n`, lower triangle valid.
+    pub stats: B::Buffer,
+    /// Inverse roots `X` (parameter dtype), or eigenvectors for
+    /// eigenvalue-corrected Shampoo (column-major). Starts at identity.
+    pub root: B::Buffer,
+    /// Root-inverse work: damped factor, then eigenvectors (factor dtype).
+    pub work: B::Buffer,
+    /// Root-inverse matrices (factor dtype), by role through `roles`:
+    /// eigh uses the candidate root `X`; coupled Newton uses all six.
+    pub scratch: Vec<B::Buffer>,
+    /// Physical index in `scratch` of each [`Role`] (roles swap for free).
+    pub roles: [usize; 6],
+    /// The block shape of a matrix, `[n, n]`.
+    pub square: [usize; 2],
+    /// Eigenvalues, or Frobenius norms for Newton (factor dtype), `count * n`.
+    pub values: B::Buffer,
+    /// Finiteness flags: `[input; result]`, `2 * count` (factor dtype).
+    pub flags: B::Buffer,
+    /// Consecutive root-inverse failures per block.
+    pub failures: Vec<u32>,
+    /// Per-block eigendecomposition outcome of the last root inverse.
+    pub status: Vec<EighStatus>,
+    /// Host copy of `flags` (or Newton errors).
+    pub host_flags: Vec<f64>,
+    /// Per-step selection scratch.
+    pub accept: Vec<u32>,
+}
+
+/// What a root-inverse scratch matrix is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The candidate root `X`.
+    X = 0,
+    /// Newton's coupled matrix `M`.
+    M = 1,
+    /// Newton's `M' = (1 + 1/p) I - M / p`.
+    Mp = 2,
+    /// Binary exponentiation's running square.
+    Z = 3,
+    /// Binary exponentiation's result.
+    R = 4,
+    /// Product target.
+    T = 5,
+}
+
+impl<B: Backend> FactorState<B> {
+    /// The scratch matrix playing `role`.
+    pub fn buf(&self, role: Role) -> &B::Buffer {
+        &self.scratch[self.roles[role as usize]]
+    }
+    /// Swaps the buffers of two roles.
+    pub fn swap(&mut self, a: Role, b: Role) {
+        self.roles.swap(a as usize, b as usize);
+    }
+}
+
+/// State and scratch of one group.
+pub(crate) struct GroupState<B: Backend> {
+    /// Geometry for gathering the group's blocks.
+    pub gather: B::BlockTable,
+    /// Raw gradients (after L2 weight decay), parameter dtype.
+    pub grad: B::Buffer,
+    /// Gradients in the factor dtype when it differs.
+    pub grad_factor: Option<B::Buffer>,
+    /// Gathered parameters, for decoupled weight decay.
+    pub weights: Option<B::Buffer>,
+    /// Filtered gradient state `M1` and its bias-corrected copy `Gf`.
+    pub filtered: Option<(B::Buffer, B::Buffer)>,
+    /// Grafting accumulator `V`.
+    pub graft: Option<B::Buffer>,
+    /// Momentum buffer.
+    pub momentum: Option<B::Buffer>,
+    /// Eigenvalue-corrected second moments `D`.
+    pub corrected: Option<B::Buffer>,
+    /// Ping-pong product buffers.
+    pub work: [B::Buffer; 2],
+    /// Per-block `(sum graft^2, sum P_sh^2)`.
+    pub sq_norms: B::Buffer,
+    /// One per preconditioned dimension.
+    pub factors: Vec<FactorState<B>>,
+    /// Blocks with a gradient this step (`None`: all of them).
+    pub active: Option<Vec<u32>>,
+    /// Where this step's preconditioned gradient `P_sh` is.
+    pub p_sh: Loc,
+    /// Whether any block has a gradient this step.
+    pub any_active: bool,
+}
+
+/// A group buffer holding a block-shaped intermediate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loc {
+    /// The raw gradient.
+    Grad,
+    /// The filtered gradient (the raw gradient when `beta1 == 0`).
+    Gf,
+    /// One of the two product buffers.
+    Work(usize),
+}
+
+impl<B: Backend> GroupState<B> {
+    /// The buffer at `loc`.
+    pub fn at(&self, loc: Loc) -> &B::Buffer {
+        match loc {
+            Loc::Grad => &self.grad,
+            Loc::Gf => self.filtered.as_ref().map_or(&self.grad, |(_, gf)| gf),
+            Loc::Work(i) => &self.work[i],
+        }
+    }
+    /// The buffer at `loc`, exclusively.
+    pub fn at_mut(&mut self, loc: Loc) -> &mut B::Buffer {
+        match loc {
+            Loc::Grad => &mut self.grad,
+            Loc::Gf => match self.filtered.as_mut() {
+                Some((_, gf)) => gf,
+                None => &mut self.grad,
+            },
+            Loc::Work(i) => &mut self.work[i],
+        }
+    }
+}
+
+/// Allocates the state of every group of `layout`.
+pub(crate) fn allocate_groups<B: Backend>(
+    backend: &B,
+    config: &ShampooConfig,
+    layout: &Layout,
+    dtype: DType,
+) -> Result<Vec<GroupState<B>>> {
+    let fdtype = config.factor_dtype_for(dtype);
+    layout
+        .groups
+        .iter()
+        .map(|g| allocate_group(backend, config, layout, g, dtype, fdtype))
+        .collect()
+}
+
+fn allocate_group<B: Backend>(
+    backend: &B,
+    config: &ShampooConfig,
+    layout: &Layout,
+    group: &Group,
+    dtype: DType,
+    fdtype: DType,
+) -> Result<GroupState<B>> {
+    let len = group.len();
+    let count = group.count();
+    let ec = matches!(config.preconditioner, Preconditioner::EigenvalueCorrected);
+    let newton = matches!(
+        config.preconditioner,
+        Preconditioner::RootInv {
+            root_inverse: RootInverse::CoupledNewton { .. },
+            ..
+        }
+    );
+    let entries = group
+        .blocks
+        .iter()
+        .enumerate()
+        .map(|(slot, &id)| TableEntry {
+            block: layout.blocks[id].clone(),
+            packed_offset: slot * group.numel,
+        })
+        .collect();
+    let opt = |cond: bool, dt: DType, n: usize| -> Result<Option<B::Buffer>> {
+        if cond {
+            Ok(Some(backend.alloc(dt, n)?))
+        } else {
+            Ok(None)
+        }
+    };
+    let has_factors = !group.factors.is_empty();
+    let mut factors = Vec::with_capacity(group.factors.len());
+    for spec in &group.factors {
+        let n = spec.size;
+        let mats = count * n * n;
+        let mut root = backend.alloc(dtype, mats)?;
+        fill_identity(backend, &mut root, dtype, n, count)?;
+        factors.push(FactorState {
+            newton_root: if newton {
+                (1.0 / spec.exponent).round() as u32
+            } else {
+                0
+            },
+            stats: backend.alloc(fdtype, mats)?,
+            root,
+            work: backend.alloc(fdtype, mats)?,
+            scratch: (0..match (ec, newton) {
+                (true, _) => 0,
+                (false, false) => 1,
+                (false, true) => 6,
+            })
+                .map(|_| backend.alloc(fdtype, mats))
+                .collect::<Result<_>>()?,
+            roles: [0, 1, 2, 3, 4, 5],
+            square: [n, n],
+            values: backend.alloc(fdtype, count * n)?,
+            flags: backend.alloc(fdtype, 2 * count)?,
+            failures: vec![0; count],
+            status: vec![EighStatus::Skipped; count],
+            host_flags: vec![0.0; 2 * count],
+            accept: Vec::with_capacity(count),
+            spec: spec.clone(),
+        });
+    }
+    let graft = config.grafting.filter(|g| g.has_accumulator());
+    Ok(GroupState {
+        gather: backend.block_table(entries)?,
+        grad: backend.alloc(dtype, len)?,
+        grad_factor: opt(has_factors && fdtype != dtype, fdtype, len)?,
+        weights: opt(
+            config.weight_decay != 0.0 && config.weight_decay_type == WeightDecayType::Decoupled,
+            dtype,
+            len,
+        )?,
+        filtered: if config.betas[0] != 0.0 {
+            Some((backend.alloc(dtype, len)?, backend.alloc(dtype, len)?))
+        } else {
+            None
+        },
+        graft: opt(graft.is_some(), dtype, len)?,
+        momentum: opt(config.momentum.is_some(), dtype, len)?,
+        corrected: opt(ec, dtype, len)?,
+        work: [backend.alloc(dtype, len)?, backend.alloc(dtype, len)?],
+        sq_norms: backend.alloc(dtype, 2 * count)?,
+        factors,
+        active: None,
+        p_sh: Loc::Gf,
+        any_active: true,
+    })
+}
+
+/// Writes `count` identity matrices into `buf`.
+pub(crate) fn fill_identity<B: Backend>(
+    backend: &B,
+    buf: &mut B::Buffer,
+    dtype: DType,
+    n: usize,
+    count: usize,
+) -> Result<()> {
+    let mut eye = vec![0.0f64; n * n];
+    for i in 0..n {
+        eye[i * n + i] = 1.0;
+    }
+    let host: Vec<f64> = (0..count).flat_map(|_| eye.iter().copied()).collect();
+    upload_f64(backend, backend.view_mut(buf), &host, dtype)
+}
+
+/// Uploads `f64` host data into a view of either dtype.
+pub(crate) fn upload_f64<B: Backend>(
+    backend: &B,
+    dst: B::ViewMut<'_>,
+    host: &[f64],
+    dtype: DType,
+) -> Result<()> {
+    match dtype {
+        DType::F64 => backend.upload(dst, crate::HostView::F64(host)),
+        DType::F32 => {
+            let v: Vec<f32> = host.iter().map(|&x| x as f32).collect();
+            backend.upload(dst, crate::HostView::F32(&v))
+        }
+    }
+}
+
+/// Downloads a view of either dtype into `f64` host memory.
+pub(crate) fn download_f64<B: Backend>(
+    backend: &B,
+    src: B::View<'_>,
+    host: &mut [f64],
+    dtype: DType,
+) -> Result<()> {
+    match dtype {
+        DType::F64 => backend.download(src, crate::HostViewMut::F64(host)),
+        DType::F32 => {
+            let mut v = vec![0f32; host.len()];
+            backend.download(src, crate::HostViewMut::F32(&mut v))?;
+            for (h, x) in host.iter_mut().zip(v) {
+                *h = x as f64;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Every factor of every group with active blocks, with its group's block
+/// count and active selection.
+pub(crate) fn active_factors<'a, B: Backend>(
+    groups: &'a mut [GroupState<B>],
+    layout: &'a Layout,
+) -> impl Iterator<Item = (&'a mut FactorState<B>, usize, Option<&'a [u32]>)> {
+    groups
+        .iter_mut()
+        .zip(&layout.groups)
+        .filter(|(g, _)| g.any_active)
+        .flat_map(|(g, spec)| {
+            let GroupState {
+                active, factors, ..
+            } = g;
+            let select = active.as_deref();
+            let count = spec.count();
+            factors.iter_mut().map(move |f| (f, count, select))
+        })
+}
+
+/// Every group with active blocks, with its layout.
+pub(crate) fn active_groups<'a, B: Backend>(
+    groups: &'a mut [GroupState<B>],
+    layout: &'a Layout,
+) -> impl Iterator<Item = (&'a mut GroupState<B>, &'a Group)> {
+    groups
+        .iter_mut()
+        .zip(&layout.groups)
+        .filter(|(g, _)| g.any_active)
+}
+
+/// Borrows `a` and `b` shared and `c` exclusively from one slice
+/// (`a` may equal `b`; neither may equal `c`).
+#[track_caller]
+pub(crate) fn pick3<T>(items: &mut [T], a: usize, b: usize, c: usize) -> (&T, &T, &mut T) {
+    assert!(
+        a != c && b != c,
+        "pick3: the output must differ from the inputs"
+    );
+    let (left, right) = items.split_at_mut(c);
+    let (out, right) = right.split_first_mut().expect("index in range");
+    let get = |i: usize| -> &T { if i < c { &left[i] } else { &right[i - c - 1] } };
+    (get(a), get(b), out)
+}

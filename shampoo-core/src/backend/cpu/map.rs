@@ -1,0 +1,803 @@
+//! The fused elementwise kernels of [`Map`], one task per block or matrix.
+//!
+//! Arithmetic follows the published implementation's order of operations
+//! (e.g. `v *= b2; v += (1 - b2) g g` in two roundings), so that float64
+//! runs match the reference trajectories to rounding.
+
+use super::linalg::CpuFloat;
+use super::{CpuBackend, check_len, check_select, take_mut, typed, typed_mut};
+use crate::backend::{DirectionSource, GraftKernel, Map, MomentumKernel};
+use crate::{DType, Error, Float, HostView, Result};
+
+/// One block's (or matrix's) share of a map.
+enum Task<'a, T> {
+    RootInput {
+        f: &'a [T],
+        out: &'a mut [T],
+        n: usize,
+        divisor: T,
+        eps: T,
+    },
+    EigenPower {
+        values: &'a mut [T],
+        eps: T,
+        exponent: T,
+    },
+    ScaleRows {
+        x: &'a mut [T],
+        d: &'a [T],
+        n: usize,
+    },
+    Symmetrize {
+        x: &'a mut [T],
+        n: usize,
+    },
+    Copy {
+        src: HostView<'a>,
+        dst: &'a mut [T],
+    },
+    Fill {
+        dst: &'a mut [T],
+        value: T,
+    },
+    NewtonInit {
+        a: &'a [T],
+        norm: T,
+        x: &'a mut [T],
+        m: &'a mut [T],
+        p: u32,
+        n: usize,
+    },
+    NewtonCoefficient {
+        m: &'a [T],
+        out: &'a mut [T],
+        p: u32,
+        n: usize,
+    },
+    GradientStatistics {
+        g: &'a [T],
+        v: Option<&'a mut [T]>,
+        graft: GraftKernel,
+        filtered: Option<(&'a mut [T], &'a mut [T])>,
+        beta1: f64,
+        bc1: T,
+        sq_norm: Option<&'a mut T>,
+    },
+    Direction {
+        source: DirectionSource,
+        gf: &'a [T],
+        v: Option<&'a [T]>,
+        graft: GraftKernel,
+        p_sh: Option<&'a [T]>,
+        ratio: T,
+        wd: Option<(&'a [T], T)>,
+        momentum: Option<(&'a mut [T], MomentumKernel)>,
+        neg_lr: T,
+        out: &'a mut [T],
+    },
+    EigenvalueUpdate {
+        r: &'a [T],
+        d: &'a mut [T],
+        beta2: f64,
+    },
+    EigenvalueScale {
+        r: &'a mut [T],
+        d: &'a [T],
+        bc2: T,
+        eps: T,
+    },
+}
+
+#[inline(always)]
+fn graft_value<T: Float>(kind: GraftKernel, g: T, v: T) -> T {
+    match kind {
+        GraftKernel::None | GraftKernel::Sgd => g,
+        GraftKernel::Adagrad { eps } => g / (v.sqrt() + T::from_f64(eps)),
+        GraftKernel::Ema { eps, bc, .. } => g / ((v / T::from_f64(bc)).sqrt() + T::from_f64(eps)),
+    }
+}
+
+fn run_task<T: CpuFloat>(task: Task<'_, T>) {
+    match task {
+        Task::RootInput {
+            f,
+            out,
+            n,
+            divisor,
+            eps,
+        } => {
+            for i in 0..n {
+                for j in 0..n {
+                    let (r, c) = if j <= i { (i, j) } else { (j, i) };
+                    out[i * n + j] = f[r * n + c] / divisor;
+                }
+                out[i * n + i] += eps;
+            }
+        }
+        Task::EigenPower {
+            values,
+            eps,
+            exponent,
+        } => {
+            let min = values
+                .iter()
+                .copied()
+                .fold(T::from_f64(f64::INFINITY), |m, x| if x < m { x } else { m });
+            if min < eps {
+                for x in values.iter_mut() {
+                    *x = (*x + (-min)) + eps;
+                }
+            }
+            let e = -exponent;
+            for x in values.iter_mut() {
+                *x = x.powf(e);
+            }
+        }
+        Task::ScaleRows { x, d, n } => {
+            for (row, &s) in x.chunks_mut(n).zip(d) {
+                for v in row {
+                    *v *= s;
+                }
+            }
+        }
+        Task::Symmetrize { x, n } => {
+            for i in 0..n {
+                for j in 0..i {
+                    x[j * n + i] = x[i * n + j];
+                }
+            }
+        }
+        Task::Copy { src, dst } => match src {
+            HostView::F32(s) => dst
+                .iter_mut()
+                .zip(s)
+                .for_each(|(d, &s)| *d = T::from_f64(s as f64)),
+            HostView::F64(s) => dst
+                .iter_mut()
+                .zip(s)
+                .for_each(|(d, &s)| *d = T::from_f64(s)),
+        },
+        Task::Fill { dst, value } => dst.fill(value),
+        Task::NewtonInit {
+            a,
+            norm,
+            x,
+            m,
+            p,
+            n,
+        } => {
+            let z = T::from_f64(p as f64 + 1.0) / (T::from_f64(2.0) * norm);
+            let zp = z.powf(T::from_f64(1.0 / p as f64));
+            x.fill(T::ZERO);
+            for i in 0..n {
+                x[i * n + i] = zp;
+            }
+            for (m, &a) in m.iter_mut().zip(a) {
+                *m = z * a;
+            }
+        }
+        Task::NewtonCoefficient { m, out, p, n } => {
+            let alpha = -1.0 / p as f64;
+            let (a, diag) = (T::from_f64(alpha), T::from_f64(1.0 - alpha));
+            for (o, &x) in out.iter_mut().zip(m) {
+                *o = x * a;
+            }
+            for i in 0..n {
+                out[i * n + i] += diag;
+            }
+        }
+        Task::GradientStatistics {
+            g,
+            mut v,
+            graft,
+            mut filtered,
+            beta1,
+            bc1,
+            sq_norm,
+        } => {
+            let (b1, c1) = (T::from_f64(beta1), T::from_f64(1.0 - beta1));
+            let mut sum = 0.0f64;
+            for i in 0..g.len() {
+                let x = g[i];
+                let vi = match (&mut v, graft) {
+                    (Some(v), GraftKernel::Adagrad { .. }) => {
+                        v[i] += x * x;
+                        v[i]
+                    }
+                    (Some(v), GraftKernel::Ema { beta2, .. }) => {
+                        let mut t = v[i] * T::from_f64(beta2);
+                        t += T::from_f64(1.0 - beta2) * x * x;
+                        v[i] = t;
+                        t
+                    }
+                    _ => T::ZERO,
+                };
+                let gf = match &mut filtered {
+                    Some((m1, gf)) => {
+                        let mut m = m1[i] * b1;
+                        m += c1 * x;
+                        m1[i] = m;
+                        let f = m / bc1;
+                        gf[i] = f;
+                        f
+                    }
+                    None => x,
+                };
+                if sq_norm.is_some() {
+                    let q = graft_value(graft, gf, vi).to_f64();
+                    sum += q * q;
+                }
+            }
+            if let Some(s) = sq_norm {
+                *s = T::from_f64(sum);
+            }
+        }
+        Task::Direction {
+            source,
+            gf,
+            v,
+            graft,
+            p_sh,
+            ratio,
+            wd,
+            mut momentum,
+            neg_lr,
+            out,
+        } => {
+            for i in 0..out.len() {
+                let mut p = match source {
+                    DirectionSource::Graft => {
+                        graft_value(graft, gf[i], v.map_or(T::ZERO, |v| v[i]))
+                    }
+                    DirectionSource::GraftedShampoo => p_sh.expect("p_sh")[i] * ratio,
+                    DirectionSource::Shampoo => p_sh.expect("p_sh")[i],
+                };
+                if let Some((w, wd)) = wd {
+                    p += wd * w[i];
+                }
+                if let Some((b, m)) = &mut momentum {
+                    let (mu, keep) = (T::from_f64(m.mu), T::from_f64(1.0 - m.dampening));
+                    let mut nb = b[i] * mu;
+                    nb += keep * p;
+                    b[i] = nb;
+                    p = if m.nesterov { keep * p + mu * nb } else { nb };
+                }
+                out[i] = neg_lr * p;
+            }
+        }
+        Task::EigenvalueUpdate { r, d, beta2 } => {
+            if beta2 == 1.0 {
+                for (d, &x) in d.iter_mut().zip(r) {
+                    *d += x * x;
+                }
+            } else {
+                let (b, c) = (T::from_f64(beta2), T::from_f64(1.0 - beta2));
+                for (d, &x) in d.iter_mut().zip(r) {
+                    let mut t = *d * b;
+                    t += c * x * x;
+                    *d = t;
+                }
+            }
+        }
+        Task::EigenvalueScale { r, d, bc2, eps } => {
+            for (r, &d) in r.iter_mut().zip(d) {
+                *r = *r / ((d / bc2).sqrt() + eps);
+            }
+        }
+    }
+}
+
+/// Which chunks a selection keeps.
+fn mask(select: Option<&[u32]>, count: usize) -> Vec<bool> {
+    match select {
+        None => vec![true; count],
+        Some(s) => {
+            let mut k = vec![false; count];
+            s.iter().for_each(|&i| k[i as usize] = true);
+            k
+        }
+    }
+}
+
+/// Chunks of a slice (`count` of them), `None` where not kept.
+fn split<'a, T>(data: &'a mut [T], per: usize, keep: &[bool]) -> Vec<Option<&'a mut [T]>> {
+    if per == 0 {
+        return keep.iter().map(|_| None).collect();
+    }
+    data.chunks_mut(per)
+        .zip(keep)
+        .map(|(c, &k)| k.then_some(c))
+        .collect()
+}
+
+fn opt_split<'a, T>(
+    data: Option<&'a mut [T]>,
+    per: usize,
+    keep: &[bool],
+) -> Vec<Option<&'a mut [T]>> {
+    match data {
+        Some(d) => split(d, per, keep),
+        None => keep.iter().map(|_| None).collect(),
+    }
+}
+
+const OP: &str = "map";
+
+fn tm<'a, T: Float>(
+    v: crate::HostViewMut<'a>,
+    what: &str,
+    count: usize,
+    per: usize,
+) -> Result<&'a mut [T]> {
+    let s = typed_mut::<T>(v, OP)?;
+    check_len(OP, what, s.len(), count, per)?;
+    Ok(s)
+}
+
+fn tr<'a, T: Float>(v: HostView<'a>, what: &str, count: usize, per: usize) -> Result<&'a [T]> {
+    let s = typed::<T>(v, OP)?;
+    check_len(OP, what, s.len(), count, per)?;
+    Ok(s)
+}
+
+fn map_job<'a, T: CpuFloat>(
+    job: &mut Map<'a, CpuBackend>,
+    tasks: &mut Vec<(u64, Task<'a, T>)>,
+) -> Result<()> {
+    match job {
+        Map::RootInput {
+            factors,
+            out,
+            n,
+            count,
+            divisor,
+            eps,
+            select,
+        } => {
+            let (n, count) = (*n, *count);
+            check_select(OP, *select, count)?;
+            let f = tr::<T>(*factors, "factors", count, n * n)?;
+            let out = tm::<T>(take_mut(out), "out", count, n * n)?;
+            let keep = mask(*select, count);
+            for (i, o) in split(out, n * n, &keep).into_iter().enumerate() {
+                if let Some(o) = o {
+                    tasks.push((
+                        (n * n) as u64,
+                        Task::RootInput {
+                            f: &f[i * n * n..(i + 1) * n * n],
+                            out: o,
+                            n,
+                            divisor: T::from_f64(*divisor),
+                            eps: T::from_f64(*eps),
+                        },
+                    ));
+                }
+            }
+        }
+        Map::EigenPower {
+            values,
+            n,
+            count,
+            eps,
+            exponent,
+            half,
+            select,
+        } => {
+            let (n, count) = (*n, *count);
+            check_select(OP, *select, count)?;
+            let values = tm::<T>(take_mut(values), "values", count, n)?;
+            let keep = mask(*select, count);
+            let e = if *half { *exponent / 2.0 } else { *exponent };
+            for v in split(values, n, &keep).into_iter().flatten() {
+                tasks.push((
+                    n as u64,
+                    Task::EigenPower {
+                        values: v,
+                        eps: T::from_f64(*eps),
+                        exponent: T::from_f64(e),
+                    },
+                ));
+            }
+        }
+        Map::ScaleRows {
+            x,
+            d,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count) = (*n, *count);
+            check_select(OP, *select, count)?;
+            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
+            let d = tr::<T>(*d, "d", count, n)?;
+            let keep = mask(*select, count);
+            for (i, x) in split(x, n * n, &keep).into_iter().enumerate() {
+                if let Some(x) = x {
+                    tasks.push((
+                        (n * n) as u64,
+                        Task::ScaleRows {
+                            x,
+                            d: &d[i * n..(i + 1) * n],
+                            n,
+                        },
+                    ));
+                }
+            }
+        }
+        Map::Symmetrize {
+            x,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count) = (*n, *count);
+            check_select(OP, *select, count)?;
+            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
+            let keep = mask(*select, count);
+            for x in split(x, n * n, &keep).into_iter().flatten() {
+                tasks.push(((n * n) as u64, Task::Symmetrize { x, n }));
+            }
+        }
+        Map::Copy {
+            src,
+            dst,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
+            check_len(OP, "src", src.len(), count, numel)?;
+            let keep = mask(*select, count);
+            for (i, d) in split(dst, numel, &keep).into_iter().enumerate() {
+                if let Some(d) = d {
+                    tasks.push((
+                        numel as u64,
+                        Task::Copy {
+                            src: src.slice(i * numel, numel),
+                            dst: d,
+                        },
+                    ));
+                }
+            }
+        }
+        Map::Fill {
+            dst,
+            value,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
+            let keep = mask(*select, count);
+            for d in split(dst, numel, &keep).into_iter().flatten() {
+                tasks.push((
+                    numel as u64,
+                    Task::Fill {
+                        dst: d,
+                        value: T::from_f64(*value),
+                    },
+                ));
+            }
+        }
+        Map::NewtonInit {
+            a,
+            norms,
+            x,
+            m,
+            p,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count) = (*n, *count);
+            check_select(OP, *select, count)?;
+            let a = tr::<T>(*a, "a", count, n * n)?;
+            let norms = typed::<T>(*norms, OP)?;
+            if norms.len() < count {
+                return Err(Error::backend(OP, "too few norms"));
+            }
+            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
+            let m = tm::<T>(take_mut(m), "m", count, n * n)?;
+            let keep = mask(*select, count);
+            let xs = split(x, n * n, &keep);
+            let ms = split(m, n * n, &keep);
+            for (i, (x, m)) in xs.into_iter().zip(ms).enumerate() {
+                if let (Some(x), Some(m)) = (x, m) {
+                    tasks.push((
+                        (n * n) as u64,
+                        Task::NewtonInit {
+                            a: &a[i * n * n..(i + 1) * n * n],
+                            norm: norms[i],
+                            x,
+                            m,
+                            p: *p,
+                            n,
+                        },
+                    ));
+                }
+            }
+        }
+        Map::NewtonCoefficient {
+            m,
+            out,
+            p,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count) = (*n, *count);
+            check_select(OP, *select, count)?;
+            let m = tr::<T>(*m, "m", count, n * n)?;
+            let out = tm::<T>(take_mut(out), "out", count, n * n)?;
+            let keep = mask(*select, count);
+            for (i, o) in split(out, n * n, &keep).into_iter().enumerate() {
+                if let Some(o) = o {
+                    tasks.push((
+                        (n * n) as u64,
+                        Task::NewtonCoefficient {
+                            m: &m[i * n * n..(i + 1) * n * n],
+                            out: o,
+                            p: *p,
+                            n,
+                        },
+                    ));
+                }
+            }
+        }
+        Map::GradientStatistics {
+            g,
+            v,
+            graft,
+            filtered,
+            beta1,
+            bc1,
+            graft_sq_norms,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let g = tr::<T>(*g, "g", count, numel)?;
+            let keep = mask(*select, count);
+            let vs = opt_split(
+                v.as_mut()
+                    .map(|v| tm::<T>(take_mut(v), "v", count, numel))
+                    .transpose()?,
+                numel,
+                &keep,
+            );
+            let (m1s, gfs) = match filtered.as_mut() {
+                Some((m1, gf)) => (
+                    split(tm::<T>(take_mut(m1), "m1", count, numel)?, numel, &keep),
+                    split(tm::<T>(take_mut(gf), "gf", count, numel)?, numel, &keep),
+                ),
+                None => (vec![], vec![]),
+            };
+            let norms = graft_sq_norms
+                .as_mut()
+                .map(|s| tm::<T>(take_mut(s), "graft_sq_norms", count, 1))
+                .transpose()?;
+            let mut norms: Vec<Option<&mut T>> = match norms {
+                Some(n) => n
+                    .iter_mut()
+                    .zip(&keep)
+                    .map(|(x, &k)| k.then_some(x))
+                    .collect(),
+                None => keep.iter().map(|_| None).collect(),
+            };
+            let mut m1s = m1s.into_iter();
+            let mut gfs = gfs.into_iter();
+            for (i, v) in vs.into_iter().enumerate() {
+                let filt = match (m1s.next(), gfs.next()) {
+                    (Some(Some(m)), Some(Some(f))) => Some((m, f)),
+                    _ => None,
+                };
+                if !keep[i] {
+                    continue;
+                }
+                if filtered.is_some() && filt.is_none() {
+                    return Err(Error::backend(OP, "filtered-gradient buffers missing"));
+                }
+                tasks.push((
+                    numel as u64,
+                    Task::GradientStatistics {
+                        g: &g[i * numel..(i + 1) * numel],
+                        v,
+                        graft: *graft,
+                        filtered: filt,
+                        beta1: *beta1,
+                        bc1: T::from_f64(*bc1),
+                        sq_norm: norms[i].take(),
+                    },
+                ));
+            }
+        }
+        Map::Direction {
+            source,
+            gf,
+            v,
+            graft,
+            p_sh,
+            sq_norms,
+            weight_decay,
+            momentum,
+            lr,
+            out,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let gf = tr::<T>(*gf, "gf", count, numel)?;
+            let v = v.map(|v| tr::<T>(v, "v", count, numel)).transpose()?;
+            let p_sh = p_sh.map(|p| tr::<T>(p, "p_sh", count, numel)).transpose()?;
+            let norms = sq_norms
+                .map(|s| tr::<T>(s, "sq_norms", 2, count))
+                .transpose()?;
+            let wd = weight_decay
+                .map(|(w, c)| {
+                    Ok::<_, Error>((tr::<T>(w, "weights", count, numel)?, T::from_f64(c)))
+                })
+                .transpose()?;
+            if *source == DirectionSource::Graft
+                && *graft != GraftKernel::Sgd
+                && *graft != GraftKernel::None
+                && v.is_none()
+            {
+                return Err(Error::backend(OP, "grafting accumulator missing"));
+            }
+            if *source != DirectionSource::Graft && p_sh.is_none() {
+                return Err(Error::backend(OP, "preconditioned gradient missing"));
+            }
+            if *source == DirectionSource::GraftedShampoo && norms.is_none() {
+                return Err(Error::backend(OP, "grafting norms missing"));
+            }
+            let all = vec![true; count];
+            let keep = mask(*select, count);
+            let mut moms = match momentum.as_mut() {
+                Some((b, k)) => split(
+                    tm::<T>(take_mut(b), "momentum", count, numel)?,
+                    numel,
+                    &keep,
+                )
+                .into_iter()
+                .map(|b| b.map(|b| (b, *k)))
+                .collect(),
+                None => Vec::new(),
+            }
+            .into_iter();
+            let outs = split(tm::<T>(take_mut(out), "out", count, numel)?, numel, &all);
+            for (i, o) in outs.into_iter().enumerate() {
+                let o = o.expect("every chunk");
+                let mom = if momentum.is_some() {
+                    moms.next().flatten()
+                } else {
+                    None
+                };
+                if !keep[i] {
+                    tasks.push((
+                        numel as u64,
+                        Task::Fill {
+                            dst: o,
+                            value: T::from_f64(-0.0),
+                        },
+                    ));
+                    continue;
+                }
+                let ratio = match norms {
+                    Some(ns) => {
+                        let (g2, s2) = (ns[i], ns[count + i]);
+                        g2.sqrt() / (s2.sqrt() + T::from_f64(1e-16))
+                    }
+                    None => T::ONE,
+                };
+                let r = i * numel..(i + 1) * numel;
+                tasks.push((
+                    numel as u64,
+                    Task::Direction {
+                        source: *source,
+                        gf: &gf[r.clone()],
+                        v: v.map(|v| &v[r.clone()]),
+                        graft: *graft,
+                        p_sh: p_sh.map(|p| &p[r.clone()]),
+                        ratio,
+                        wd: wd.map(|(w, c)| (&w[r.clone()], c)),
+                        momentum: mom,
+                        neg_lr: T::from_f64(-*lr),
+                        out: o,
+                    },
+                ));
+            }
+        }
+        Map::EigenvalueUpdate {
+            r,
+            d,
+            beta2,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let r = tr::<T>(*r, "r", count, numel)?;
+            let d = tm::<T>(take_mut(d), "d", count, numel)?;
+            let keep = mask(*select, count);
+            for (i, d) in split(d, numel, &keep).into_iter().enumerate() {
+                if let Some(d) = d {
+                    tasks.push((
+                        numel as u64,
+                        Task::EigenvalueUpdate {
+                            r: &r[i * numel..(i + 1) * numel],
+                            d,
+                            beta2: *beta2,
+                        },
+                    ));
+                }
+            }
+        }
+        Map::EigenvalueScale {
+            r,
+            d,
+            bc2,
+            eps,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let d = tr::<T>(*d, "d", count, numel)?;
+            let r = tm::<T>(take_mut(r), "r", count, numel)?;
+            let keep = mask(*select, count);
+            for (i, r) in split(r, numel, &keep).into_iter().enumerate() {
+                if let Some(r) = r {
+                    tasks.push((
+                        numel as u64,
+                        Task::EigenvalueScale {
+                            r,
+                            d: &d[i * numel..(i + 1) * numel],
+                            bc2: T::from_f64(*bc2),
+                            eps: T::from_f64(*eps),
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The dtype a map job computes in (its output's).
+fn job_dtype(job: &Map<'_, CpuBackend>) -> DType {
+    match job {
+        Map::RootInput { out, .. } => out.dtype(),
+        Map::EigenPower { values, .. } => values.dtype(),
+        Map::ScaleRows { x, .. } | Map::Symmetrize { x, .. } => x.dtype(),
+        Map::Copy { dst, .. } | Map::Fill { dst, .. } => dst.dtype(),
+        Map::NewtonInit { x, .. } => x.dtype(),
+        Map::NewtonCoefficient { out, .. } => out.dtype(),
+        Map::GradientStatistics { g, .. } => g.dtype(),
+        Map::Direction { out, .. } => out.dtype(),
+        Map::EigenvalueUpdate { d, .. } => d.dtype(),
+        Map::EigenvalueScale { r, .. } => r.dtype(),
+    }
+}
+
+pub(super) fn map(be: &CpuBackend, jobs: &mut [Map<'_, CpuBackend>]) -> Result<()> {
+    let mut t32 = Vec::new();
+    let mut t64 = Vec::new();
+    for job in jobs.iter_mut() {
+        match job_dtype(job) {
+            DType::F32 => map_job::<f32>(job, &mut t32)?,
+            DType::F64 => map_job::<f64>(job, &mut t64)?,
+        }
+    }
+    be.run(t32, run_task, t64, run_task);
+    Ok(())
+}

@@ -1,0 +1,565 @@
+//! The backend seam.
+//!
+//! The algorithm ([`crate::algorithm`]) is written once against the
+//! [`Backend`] trait. A backend owns memory ([`Backend::Buffer`]) and runs a
+//! handful of batched primitives shaped around Shampoo's work:
+//!
+//! | primitive | math |
+//! | --- | --- |
+//! | [`gather`](Backend::gather) | copy blocks out of parameters/gradients into a group buffer (optionally `+ c * W`) |
+//! | [`scatter`](Backend::scatter) | add (or copy) block directions back into a parameter |
+//! | [`mode_gram`](Backend::mode_gram) | `F <- beta F; F += alpha * T_(k) T_(k)^T` (contraction over all dims but `k`) |
+//! | [`mode_product`](Backend::mode_product) | `T x_k M` (or `M^T`) |
+//! | [`matmul`](Backend::matmul) | batched `C = alpha op(A) op(B) (+ C)` |
+//! | [`eigh`](Backend::eigh) | batched symmetric eigendecomposition, in place |
+//! | [`map`](Backend::map) | the fused elementwise kernels of [`Map`] |
+//! | [`reduce`](Backend::reduce) | per-matrix reductions of [`Reduction`] |
+//!
+//! Every primitive takes a slice of jobs, so that a backend can balance all
+//! blocks of all groups at once (the CPU backend) or launch one batched call
+//! per job (the CUDA backend). Jobs in one call never write overlapping
+//! memory, and no job reads what another job of the same call writes.
+//!
+//! Conventions: matrices are stored row-major, `n x n` per block, blocks of a
+//! batch back to back. A factor `F` is only valid in its lower triangle
+//! unless a job says otherwise. Eigenvectors are stored *column-major*
+//! (equivalently: row `j` of the row-major storage is eigenvector `j`).
+//! Scalars in jobs are `f64`; a backend rounds them to the data's dtype.
+
+pub mod cpu;
+
+use crate::blocking::BlockSpec;
+use crate::{DType, HostView, HostViewMut, Result};
+
+/// Which blocks (matrices) of a batch a job touches: `None` = all.
+pub type Selection<'a> = Option<&'a [u32]>;
+
+/// Iterates the indices a selection covers.
+pub fn selected(select: Selection<'_>, count: usize) -> impl Iterator<Item = usize> + '_ {
+    let all = select.is_none();
+    (0..if all { count } else { 0 }).chain(select.unwrap_or(&[]).iter().map(|&i| i as usize))
+}
+
+/// One row of a [`Backend::BlockTable`]: where a block lives in its
+/// parameter, and where its packed copy lives.
+#[derive(Debug, Clone)]
+pub struct TableEntry {
+    /// Geometry of the block in its parameter.
+    pub block: BlockSpec,
+    /// Offset of the packed block (in the group buffer for gathers, in the
+    /// directions buffer for scatters).
+    pub packed_offset: usize,
+}
+
+/// Read-only view operations every backend view type provides.
+pub trait ViewOps: Copy + Send + Sync {
+    /// Element type.
+    fn dtype(&self) -> DType;
+    /// Number of elements.
+    fn len(&self) -> usize;
+    /// Whether the view is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// A sub-range.
+    fn slice(self, start: usize, len: usize) -> Self;
+}
+
+/// Mutable view operations every backend view type provides.
+pub trait ViewMutOps: Send + Sized {
+    /// Element type.
+    fn dtype(&self) -> DType;
+    /// Number of elements.
+    fn len(&self) -> usize;
+    /// Whether the view is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Splits into `[0, mid)` and `[mid, len)`.
+    fn split_at(self, mid: usize) -> (Self, Self);
+}
+
+/// A compute backend: memory plus Shampoo's batched primitives.
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// Owned memory of one dtype.
+    type Buffer: Send + Sync;
+    /// Shared view of backend memory (also how callers hand in gradients).
+    type View<'a>: ViewOps
+    where
+        Self: 'a;
+    /// Exclusive view of backend memory (also how callers hand in parameters).
+    type ViewMut<'a>: ViewMutOps
+    where
+        Self: 'a;
+    /// Block geometry prepared once (e.g. uploaded to the device).
+    type BlockTable: Send + Sync;
+
+    /// Human-readable name, e.g. `cpu (2 threads)`.
+    fn name(&self) -> String;
+
+    /// Allocates `len` zeroed elements.
+    fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buffer>;
+    /// Shared view of a whole buffer.
+    fn view<'a>(&self, buf: &'a Self::Buffer) -> Self::View<'a>;
+    /// Exclusive view of a whole buffer.
+    fn view_mut<'a>(&self, buf: &'a mut Self::Buffer) -> Self::ViewMut<'a>;
+    /// The same view with a shorter lifetime (views are covariant in their
+    /// lifetime; the trait cannot say so, so backends spell it out).
+    fn shorten<'b, 'a: 'b>(v: Self::View<'a>) -> Self::View<'b>;
+    /// Shared view of an exclusive view.
+    fn as_view<'b>(&self, v: &'b Self::ViewMut<'_>) -> Self::View<'b>;
+    /// Shorter-lived exclusive view.
+    fn reborrow<'b>(&self, v: &'b mut Self::ViewMut<'_>) -> Self::ViewMut<'b>;
+    /// Copies host memory into a view (same dtype, same length).
+    fn upload(&self, dst: Self::ViewMut<'_>, src: HostView<'_>) -> Result<()>;
+    /// Copies a view into host memory (same dtype, same length).
+    fn download(&self, src: Self::View<'_>, dst: HostViewMut<'_>) -> Result<()>;
+    /// Waits for all queued work.
+    fn synchronize(&self) -> Result<()>;
+    /// Prepares block geometry for gathers and scatters.
+    fn block_table(&self, entries: Vec<TableEntry>) -> Result<Self::BlockTable>;
+
+    /// Copies blocks out of parameter-shaped tensors into packed buffers.
+    fn gather(&self, jobs: &mut [GatherJob<'_, '_, Self>]) -> Result<()>;
+    /// Adds (or copies) packed blocks into a parameter.
+    fn scatter(&self, jobs: &mut [ScatterJob<'_, Self>]) -> Result<()>;
+    /// Factor statistics: contraction of each tensor with itself over all
+    /// dimensions but one.
+    fn mode_gram(&self, jobs: &mut [GramJob<'_, Self>]) -> Result<()>;
+    /// Multiplies each tensor by a matrix along one dimension.
+    fn mode_product(&self, jobs: &mut [ModeProductJob<'_, Self>]) -> Result<()>;
+    /// Batched matrix products.
+    fn matmul(&self, jobs: &mut [MatmulJob<'_, Self>]) -> Result<()>;
+    /// Batched symmetric eigendecomposition.
+    fn eigh(&self, jobs: &mut [EighJob<'_, Self>]) -> Result<()>;
+    /// Fused elementwise kernels.
+    fn map(&self, jobs: &mut [Map<'_, Self>]) -> Result<()>;
+    /// Per-matrix reductions.
+    fn reduce(&self, jobs: &mut [ReduceJob<'_, Self>]) -> Result<()>;
+}
+
+/// Copy blocks of parameter-shaped sources into a packed buffer:
+/// `out[e] = src[e] (+ coef * add[e])` for every selected table entry `e`.
+/// (`'s` is the callers' tensors' lifetime, `'a` the job's.)
+pub struct GatherJob<'a, 's, B: Backend> {
+    /// Geometry; `packed_offset` is the block's offset in `out`.
+    pub table: &'a B::BlockTable,
+    /// Source tensors, indexed by the blocks' parameter index.
+    pub sources: &'a [Option<B::View<'s>>],
+    /// Optional second term `coef * tensor` (L2 weight decay).
+    pub add: Option<(&'a [Option<B::View<'s>>], f64)>,
+    /// Packed destination.
+    pub out: B::ViewMut<'a>,
+    /// Which table entries.
+    pub select: Selection<'a>,
+}
+
+/// Add (or copy) packed blocks into one parameter.
+pub struct ScatterJob<'a, B: Backend> {
+    /// Geometry of the parameter's blocks; `packed_offset` indexes `source`.
+    pub table: &'a B::BlockTable,
+    /// Packed directions.
+    pub source: B::View<'a>,
+    /// The parameter.
+    pub dst: B::ViewMut<'a>,
+    /// `dst += source` when true, `dst = source` when false.
+    pub add: bool,
+}
+
+/// `out[b] <- beta * out[b]; out[b] += alpha * gram_k(input[b])` where
+/// `gram_k(T)[i, j] = sum over all indices but k of T[.., i, ..] T[.., j, ..]`.
+/// Two roundings when `beta` is neither 0 nor 1, as the published
+/// implementation does. Only the lower triangle of `out` is defined unless
+/// `full` is set.
+pub struct GramJob<'a, B: Backend> {
+    /// `count` tensors of shape `dims`, back to back.
+    pub input: B::View<'a>,
+    /// Tensor shape.
+    pub dims: &'a [usize],
+    /// Number of tensors.
+    pub count: usize,
+    /// Dimension kept.
+    pub mode: usize,
+    /// `count` matrices of `dims[mode]^2`.
+    pub out: B::ViewMut<'a>,
+    /// Scale of the old value (0 replaces it).
+    pub beta: f64,
+    /// Scale of the new contraction.
+    pub alpha: f64,
+    /// Also fill the upper triangle.
+    pub full: bool,
+    /// Which tensors.
+    pub select: Selection<'a>,
+}
+
+/// `out[b] = input[b] x_mode M[b]`, i.e.
+/// `out[.., i, ..] = sum_l M[i, l] input[.., l, ..]` (or `M[l, i]` when
+/// `transpose`).
+pub struct ModeProductJob<'a, B: Backend> {
+    /// `count` tensors of shape `dims`.
+    pub input: B::View<'a>,
+    /// Tensor shape.
+    pub dims: &'a [usize],
+    /// Number of tensors.
+    pub count: usize,
+    /// Dimension multiplied.
+    pub mode: usize,
+    /// `count` full row-major matrices of `dims[mode]^2`.
+    pub matrices: B::View<'a>,
+    /// Use `M^T`.
+    pub transpose: bool,
+    /// `count` tensors of shape `dims`.
+    pub out: B::ViewMut<'a>,
+    /// Which tensors.
+    pub select: Selection<'a>,
+}
+
+/// `c[b] = alpha * op(a[b]) op(b[b]) (+ c[b] if accumulate)` on full
+/// row-major `n x n` matrices.
+pub struct MatmulJob<'a, B: Backend> {
+    /// Left operands.
+    pub a: B::View<'a>,
+    /// Right operands.
+    pub b: B::View<'a>,
+    /// Results.
+    pub c: B::ViewMut<'a>,
+    /// Matrix size.
+    pub n: usize,
+    /// Number of products.
+    pub count: usize,
+    /// Transpose the left operand.
+    pub trans_a: bool,
+    /// Transpose the right operand.
+    pub trans_b: bool,
+    /// Scale.
+    pub alpha: f64,
+    /// Add to `c` instead of replacing it.
+    pub accumulate: bool,
+    /// Which products.
+    pub select: Selection<'a>,
+}
+
+/// Outcome of one eigendecomposition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EighStatus {
+    /// Not attempted (not selected).
+    #[default]
+    Skipped,
+    /// Succeeded in the data's precision.
+    Ok,
+    /// Failed in the data's precision and succeeded in float64.
+    RetriedF64,
+    /// Failed even in float64.
+    Failed,
+}
+
+/// In-place symmetric eigendecomposition: reads the lower triangle of each
+/// matrix in `a`, writes its eigenvectors (column-major) back into `a` and
+/// its eigenvalues (ascending) into `values`. A failure in float32 is retried
+/// in float64.
+pub struct EighJob<'a, B: Backend> {
+    /// `count` matrices `n x n`.
+    pub a: B::ViewMut<'a>,
+    /// `count` vectors of `n`.
+    pub values: B::ViewMut<'a>,
+    /// Matrix size.
+    pub n: usize,
+    /// Number of matrices.
+    pub count: usize,
+    /// One status per matrix (host memory).
+    pub status: &'a mut [EighStatus],
+    /// Which matrices.
+    pub select: Selection<'a>,
+}
+
+/// Grafting method, with this step's scalars.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GraftKernel {
+    /// No grafting.
+    None,
+    /// `graft(g) = g`.
+    Sgd,
+    /// `V += g^2`; `graft(g) = g / (sqrt(V) + eps)`.
+    Adagrad {
+        /// Damping.
+        eps: f64,
+    },
+    /// `V = b2 V + (1 - b2) g^2`; `graft(g) = g / (sqrt(V / bc) + eps)`.
+    /// RMSprop is this with `bc = 1`.
+    Ema {
+        /// EMA coefficient.
+        beta2: f64,
+        /// Damping.
+        eps: f64,
+        /// Bias correction divisor (1 for RMSprop).
+        bc: f64,
+    },
+}
+
+/// The momentum scalars.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MomentumKernel {
+    /// Coefficient.
+    pub mu: f64,
+    /// Dampening.
+    pub dampening: f64,
+    /// Nesterov's variant.
+    pub nesterov: bool,
+}
+
+/// How the final direction is formed from its inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectionSource {
+    /// `P = graft(Gf)` (before preconditioning starts).
+    Graft,
+    /// `P = P_sh * ||graft(Gf)|| / (||P_sh|| + 1e-16)`.
+    GraftedShampoo,
+    /// `P = P_sh`.
+    Shampoo,
+}
+
+/// Per-matrix reductions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduction {
+    /// `sum x^2`.
+    SumSquares,
+    /// `sqrt(sum x^2)`.
+    FrobeniusNorm,
+    /// `max |M - I|` of an `n x n` matrix.
+    MaxAbsDevIdentity,
+    /// 1 if every element is finite, else 0.
+    AllFinite,
+}
+
+/// `out[b] = reduction(input[b])` for each of `count` chunks of `numel`.
+pub struct ReduceJob<'a, B: Backend> {
+    /// Input chunks.
+    pub input: B::View<'a>,
+    /// Elements per chunk.
+    pub numel: usize,
+    /// Number of chunks.
+    pub count: usize,
+    /// What to compute.
+    pub kind: Reduction,
+    /// `count` results, in the input's dtype.
+    pub out: B::ViewMut<'a>,
+    /// Which chunks.
+    pub select: Selection<'a>,
+}
+
+/// The fused elementwise kernels. Per-block scalars live in views of
+/// `count` elements; the rest are `f64` job scalars.
+pub enum Map<'a, B: Backend> {
+    /// `out = sym(lower(F)) / divisor + eps I`.
+    RootInput {
+        /// Factors (lower triangle read).
+        factors: B::View<'a>,
+        /// Full symmetric results.
+        out: B::ViewMut<'a>,
+        /// Matrix size.
+        n: usize,
+        /// Number of matrices.
+        count: usize,
+        /// Bias correction divisor.
+        divisor: f64,
+        /// Damping.
+        eps: f64,
+        /// Which matrices.
+        select: Selection<'a>,
+    },
+    /// Eigenvalue map of the eigh root inverse. Per matrix, with
+    /// `m = min(lambda)`: if `m < eps` then `lambda <- (lambda - m) + eps`;
+    /// then `out = lambda^(-exponent)` (or `lambda^(-exponent/2)` if `half`).
+    EigenPower {
+        /// Eigenvalues, in place.
+        values: B::ViewMut<'a>,
+        /// Vector length.
+        n: usize,
+        /// Number of vectors.
+        count: usize,
+        /// Damping.
+        eps: f64,
+        /// Inverse exponent.
+        exponent: f64,
+        /// Produce the square root of the power.
+        half: bool,
+        /// Which vectors.
+        select: Selection<'a>,
+    },
+    /// `x[b][i, :] *= d[b][i]` (rows of a row-major matrix).
+    ScaleRows {
+        /// Matrices, in place.
+        x: B::ViewMut<'a>,
+        /// Row scales.
+        d: B::View<'a>,
+        /// Matrix size.
+        n: usize,
+        /// Number of matrices.
+        count: usize,
+        /// Which matrices.
+        select: Selection<'a>,
+    },
+    /// Copies the lower triangle onto the upper one.
+    Symmetrize {
+        /// Matrices, in place.
+        x: B::ViewMut<'a>,
+        /// Matrix size.
+        n: usize,
+        /// Number of matrices.
+        count: usize,
+        /// Which matrices.
+        select: Selection<'a>,
+    },
+    /// `dst = src` per chunk (casting between dtypes if they differ).
+    Copy {
+        /// Source.
+        src: B::View<'a>,
+        /// Destination.
+        dst: B::ViewMut<'a>,
+        /// Elements per chunk.
+        numel: usize,
+        /// Number of chunks.
+        count: usize,
+        /// Which chunks.
+        select: Selection<'a>,
+    },
+    /// `dst = value` per chunk.
+    Fill {
+        /// Destination.
+        dst: B::ViewMut<'a>,
+        /// Value.
+        value: f64,
+        /// Elements per chunk.
+        numel: usize,
+        /// Number of chunks.
+        count: usize,
+        /// Which chunks.
+        select: Selection<'a>,
+    },
+    /// Coupled Newton start: `z = (p + 1) / (2 norm)`, `X = z^(1/p) I`,
+    /// `M = z A`.
+    NewtonInit {
+        /// Damped factors (full).
+        a: B::View<'a>,
+        /// Their Frobenius norms.
+        norms: B::View<'a>,
+        /// Root estimates.
+        x: B::ViewMut<'a>,
+        /// Coupled matrices.
+        m: B::ViewMut<'a>,
+        /// Root `p`.
+        p: u32,
+        /// Matrix size.
+        n: usize,
+        /// Number of matrices.
+        count: usize,
+        /// Which matrices.
+        select: Selection<'a>,
+    },
+    /// `out = M * (-1/p) + (1 + 1/p) I`.
+    NewtonCoefficient {
+        /// Coupled matrices.
+        m: B::View<'a>,
+        /// Results.
+        out: B::ViewMut<'a>,
+        /// Root `p`.
+        p: u32,
+        /// Matrix size.
+        n: usize,
+        /// Number of matrices.
+        count: usize,
+        /// Which matrices.
+        select: Selection<'a>,
+    },
+    /// Per element of the raw gradient `g`: update the grafting accumulator,
+    /// the filtered gradient `m1 = beta1 m1 + (1 - beta1) g` and
+    /// `gf = m1 / bc1`; accumulate `sum graft(gf)^2` per block.
+    GradientStatistics {
+        /// Raw gradients.
+        g: B::View<'a>,
+        /// Grafting accumulators.
+        v: Option<B::ViewMut<'a>>,
+        /// Grafting method.
+        graft: GraftKernel,
+        /// Filtered-gradient state and the bias-corrected output, when
+        /// `beta1 != 0` (else `gf` is `g`).
+        filtered: Option<(B::ViewMut<'a>, B::ViewMut<'a>)>,
+        /// `beta1`.
+        beta1: f64,
+        /// Divisor of the filtered gradient.
+        bc1: f64,
+        /// Per-block `sum graft(gf)^2`, when wanted.
+        graft_sq_norms: Option<B::ViewMut<'a>>,
+        /// Elements per block.
+        numel: usize,
+        /// Number of blocks.
+        count: usize,
+        /// Which blocks.
+        select: Selection<'a>,
+    },
+    /// The final direction, written as `out = -lr * P`:
+    /// `P` from [`DirectionSource`], then `P += wd W`, then momentum.
+    /// Blocks outside the selection get `-0.0` in `out` (adding `-0.0`
+    /// leaves any parameter bit for bit unchanged) and keep their state.
+    Direction {
+        /// How `P` is formed.
+        source: DirectionSource,
+        /// Filtered gradient `Gf`.
+        gf: B::View<'a>,
+        /// Grafting accumulator (for `Graft`).
+        v: Option<B::View<'a>>,
+        /// Grafting method.
+        graft: GraftKernel,
+        /// Preconditioned gradient `P_sh` (for the Shampoo sources).
+        p_sh: Option<B::View<'a>>,
+        /// Per-block `(sum graft(Gf)^2, sum P_sh^2)`: `2 * count` values.
+        sq_norms: Option<B::View<'a>>,
+        /// Gathered parameters and the decoupled weight decay.
+        weight_decay: Option<(B::View<'a>, f64)>,
+        /// Momentum buffer and scalars.
+        momentum: Option<(B::ViewMut<'a>, MomentumKernel)>,
+        /// Learning rate.
+        lr: f64,
+        /// `-lr * P`.
+        out: B::ViewMut<'a>,
+        /// Elements per block.
+        numel: usize,
+        /// Number of blocks.
+        count: usize,
+        /// Which blocks.
+        select: Selection<'a>,
+    },
+    /// Eigenvalue-corrected statistics: `d = beta2 d + (1 - beta2) r^2`
+    /// (`d += r^2` when `beta2 == 1`).
+    EigenvalueUpdate {
+        /// Rotated raw gradient.
+        r: B::View<'a>,
+        /// Corrected eigenvalues, in place.
+        d: B::ViewMut<'a>,
+        /// EMA coefficient.
+        beta2: f64,
+        /// Elements per block.
+        numel: usize,
+        /// Number of blocks.
+        count: usize,
+        /// Which blocks.
+        select: Selection<'a>,
+    },
+    /// `r = r / (sqrt(d / bc2) + eps)`.
+    EigenvalueScale {
+        /// Rotated filtered gradient, in place.
+        r: B::ViewMut<'a>,
+        /// Corrected eigenvalues.
+        d: B::View<'a>,
+        /// Bias correction divisor.
+        bc2: f64,
+        /// Damping.
+        eps: f64,
+        /// Elements per block.
+        numel: usize,
+        /// Number of blocks.
+        count: usize,
+        /// Which blocks.
+        select: Selection<'a>,
+    },
+}

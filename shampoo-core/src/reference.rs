@@ -1,0 +1,216 @@
+//! Reference trajectories of the published implementation: reading a case
+//! and replaying it.
+//!
+//! A case (`<case>.safetensors`) holds float64 tensors `init/<p>`,
+//! `grad/<p>/<k>` and `param/<p>/<k>` (parameter `p` before step 1, its
+//! gradient at step `k`, and the reference's parameter after step `k`), with
+//! string metadata `config` (JSON), `params` (JSON list of names), `steps`.
+//! Replaying runs this crate's optimizer on the same gradients and measures,
+//! per tensor and step, `max |ours - reference| / max |reference|`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::backend::Backend;
+use crate::{DType, Error, HostView, HostViewMut, Result, Shampoo, ShampooConfig};
+
+/// A reference case in memory.
+#[derive(Debug, Clone)]
+pub struct ReferenceCase {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Case name (file stem).
+    pub name: String,
+    /// The optimizer configuration.
+    pub config: ShampooConfig,
+    /// Parameter names, in optimizer order.
+    pub params: Vec<String>,
+    /// Parameter shapes.
+    pub shapes: Vec<Vec<usize>>,
+    /// Number of steps.
+    pub steps: usize,
+    /// Initial parameters.
+    pub init: Vec<Vec<f64>>,
+    /// `grads[k][p]`: gradient of parameter `p` at step `k + 1`.
+    pub grads: Vec<Vec<Vec<f64>>>,
+    /// `expected[k][p]`: parameter `p` after step `k + 1`.
+    pub expected: Vec<Vec<Vec<f64>>>,
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads a float64 tensor, checking its shape.
+fn read_f64(st: &SafeTensors<'_>, path: &Path, name: &str, shape: &[usize]) -> Result<Vec<f64>> {
+    let t = st
+        .tensor(name)
+        .map_err(|e| bad(path, format!("tensor {name}: {e}")))?;
+    if t.dtype() != Dtype::F64 {
+        return Err(bad(
+            path,
+            format!("tensor {name} is {:?}, expected F64", t.dtype()),
+        ));
+    }
+    let want: usize = shape.iter().product();
+    let got: usize = t.shape().iter().product();
+    if got != want {
+        return Err(bad(
+            path,
+            format!(
+                "tensor {name} has shape {:?}, expected {shape:?}",
+                t.shape()
+            ),
+        ));
+    }
+    Ok(t.data()
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect())
+}
+
+impl ReferenceCase {
+    /// Reads a case file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e.to_string()))?;
+        let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| bad(path, format!("metadata has no {k:?}")))
+        };
+        let config = ShampooConfig::from_json(get("config")?)
+            .map_err(|e| bad(path, format!("config: {e}")))?;
+        let params: Vec<String> =
+            serde_json::from_str(get("params")?).map_err(|e| bad(path, format!("params: {e}")))?;
+        let steps: usize = get("steps")?
+            .trim()
+            .parse()
+            .map_err(|e| bad(path, format!("steps: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, e.to_string()))?;
+        let shapes: Vec<Vec<usize>> = params
+            .iter()
+            .map(|p| {
+                st.tensor(&format!("init/{p}"))
+                    .map(|t| t.shape().to_vec())
+                    .map_err(|e| bad(path, format!("init/{p}: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let init = params
+            .iter()
+            .zip(&shapes)
+            .map(|(p, s)| read_f64(&st, path, &format!("init/{p}"), s))
+            .collect::<Result<Vec<_>>>()?;
+        let mut grads = Vec::with_capacity(steps);
+        let mut expected = Vec::with_capacity(steps);
+        for k in 1..=steps {
+            grads.push(
+                params
+                    .iter()
+                    .zip(&shapes)
+                    .map(|(p, s)| read_f64(&st, path, &format!("grad/{p}/{k}"), s))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+            expected.push(
+                params
+                    .iter()
+                    .zip(&shapes)
+                    .map(|(p, s)| read_f64(&st, path, &format!("param/{p}/{k}"), s))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+        }
+        Ok(ReferenceCase {
+            name: path
+                .file_stem()
+                .map_or_else(|| "case".into(), |s| s.to_string_lossy().into_owned()),
+            path: path.to_path_buf(),
+            config,
+            params,
+            shapes,
+            steps,
+            init,
+            grads,
+            expected,
+        })
+    }
+
+    /// Replays the case in float64 on `backend`; returns the error of every
+    /// step and tensor (`errors[k][p]`).
+    pub fn replay<B: Backend>(&self, backend: B) -> Result<Vec<Vec<f64>>> {
+        let mut opt = Shampoo::new(self.config.clone(), &self.shapes, DType::F64, backend)?;
+        let b = opt.backend();
+        let mut bufs = self
+            .init
+            .iter()
+            .map(|w| {
+                let mut buf = b.alloc(DType::F64, w.len())?;
+                b.upload(b.view_mut(&mut buf), HostView::F64(w))?;
+                Ok(buf)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut gbufs = self
+            .init
+            .iter()
+            .map(|w| b.alloc(DType::F64, w.len()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut errors = Vec::with_capacity(self.steps);
+        let mut host: Vec<Vec<f64>> = self.init.clone();
+        for k in 0..self.steps {
+            {
+                let b = opt.backend();
+                for (g, h) in gbufs.iter_mut().zip(&self.grads[k]) {
+                    b.upload(b.view_mut(g), HostView::F64(h))?;
+                }
+            }
+            {
+                // Split the borrow: the backend is inside `opt`.
+                let (views, grads) = {
+                    let b: &B = opt.backend();
+                    let views: Vec<B::ViewMut<'_>> =
+                        bufs.iter_mut().map(|x| b.view_mut(x)).collect();
+                    let grads: Vec<Option<B::View<'_>>> =
+                        gbufs.iter().map(|x| Some(b.view(x))).collect();
+                    (views, grads)
+                };
+                let mut views = views;
+                step_with(&mut opt, &mut views, &grads)?;
+            }
+            let b = opt.backend();
+            let mut step_err = Vec::with_capacity(self.params.len());
+            for ((buf, h), want) in bufs.iter().zip(host.iter_mut()).zip(&self.expected[k]) {
+                b.download(b.view(buf), HostViewMut::F64(h))?;
+                step_err.push(relative_error(h, want));
+            }
+            errors.push(step_err);
+        }
+        Ok(errors)
+    }
+}
+
+fn step_with<B: Backend>(
+    opt: &mut Shampoo<B>,
+    params: &mut [B::ViewMut<'_>],
+    grads: &[Option<B::View<'_>>],
+) -> Result<()> {
+    opt.step(params, grads)
+}
+
+/// `max |a - b| / max |b|` (absolute when `b` is all zeros).
+pub fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+    let num = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f64, |m, e| if e > m || e.is_nan() { e } else { m });
+    let den = b.iter().fold(0.0f64, |m, y| m.max(y.abs()));
+    if den > 0.0 { num / den } else { num }
+}
