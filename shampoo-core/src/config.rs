@@ -277,35 +277,35 @@ impl ShampooConfig {
             if v.is_finite() {
                 Ok(())
             } else {
-                Err(Error::config(format!("{name} must be finite, got {v}")))
+                Err(Error::config(format!("{name} must be finite, got {v:?}")))
             }
         };
         fin("lr", self.lr)?;
         if self.lr < 0.0 {
-            return Err(Error::config(format!("lr must be >= 0, got {}", self.lr)));
+            return Err(Error::config(format!("lr must be >= 0, got {:?}", self.lr)));
         }
         let [b1, b2] = self.betas;
         if !(0.0..1.0).contains(&b1) {
             return Err(Error::config(format!(
-                "betas[0] must be in [0, 1), got {b1}"
+                "betas[0] must be in [0, 1), got {b1:?}"
             )));
         }
         if !(0.0..=1.0).contains(&b2) {
             return Err(Error::config(format!(
-                "betas[1] must be in [0, 1], got {b2}"
+                "betas[1] must be in [0, 1], got {b2:?}"
             )));
         }
         fin("epsilon", self.epsilon)?;
         if self.epsilon <= 0.0 {
             return Err(Error::config(format!(
-                "epsilon must be > 0, got {}",
+                "epsilon must be > 0, got {:?}",
                 self.epsilon
             )));
         }
         fin("weight_decay", self.weight_decay)?;
         if self.weight_decay < 0.0 {
             return Err(Error::config(format!(
-                "weight_decay must be >= 0, got {}",
+                "weight_decay must be >= 0, got {:?}",
                 self.weight_decay
             )));
         }
@@ -315,13 +315,13 @@ impl ShampooConfig {
         if self.precondition_frequency < 1 {
             return Err(Error::config("precondition_frequency must be >= 1, got 0"));
         }
-        if let StartStep::At(s) = self.start_preconditioning_step {
-            if s < self.precondition_frequency {
-                return Err(Error::config(format!(
-                    "start_preconditioning_step must be -1 or >= precondition_frequency ({}), got {s}",
-                    self.precondition_frequency
-                )));
-            }
+        if let StartStep::At(s) = self.start_preconditioning_step
+            && s < self.precondition_frequency
+        {
+            return Err(Error::config(format!(
+                "start_preconditioning_step must be -1 or >= precondition_frequency ({}), got {s}",
+                self.precondition_frequency
+            )));
         }
         match self.grafting {
             None | Some(Grafting::Sgd) => {}
@@ -338,13 +338,13 @@ impl ShampooConfig {
         if let Some(m) = self.momentum {
             if !(0.0..1.0).contains(&m.momentum) {
                 return Err(Error::config(format!(
-                    "momentum.momentum must be in [0, 1), got {}",
+                    "momentum.momentum must be in [0, 1), got {:?}",
                     m.momentum
                 )));
             }
             if !(0.0..1.0).contains(&m.dampening) {
                 return Err(Error::config(format!(
-                    "momentum.dampening must be in [0, 1), got {}",
+                    "momentum.dampening must be in [0, 1), got {:?}",
                     m.dampening
                 )));
             }
@@ -366,7 +366,7 @@ impl ShampooConfig {
                 }
                 if !tolerance.is_finite() || *tolerance < 0.0 {
                     return Err(Error::config(format!(
-                        "coupled_newton.tolerance must be finite and >= 0, got {tolerance}"
+                        "coupled_newton.tolerance must be finite and >= 0, got {tolerance:?}"
                     )));
                 }
             }
@@ -380,7 +380,7 @@ impl ShampooConfig {
                 let check = |what: String, e: f64| -> Result<()> {
                     if !e.is_finite() || e < 0.0 {
                         return Err(Error::config(format!(
-                            "inverse_exponent_override {what} must be finite and >= 0, got {e}"
+                            "inverse_exponent_override {what} must be finite and >= 0, got {e:?}"
                         )));
                     }
                     if newton && e != 0.0 && !is_integer_root(e) {
@@ -445,7 +445,7 @@ impl ShampooConfig {
 fn graft_eps(name: &str, e: f64) -> Result<()> {
     if !e.is_finite() || e <= 0.0 {
         return Err(Error::config(format!(
-            "grafting ({name}) epsilon must be > 0, got {e}"
+            "grafting ({name}) epsilon must be > 0, got {e:?}"
         )));
     }
     Ok(())
@@ -454,7 +454,7 @@ fn graft_eps(name: &str, e: f64) -> Result<()> {
 fn graft_beta2(name: &str, b: f64) -> Result<()> {
     if !(b > 0.0 && b <= 1.0) {
         return Err(Error::config(format!(
-            "grafting ({name}) beta2 must be in (0, 1], got {b}"
+            "grafting ({name}) beta2 must be in (0, 1], got {b:?}"
         )));
     }
     Ok(())

@@ -58,7 +58,7 @@ impl StepScalars {
         };
         let f = config.precondition_frequency;
         let (root_inverse, before_start) = match config.start_step() {
-            Some(s) => ((t % f == 0 && t > s) || t == s, t < s),
+            Some(s) => ((t.is_multiple_of(f) && t > s) || t == s, t < s),
             None => (false, true),
         };
         StepScalars {

@@ -13,8 +13,6 @@ use crate::{DType, Result};
 pub(crate) struct FactorState<B: Backend> {
     /// Which dimension, its size and exponent.
     pub spec: FactorSpec,
-    /// Newton's integer root `p = 1 / exponent` (coupled Newton only).
-    pub newton_root: u32,
     /// Statistics `L` (factor dtype), `count * n * n`, lower triangle valid.
     pub stats: B::Buffer,
     /// Inverse roots `X` (parameter dtype), or eigenvectors for
@@ -61,10 +59,6 @@ pub(crate) enum Role {
 }
 
 impl<B: Backend> FactorState<B> {
-    /// The scratch matrix playing `role`.
-    pub fn buf(&self, role: Role) -> &B::Buffer {
-        &self.scratch[self.roles[role as usize]]
-    }
     /// Swaps the buffers of two roles.
     pub fn swap(&mut self, a: Role, b: Role) {
         self.roles.swap(a as usize, b as usize);
@@ -112,28 +106,6 @@ pub(crate) enum Loc {
     Gf,
     /// One of the two product buffers.
     Work(usize),
-}
-
-impl<B: Backend> GroupState<B> {
-    /// The buffer at `loc`.
-    pub fn at(&self, loc: Loc) -> &B::Buffer {
-        match loc {
-            Loc::Grad => &self.grad,
-            Loc::Gf => self.filtered.as_ref().map_or(&self.grad, |(_, gf)| gf),
-            Loc::Work(i) => &self.work[i],
-        }
-    }
-    /// The buffer at `loc`, exclusively.
-    pub fn at_mut(&mut self, loc: Loc) -> &mut B::Buffer {
-        match loc {
-            Loc::Grad => &mut self.grad,
-            Loc::Gf => match self.filtered.as_mut() {
-                Some((_, gf)) => gf,
-                None => &mut self.grad,
-            },
-            Loc::Work(i) => &mut self.work[i],
-        }
-    }
 }
 
 /// Allocates the state of every group of `layout`.
@@ -193,11 +165,6 @@ fn allocate_group<B: Backend>(
         let mut root = backend.alloc(dtype, mats)?;
         fill_identity(backend, &mut root, dtype, n, count)?;
         factors.push(FactorState {
-            newton_root: if newton {
-                (1.0 / spec.exponent).round() as u32
-            } else {
-                0
-            },
             stats: backend.alloc(fdtype, mats)?,
             root,
             work: backend.alloc(fdtype, mats)?,

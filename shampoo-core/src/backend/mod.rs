@@ -25,6 +25,10 @@
 //! unless a job says otherwise. Eigenvectors are stored *column-major*
 //! (equivalently: row `j` of the row-major storage is eigenvector `j`).
 //! Scalars in jobs are `f64`; a backend rounds them to the data's dtype.
+//!
+//! Jobs are `#[repr(C)]`: a backend that wraps another one with the same
+//! buffer and view types (for fault injection or tracing) may forward them
+//! by reinterpretation.
 
 pub mod cpu;
 
@@ -141,6 +145,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
 /// Copy blocks of parameter-shaped sources into a packed buffer:
 /// `out[e] = src[e] (+ coef * add[e])` for every selected table entry `e`.
 /// (`'s` is the callers' tensors' lifetime, `'a` the job's.)
+#[repr(C)]
 pub struct GatherJob<'a, 's, B: Backend> {
     /// Geometry; `packed_offset` is the block's offset in `out`.
     pub table: &'a B::BlockTable,
@@ -155,6 +160,7 @@ pub struct GatherJob<'a, 's, B: Backend> {
 }
 
 /// Add (or copy) packed blocks into one parameter.
+#[repr(C)]
 pub struct ScatterJob<'a, B: Backend> {
     /// Geometry of the parameter's blocks; `packed_offset` indexes `source`.
     pub table: &'a B::BlockTable,
@@ -171,6 +177,7 @@ pub struct ScatterJob<'a, B: Backend> {
 /// Two roundings when `beta` is neither 0 nor 1, as the published
 /// implementation does. Only the lower triangle of `out` is defined unless
 /// `full` is set.
+#[repr(C)]
 pub struct GramJob<'a, B: Backend> {
     /// `count` tensors of shape `dims`, back to back.
     pub input: B::View<'a>,
@@ -195,6 +202,7 @@ pub struct GramJob<'a, B: Backend> {
 /// `out[b] = input[b] x_mode M[b]`, i.e.
 /// `out[.., i, ..] = sum_l M[i, l] input[.., l, ..]` (or `M[l, i]` when
 /// `transpose`).
+#[repr(C)]
 pub struct ModeProductJob<'a, B: Backend> {
     /// `count` tensors of shape `dims`.
     pub input: B::View<'a>,
@@ -216,6 +224,7 @@ pub struct ModeProductJob<'a, B: Backend> {
 
 /// `c[b] = alpha * op(a[b]) op(b[b]) (+ c[b] if accumulate)` on full
 /// row-major `n x n` matrices.
+#[repr(C)]
 pub struct MatmulJob<'a, B: Backend> {
     /// Left operands.
     pub a: B::View<'a>,
@@ -257,6 +266,7 @@ pub enum EighStatus {
 /// matrix in `a`, writes its eigenvectors (column-major) back into `a` and
 /// its eigenvalues (ascending) into `values`. A failure in float32 is retried
 /// in float64.
+#[repr(C)]
 pub struct EighJob<'a, B: Backend> {
     /// `count` matrices `n x n`.
     pub a: B::ViewMut<'a>,
@@ -332,6 +342,7 @@ pub enum Reduction {
 }
 
 /// `out[b] = reduction(input[b])` for each of `count` chunks of `numel`.
+#[repr(C)]
 pub struct ReduceJob<'a, B: Backend> {
     /// Input chunks.
     pub input: B::View<'a>,
@@ -349,6 +360,7 @@ pub struct ReduceJob<'a, B: Backend> {
 
 /// The fused elementwise kernels. Per-block scalars live in views of
 /// `count` elements; the rest are `f64` job scalars.
+#[repr(C)]
 pub enum Map<'a, B: Backend> {
     /// `out = sym(lower(F)) / divisor + eps I`.
     RootInput {

@@ -10,7 +10,7 @@ use faer::{MatMut, MatRef, Par};
 use super::linalg::CpuFloat;
 use super::{CpuBackend, check_len, check_select, take_mut, typed_mut};
 use crate::backend::{EighJob, EighStatus};
-use crate::{DType, Float, Result};
+use crate::{DType, Result};
 
 thread_local! {
     /// Per-thread scratch, grown to the largest request seen.
@@ -40,7 +40,7 @@ fn eigh_in_place<T: CpuFloat>(a: &mut [T], values: &mut [T], n: usize) -> bool {
     with_scratch(req, |stack| {
         let (mut tmp, stack) = stack.make_with::<T>(n * n, |_| T::ZERO);
         tmp.copy_from_slice(a);
-        let input = MatRef::from_row_major_slice(&*tmp, n, n);
+        let input = MatRef::from_row_major_slice(&tmp, n, n);
         let u = MatMut::from_column_major_slice_mut(a, n, n);
         let s = faer::diag::DiagMut::from_slice_mut(values);
         evd::self_adjoint_evd(input, s, Some(u), par, stack, Default::default()).is_ok()

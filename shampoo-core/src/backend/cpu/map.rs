@@ -281,7 +281,7 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
         }
         Task::EigenvalueScale { r, d, bc2, eps } => {
             for (r, &d) in r.iter_mut().zip(d) {
-                *r = *r / ((d / bc2).sqrt() + eps);
+                *r /= (d / bc2).sqrt() + eps;
             }
         }
     }

@@ -76,8 +76,8 @@ impl CpuBackend {
         fb: impl Fn(U) + Sync,
     ) {
         use rayon::prelude::*;
-        a.sort_by(|x, y| y.0.cmp(&x.0));
-        b.sort_by(|x, y| y.0.cmp(&x.0));
+        a.sort_by_key(|x| std::cmp::Reverse(x.0));
+        b.sort_by_key(|x| std::cmp::Reverse(x.0));
         let serial = self.threads == 1 || a.len() + b.len() <= 1;
         if serial {
             a.into_iter().for_each(|(_, t)| fa(t));
@@ -150,15 +150,13 @@ pub(crate) fn check_len(
 
 /// Checks a selection's indices.
 pub(crate) fn check_select(op: &'static str, select: Option<&[u32]>, count: usize) -> Result<()> {
-    if let Some(s) = select {
-        if let Some(&bad) = s.iter().find(|&&i| i as usize >= count) {
-            return Err(Error::backend(
-                op,
-                format!("selected index {bad} out of {count}"),
-            ));
-        }
+    match select.and_then(|s| s.iter().find(|&&i| i as usize >= count)) {
+        Some(&bad) => Err(Error::backend(
+            op,
+            format!("selected index {bad} out of {count}"),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Splits `data` into `count` chunks of `per` and keeps the selected ones,

@@ -3,7 +3,7 @@
 use super::linalg::CpuFloat;
 use super::{CpuBackend, check_len, check_select, take_mut, typed, typed_mut};
 use crate::backend::{ReduceJob, Reduction};
-use crate::{DType, Float, Result};
+use crate::{DType, Result};
 
 struct Task<'a, T> {
     input: &'a [T],
@@ -27,7 +27,7 @@ fn run_task<T: CpuFloat>(t: Task<'_, T>) {
             let mut nan = false;
             for (k, &x) in t.input.iter().enumerate() {
                 let e = if k / n == k % n { x - T::ONE } else { x }.abs();
-                nan |= !(e == e);
+                nan |= e.to_f64().is_nan();
                 if e > m {
                     m = e;
                 }

@@ -1,0 +1,311 @@
+//! Step semantics: float32 against float64, parameters without gradients,
+//! bad inputs, and the failure rules of the root inverse.
+
+mod common;
+use common::*;
+use shampoo_core::backend::*;
+use shampoo_core::{CpuBackend, DType, Error, HostView, HostViewMut, MatrixKind, Result, Shampoo};
+
+fn run32(
+    cfg: &str,
+    shapes: &[Vec<usize>],
+    init: &[Vec<f64>],
+    grads: &[Vec<Vec<f64>>],
+) -> Vec<Vec<f64>> {
+    let mut opt =
+        Shampoo::new(config(cfg), shapes, DType::F32, CpuBackend::new(2).unwrap()).unwrap();
+    let mut p: Vec<Vec<f32>> = init
+        .iter()
+        .map(|v| v.iter().map(|&x| x as f32).collect())
+        .collect();
+    for g in grads {
+        let g32: Vec<Vec<f32>> = g
+            .iter()
+            .map(|v| v.iter().map(|&x| x as f32).collect())
+            .collect();
+        let mut views: Vec<HostViewMut<'_>> = p.iter_mut().map(|x| HostViewMut::F32(x)).collect();
+        let gv: Vec<Option<HostView<'_>>> = g32.iter().map(|x| Some(HostView::F32(x))).collect();
+        opt.step(&mut views, &gv).unwrap();
+    }
+    p.iter()
+        .map(|v| v.iter().map(|&x| x as f64).collect())
+        .collect()
+}
+
+/// Float32 is checked against this crate's own float64 on well-conditioned
+/// problems (damping well above float32 rounding of the statistics): the
+/// parameters agree to about 1e-5 of their scale. (On ill-conditioned ones,
+/// float32 Shampoo legitimately differs from float64 by far more, in the
+/// published implementation too.)
+#[test]
+fn float32_tracks_float64_on_well_conditioned_problems() {
+    let shapes = vec![vec![24, 16], vec![16], vec![6, 5, 4], vec![40, 3]];
+    let init = gradients(21, &shapes, 1).remove(0);
+    let grads = gradients(22, &shapes, 30);
+    // Eigenvalue-corrected Shampoo's basis is only well defined once the
+    // statistics are full rank (degenerate eigenvalues make the basis, and
+    // so the direction, arbitrary, in float64 too): its first basis comes at
+    // step 20, when every factor has seen enough gradients.
+    for (precond, start) in [
+        (r#"{"type": "root_inv"}"#, 4),
+        (
+            r#"{"type": "root_inv", "root_inverse": {"method": "coupled_newton", "tolerance": 1e-5}}"#,
+            4,
+        ),
+        (r#"{"type": "eigenvalue_corrected"}"#, 20),
+    ] {
+        let cfg = format!(
+            r#"{{"lr": 0.01, "betas": [0.9, 0.999], "epsilon": 1e-3, "max_preconditioner_dim": 16,
+                "precondition_frequency": 4, "start_preconditioning_step": {start},
+                "grafting": {{"type": "adam"}}, "preconditioner": {precond}}}"#
+        );
+        let p64 = run64(config(&cfg), &shapes, &init, &grads);
+        let p32 = run32(&cfg, &shapes, &init, &grads);
+        let err = max_rel(&p32, &p64);
+        assert!(err < 2e-5, "{precond}: f32 vs f64 relative error {err:e}");
+    }
+}
+
+#[test]
+fn parameters_without_gradients_are_untouched_bit_for_bit() {
+    let shapes = vec![vec![6, 5], vec![9], vec![6, 5]];
+    let cfg = config(
+        r#"{"max_preconditioner_dim": 4, "weight_decay": 0.1, "betas": [0.9, 0.99],
+            "momentum": {"momentum": 0.9}, "grafting": {"type": "adam"}}"#,
+    );
+    let mut opt = optimizer64(cfg, &shapes);
+    let mut p = gradients(5, &shapes, 1).remove(0);
+    p[1][3] = -0.0;
+    let grads = gradients(6, &shapes, 4);
+    step64(
+        &mut opt,
+        &mut p,
+        &grads[0].iter().map(Some).collect::<Vec<_>>(),
+    );
+    let (state, _) = opt.state_tensors().unwrap();
+    let before = p[1].clone();
+    let blocks_of_1: Vec<usize> = opt.layout().params[1].blocks.clone().collect();
+    for g in &grads[1..] {
+        step64(&mut opt, &mut p, &[Some(&g[0]), None, Some(&g[2])]);
+    }
+    assert!(
+        p[1].iter()
+            .zip(&before)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "parameter 1 unchanged, -0.0 included"
+    );
+    let (after, _) = opt.state_tensors().unwrap();
+    for (name, t) in &state {
+        let id: usize = name.split('/').nth(1).unwrap().parse().unwrap();
+        if blocks_of_1.contains(&id) {
+            assert_eq!(Some(t), after.get(name), "{name} untouched");
+        } else if !name.ends_with("failures") {
+            assert_ne!(
+                Some(t),
+                after.get(name),
+                "{name} of a parameter with gradients moved"
+            );
+        }
+    }
+    assert_eq!(opt.step_count(), 4, "the step counter still advances");
+    // All gradients missing: nothing moves.
+    let frozen = p.clone();
+    step64(&mut opt, &mut p, &[None, None, None]);
+    assert_eq!(p, frozen);
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let shapes = vec![vec![4, 3], vec![2]];
+    let mut opt = optimizer64(config("{}"), &shapes);
+    let mut a = vec![0.0f64; 12];
+    let mut b = vec![0.0f64; 3];
+    let g = vec![0.0f64; 12];
+    let e = opt
+        .step(
+            &mut [HostViewMut::F64(&mut a), HostViewMut::F64(&mut b)],
+            &[Some(HostView::F64(&g)), None],
+        )
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "shape mismatch: parameter 1 has 3 elements, its shape [2] has 2"
+    );
+    let mut b = vec![0.0f64; 2];
+    let g32 = vec![0.0f32; 12];
+    let e = opt
+        .step(
+            &mut [HostViewMut::F64(&mut a), HostViewMut::F64(&mut b)],
+            &[Some(HostView::F32(&g32)), None],
+        )
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "dtype mismatch: gradient 0 is f32, the optimizer was built for f64"
+    );
+    let e = opt
+        .step(&mut [HostViewMut::F64(&mut a)], &[None])
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "shape mismatch: expected 2 parameters and gradients, got 1 and 1"
+    );
+    assert_eq!(opt.step_count(), 0, "rejected steps do not count");
+    assert!(opt.set_lr(-1.0).is_err() && opt.set_lr(f64::NAN).is_err());
+}
+
+#[test]
+fn non_finite_statistics_are_an_error_naming_the_block() {
+    let shapes = vec![vec![3], vec![4, 4]];
+    let mut opt = optimizer64(config(r#"{"max_preconditioner_dim": 4}"#), &shapes);
+    let mut p = [vec![0.0; 3], vec![0.0; 16]];
+    let mut g = [vec![1.0; 3], vec![1.0; 16]];
+    g[1][5] = f64::NAN;
+    let mut views: Vec<HostViewMut<'_>> = p.iter_mut().map(|x| HostViewMut::F64(x)).collect();
+    let gv: Vec<Option<HostView<'_>>> = g.iter().map(|x| Some(HostView::F64(x))).collect();
+    match opt.step(&mut views, &gv) {
+        Err(Error::NonFinite {
+            kind: MatrixKind::Factor,
+            block: 1,
+            param: 1,
+            shape,
+            step: 1,
+            ..
+        }) => {
+            assert_eq!(shape, vec![4, 4]);
+        }
+        other => panic!("expected a non-finite factor error, got {other:?}"),
+    }
+}
+
+/// Reinterprets a job slice of `Flaky` as one of `CpuBackend`.
+fn forward<A, B>(jobs: &mut [A]) -> &mut [B] {
+    assert_eq!(std::mem::size_of::<A>(), std::mem::size_of::<B>());
+    assert_eq!(std::mem::align_of::<A>(), std::mem::align_of::<B>());
+    // SAFETY: jobs are repr(C), and Flaky's buffer, view and table types are
+    // CpuBackend's, so `A` and `B` have the same layout (sizes checked).
+    unsafe { std::slice::from_raw_parts_mut(jobs.as_mut_ptr().cast::<B>(), jobs.len()) }
+}
+
+/// The CPU backend, with eigendecompositions that fail on demand.
+struct Flaky {
+    inner: CpuBackend,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Backend for Flaky {
+    type Buffer = <CpuBackend as Backend>::Buffer;
+    type View<'a> = HostView<'a>;
+    type ViewMut<'a> = HostViewMut<'a>;
+    type BlockTable = <CpuBackend as Backend>::BlockTable;
+    fn name(&self) -> String {
+        "flaky".into()
+    }
+    fn alloc(&self, d: DType, n: usize) -> Result<Self::Buffer> {
+        self.inner.alloc(d, n)
+    }
+    fn view<'a>(&self, b: &'a Self::Buffer) -> HostView<'a> {
+        self.inner.view(b)
+    }
+    fn view_mut<'a>(&self, b: &'a mut Self::Buffer) -> HostViewMut<'a> {
+        self.inner.view_mut(b)
+    }
+    fn shorten<'b, 'a: 'b>(v: HostView<'a>) -> HostView<'b> {
+        v
+    }
+    fn as_view<'b>(&self, v: &'b HostViewMut<'_>) -> HostView<'b> {
+        self.inner.as_view(v)
+    }
+    fn reborrow<'b>(&self, v: &'b mut HostViewMut<'_>) -> HostViewMut<'b> {
+        self.inner.reborrow(v)
+    }
+    fn upload(&self, d: HostViewMut<'_>, s: HostView<'_>) -> Result<()> {
+        self.inner.upload(d, s)
+    }
+    fn download(&self, s: HostView<'_>, d: HostViewMut<'_>) -> Result<()> {
+        self.inner.download(s, d)
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn block_table(&self, e: Vec<TableEntry>) -> Result<Self::BlockTable> {
+        self.inner.block_table(e)
+    }
+    fn gather(&self, j: &mut [GatherJob<'_, '_, Self>]) -> Result<()> {
+        self.inner.gather(forward(j))
+    }
+    fn scatter(&self, j: &mut [ScatterJob<'_, Self>]) -> Result<()> {
+        self.inner.scatter(forward(j))
+    }
+    fn mode_gram(&self, j: &mut [GramJob<'_, Self>]) -> Result<()> {
+        self.inner.mode_gram(forward(j))
+    }
+    fn mode_product(&self, j: &mut [ModeProductJob<'_, Self>]) -> Result<()> {
+        self.inner.mode_product(forward(j))
+    }
+    fn matmul(&self, j: &mut [MatmulJob<'_, Self>]) -> Result<()> {
+        self.inner.matmul(forward(j))
+    }
+    fn eigh(&self, jobs: &mut [EighJob<'_, Self>]) -> Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            for j in jobs.iter_mut() {
+                for s in j.status.iter_mut() {
+                    *s = EighStatus::Failed;
+                }
+            }
+            return Ok(());
+        }
+        self.inner.eigh(forward(jobs))
+    }
+    fn map(&self, j: &mut [Map<'_, Self>]) -> Result<()> {
+        self.inner.map(forward(j))
+    }
+    fn reduce(&self, j: &mut [ReduceJob<'_, Self>]) -> Result<()> {
+        self.inner.reduce(forward(j))
+    }
+}
+
+#[test]
+fn solver_failures_keep_the_previous_root_then_error_after_three() {
+    let shapes = vec![vec![5]];
+    let cfg = config(r#"{"lr": 0.5, "betas": [0.0, 1.0], "epsilon": 1e-6}"#);
+    let be = Flaky {
+        inner: CpuBackend::new(1).unwrap(),
+        fail: true.into(),
+    };
+    let mut opt = Shampoo::new(cfg, &shapes, DType::F64, be).unwrap();
+    let mut p = vec![0.0f64; 5];
+    let g = vec![1.0, -2.0, 3.0, 0.5, 0.25];
+    for k in 1..=3 {
+        opt.step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))])
+            .unwrap();
+        // The root stays the identity: plain gradient steps.
+        let want: Vec<f64> = g.iter().map(|x| -(0.5f32 as f64) * x * k as f64).collect();
+        assert_eq!(p, want, "step {k}");
+    }
+    match opt.step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))]) {
+        Err(Error::RootInverseFailed {
+            block: 0,
+            failures: 4,
+            step: 4,
+            ..
+        }) => {}
+        other => panic!("expected the fourth failure to be an error, got {other:?}"),
+    }
+    let msg = opt
+        .step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("failed 5 times in a row"), "{msg}");
+    // A success resets the count.
+    opt.backend()
+        .fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    opt.step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))])
+        .unwrap();
+    opt.backend()
+        .fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    opt.step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))])
+        .unwrap();
+}
