@@ -118,8 +118,8 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// `shampoo-run`: start the ranks of a data-parallel training program on this
-/// node, with the environment torchrun would give them, and supervise them.
+/// Start the ranks of a data-parallel training program on this node, with
+/// the environment torchrun would give them, and supervise them.
 ///
 /// Every rank gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
 /// the other variables torchrun sets, runs in its own process group, and has
