@@ -23,6 +23,7 @@ pub mod supervise;
 mod sys;
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 
 pub use crate::args::RawArgs;
 pub use crate::error::{Error, LaunchError};
@@ -114,7 +115,10 @@ pub fn run(raw: &RawArgs) -> Result<Outcome, Error> {
     let plan = LaunchPlan::new(raw, &RealSystem)?;
     tracing::debug!("launch plan:\n{}", plan.describe());
     if raw.dry_run {
-        print!("{}", dry_run_text(&plan));
+        // A closed stdout is not worth a panic.
+        let _ = std::io::stdout()
+            .lock()
+            .write_all(dry_run_text(&plan).as_bytes());
         return Ok(Outcome::DryRun);
     }
     Ok(launch(&plan)?)

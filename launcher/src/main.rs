@@ -25,7 +25,8 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             let code = err.exit_code();
-            eprintln!("shampoo-run: error: {:#}", anyhow::Error::new(err));
+            let message = format!("shampoo-run: error: {:#}\n", anyhow::Error::new(err));
+            let _ = std::io::stderr().lock().write_all(message.as_bytes());
             ExitCode::from(code)
         }
     }
