@@ -7,13 +7,26 @@ use std::time::Duration;
 
 use common::{assert_all_dead, launcher, pid_files, run, start, wait_for_pids};
 
-/// Rank `$FAIL` prints a line and runs `$ACTION` after `$DELAY`; the others
-/// record their pid and sleep (exec, so the pid is the sleeper's).
+/// Shell function: wait until every other rank has written `$DIR/pid.<rank>`.
+const WAIT_FOR_OTHERS: &str = r#"
+wait_for_others() {
+    r=0
+    while [ $r -lt "$WORLD_SIZE" ]; do
+        if [ $r != "$RANK" ]; then
+            while [ ! -s "$DIR/pid.$r" ]; do sleep 0.02; done
+        fi
+        r=$((r+1))
+    done
+}
+"#;
+
+/// Rank `$FAIL` prints a line and, once the others are up, runs `$ACTION`;
+/// the others record their pid and sleep (exec, so the pid is the sleeper's).
 const SCRIPT: &str = r#"
 if [ "$RANK" = "$FAIL" ]; then
     echo "rank $RANK about to fail"
     echo "some detail on stderr" >&2
-    sleep "$DELAY"
+    wait_for_others
     eval "$ACTION"
 fi
 echo $$ > "$DIR/pid.$RANK"
@@ -26,11 +39,11 @@ fn failing_job(
     fail: u32,
     action: &str,
 ) -> std::process::Command {
-    let mut cmd = launcher(["--nproc-per-node", &nproc.to_string(), "sh", "-c", SCRIPT]);
+    let script = format!("{WAIT_FOR_OTHERS}{SCRIPT}");
+    let mut cmd = launcher(["--nproc-per-node", &nproc.to_string(), "sh", "-c", &script]);
     cmd.env("DIR", dir)
         .env("FAIL", fail.to_string())
-        .env("ACTION", action)
-        .env("DELAY", "0.5");
+        .env("ACTION", action);
     cmd
 }
 
@@ -114,13 +127,16 @@ wait
 fn processes_started_by_ranks_are_stopped_too() {
     // Each rank starts a background sleeper (same process group) and waits.
     let dir = tempfile::tempdir().unwrap();
-    let script = r#"
+    let script = format!(
+        "{WAIT_FOR_OTHERS}{}",
+        r#"
 sleep 60 &
 echo $! > "$DIR/pid.$RANK"
-if [ "$RANK" = 1 ]; then sleep 0.3; exit 9; fi
+if [ "$RANK" = 1 ]; then wait_for_others; exit 9; fi
 wait
-"#;
-    let mut cmd = launcher(["--nproc-per-node", "2", "sh", "-c", script]);
+"#
+    );
+    let mut cmd = launcher(["--nproc-per-node", "2", "sh", "-c", &script]);
     cmd.env("DIR", dir.path());
     let out = run(cmd);
     assert_eq!(out.code(), 9, "{out:#?}");
