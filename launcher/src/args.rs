@@ -175,7 +175,7 @@ pub struct RawArgs {
     #[arg(long, alias = "max_restarts", value_name = "K", default_value_t = 0)]
     pub max_restarts: u32,
 
-    /// Also write each rank's output to DIR/attempt_<K>/rank_<RANK>/{stdout,stderr}.log
+    /// Also write each rank's output to `DIR/attempt_<K>/rank_<RANK>/{stdout,stderr}.log`
     /// (byte-exact, no prefix). Created if missing; existing files are overwritten.
     #[arg(long, alias = "log_dir", value_name = "DIR")]
     pub log_dir: Option<PathBuf>,

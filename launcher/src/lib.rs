@@ -8,6 +8,7 @@
 //! report. See `docs/launcher.md` for the user-facing behaviour.
 
 #![cfg(unix)]
+#![warn(missing_docs)]
 
 pub mod args;
 pub mod env;
