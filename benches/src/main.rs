@@ -1,1 +1,202 @@
-fn main() {}
+//! `shampoo-bench`: reference parity and optimizer step timings.
+//!
+//! Exit codes: 0 success; 1 a parity case over its tolerance; 2 usage or
+//! input error (bad file, unknown shape set, invalid config, unavailable
+//! backend).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use shampoo_bench::{parity, shapes, step};
+use shampoo_core::{CpuBackend, DType, ShampooConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "shampoo-bench",
+    version,
+    about = "Shampoo reference parity and step timings"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendKind {
+    /// faer + rayon on this machine's cores.
+    Cpu,
+    /// NVIDIA GPU through CUDA (needs a build with `--features cuda`).
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay reference trajectories (float64) and report each case's
+    /// largest error, max|ours - ref| / max|ref| over steps and tensors.
+    Parity {
+        /// Case files (`<case>.safetensors` in the published format).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Largest error that passes.
+        #[arg(long, default_value_t = 1e-5)]
+        tolerance: f64,
+        /// Backend to replay on.
+        #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+        backend: BackendKind,
+        /// CPU threads (0: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time optimizer steps on random gradients for a shape set.
+    Step {
+        /// Shape set name (cpu_small, resnet18, resnet50, gpt2_small).
+        #[arg(long)]
+        shapes: String,
+        /// Shape sets file (default: the one built into this binary).
+        #[arg(long)]
+        shapes_file: Option<PathBuf>,
+        /// Shampoo config (JSON, the reference schema).
+        #[arg(long)]
+        config: PathBuf,
+        /// Parameter dtype.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+        /// Timed samples of each kind of step.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Root inverses every this many steps in the timed run.
+        #[arg(long, default_value_t = 2)]
+        root_every: u64,
+        /// Backend.
+        #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+        backend: BackendKind,
+        /// CPU threads (0: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn cuda_unavailable() -> anyhow::Error {
+    anyhow::anyhow!(
+        "backend cuda: this binary was built without CUDA support; rebuild with `--features cuda`"
+    )
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shampoo-bench: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Parity {
+            files,
+            tolerance,
+            backend,
+            threads,
+            json,
+        } => {
+            let mut failed = 0;
+            if !json {
+                println!(
+                    "{:<28} {:>6} {:>12}  {:<6} worst at",
+                    "case", "steps", "max error", "result"
+                );
+            }
+            for f in &files {
+                let r = match backend {
+                    BackendKind::Cpu => parity::run_case(f, tolerance, CpuBackend::new(threads)?),
+                    BackendKind::Cuda => Err(cuda_unavailable()),
+                }
+                .with_context(|| format!("case {}", f.display()))?;
+                failed += usize::from(!r.pass);
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{:<28} {:>6} {:>12.3e}  {:<6} step {} {}",
+                        r.name,
+                        r.steps,
+                        r.max_error,
+                        if r.pass { "ok" } else { "FAIL" },
+                        r.worst_at.0,
+                        r.worst_at.1
+                    );
+                }
+            }
+            if !json {
+                println!(
+                    "{} of {} cases within {tolerance:e}",
+                    files.len() - failed,
+                    files.len()
+                );
+            }
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Step {
+            shapes: set,
+            shapes_file,
+            config,
+            dtype,
+            steps,
+            warmup,
+            root_every,
+            backend,
+            threads,
+            json,
+        } => {
+            if steps == 0 || root_every < 2 {
+                bail!("--steps must be >= 1 and --root-every >= 2");
+            }
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let config = ShampooConfig::from_json(&text)
+                .with_context(|| format!("config {}", config.display()))?;
+            let bench = step::StepBench {
+                tensors: shapes::load(&set, shapes_file.as_deref())?,
+                set,
+                config,
+                dtype,
+                steps,
+                warmup,
+                root_every,
+            };
+            let report = match backend {
+                BackendKind::Cpu => step::run(&bench, || Ok(CpuBackend::new(threads)?))?,
+                BackendKind::Cuda => return Err(cuda_unavailable()),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", step::render(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -214,9 +214,7 @@ fn scatter_task<T: Float>(t: ScatterTask<'_, T>) {
         let out = unsafe { std::slice::from_raw_parts_mut(t.dst.0.add(dst), len) };
         let s = &packed[off..off + len];
         if t.add {
-            for (o, &x) in out.iter_mut().zip(s) {
-                *o += x;
-            }
+            super::kernels::add(out, s);
         } else {
             out.copy_from_slice(s);
         }

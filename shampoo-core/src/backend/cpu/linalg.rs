@@ -48,20 +48,19 @@ struct GramTask<'a, T> {
 
 fn gram_task<T: CpuFloat>(t: GramTask<'_, T>) {
     let (a, d, b) = t.shape;
-    let mut out = MatMut::from_row_major_slice_mut(t.out, d, d);
-    // L *= beta (rounded) before accumulating, as the published code does.
+    // L *= beta (rounded) before accumulating, as the published code does;
+    // only the lower triangle is ever read.
     let mut accum = if t.replace {
         Accum::Replace
     } else {
         Accum::Add
     };
     if !t.replace && t.beta != T::ONE {
-        for i in 0..d {
-            for j in 0..=i {
-                out[(i, j)] *= t.beta;
-            }
+        for (i, row) in t.out.chunks_exact_mut(d).enumerate() {
+            super::kernels::scale(&mut row[..=i], t.beta);
         }
     }
+    let mut out = MatMut::from_row_major_slice_mut(t.out, d, d);
     let lower = BlockStructure::TriangularLower;
     let rect = BlockStructure::Rectangular;
     if b == 1 {

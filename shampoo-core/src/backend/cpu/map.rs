@@ -4,6 +4,7 @@
 //! (e.g. `v *= b2; v += (1 - b2) g g` in two roundings), so that float64
 //! runs match the reference trajectories to rounding.
 
+use super::kernels;
 use super::linalg::CpuFloat;
 use super::{CpuBackend, check_len, check_select, take_mut, typed, typed_mut};
 use crate::backend::{DirectionSource, GraftKernel, Map, MomentumKernel};
@@ -88,12 +89,29 @@ enum Task<'a, T> {
     },
 }
 
-#[inline(always)]
-fn graft_value<T: Float>(kind: GraftKernel, g: T, v: T) -> T {
-    match kind {
-        GraftKernel::None | GraftKernel::Sgd => g,
-        GraftKernel::Adagrad { eps } => g / (v.sqrt() + T::from_f64(eps)),
-        GraftKernel::Ema { eps, bc, .. } => g / ((v / T::from_f64(bc)).sqrt() + T::from_f64(eps)),
+/// `out = graft(g)`.
+fn graft_into<T: CpuFloat>(kind: GraftKernel, out: &mut [T], g: &[T], v: Option<&[T]>) {
+    match (kind, v) {
+        (GraftKernel::Adagrad { eps }, Some(v)) => {
+            kernels::adaptive_sqrt(out, g, v, T::from_f64(eps))
+        }
+        (GraftKernel::Ema { eps, bc, .. }, Some(v)) => {
+            kernels::adaptive(out, g, v, T::from_f64(bc), T::from_f64(eps))
+        }
+        _ => out.copy_from_slice(g),
+    }
+}
+
+/// `sum graft(g)^2`.
+fn graft_sum_squares<T: CpuFloat>(kind: GraftKernel, g: &[T], v: Option<&[T]>) -> f64 {
+    match (kind, v) {
+        (GraftKernel::Adagrad { eps }, Some(v)) => {
+            kernels::adaptive_sqrt_sum_squares(g, v, T::from_f64(eps))
+        }
+        (GraftKernel::Ema { eps, bc, .. }, Some(v)) => {
+            kernels::adaptive_sum_squares(g, v, T::from_f64(bc), T::from_f64(eps))
+        }
+        _ => kernels::sum_squares(g),
     }
 }
 
@@ -188,48 +206,39 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
         }
         Task::GradientStatistics {
             g,
-            mut v,
+            v,
             graft,
-            mut filtered,
+            filtered,
             beta1,
             bc1,
             sq_norm,
         } => {
-            let (b1, c1) = (T::from_f64(beta1), T::from_f64(1.0 - beta1));
-            let mut sum = 0.0f64;
-            for i in 0..g.len() {
-                let x = g[i];
-                let vi = match (&mut v, graft) {
-                    (Some(v), GraftKernel::Adagrad { .. }) => {
-                        v[i] += x * x;
-                        v[i]
+            let mut v = v;
+            if let Some(acc) = v.as_deref_mut() {
+                match graft {
+                    GraftKernel::Adagrad { .. } => kernels::add_square(acc, g),
+                    GraftKernel::Ema { beta2, .. } => {
+                        kernels::ema_square(acc, g, T::from_f64(beta2), T::from_f64(1.0 - beta2))
                     }
-                    (Some(v), GraftKernel::Ema { beta2, .. }) => {
-                        let mut t = v[i] * T::from_f64(beta2);
-                        t += T::from_f64(1.0 - beta2) * x * x;
-                        v[i] = t;
-                        t
-                    }
-                    _ => T::ZERO,
-                };
-                let gf = match &mut filtered {
-                    Some((m1, gf)) => {
-                        let mut m = m1[i] * b1;
-                        m += c1 * x;
-                        m1[i] = m;
-                        let f = m / bc1;
-                        gf[i] = f;
-                        f
-                    }
-                    None => x,
-                };
-                if sq_norm.is_some() {
-                    let q = graft_value(graft, gf, vi).to_f64();
-                    sum += q * q;
+                    _ => {}
                 }
             }
+            let gf: &[T] = match filtered {
+                Some((m1, gf)) => {
+                    kernels::ema_divided(
+                        m1,
+                        gf,
+                        g,
+                        T::from_f64(beta1),
+                        T::from_f64(1.0 - beta1),
+                        bc1,
+                    );
+                    gf
+                }
+                None => g,
+            };
             if let Some(s) = sq_norm {
-                *s = T::from_f64(sum);
+                *s = T::from_f64(graft_sum_squares(graft, gf, v.as_deref()));
             }
         }
         Task::Direction {
@@ -240,30 +249,28 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
             p_sh,
             ratio,
             wd,
-            mut momentum,
+            momentum,
             neg_lr,
             out,
         } => {
-            for i in 0..out.len() {
-                let mut p = match source {
-                    DirectionSource::Graft => {
-                        graft_value(graft, gf[i], v.map_or(T::ZERO, |v| v[i]))
-                    }
-                    DirectionSource::GraftedShampoo => p_sh.expect("p_sh")[i] * ratio,
-                    DirectionSource::Shampoo => p_sh.expect("p_sh")[i],
-                };
-                if let Some((w, wd)) = wd {
-                    p += wd * w[i];
-                }
-                if let Some((b, m)) = &mut momentum {
-                    let (mu, keep) = (T::from_f64(m.mu), T::from_f64(1.0 - m.dampening));
-                    let mut nb = b[i] * mu;
-                    nb += keep * p;
-                    b[i] = nb;
-                    p = if m.nesterov { keep * p + mu * nb } else { nb };
-                }
-                out[i] = neg_lr * p;
+            match source {
+                DirectionSource::Graft => graft_into(graft, out, gf, v),
+                DirectionSource::GraftedShampoo => kernels::scaled(out, p_sh.expect("p_sh"), ratio),
+                DirectionSource::Shampoo => out.copy_from_slice(p_sh.expect("p_sh")),
             }
+            if let Some((w, wd)) = wd {
+                kernels::add_scaled(out, w, wd);
+            }
+            if let Some((b, m)) = momentum {
+                kernels::momentum(
+                    out,
+                    b,
+                    T::from_f64(m.mu),
+                    T::from_f64(1.0 - m.dampening),
+                    m.nesterov,
+                );
+            }
+            kernels::scale(out, neg_lr);
         }
         Task::EigenvalueUpdate { r, d, beta2 } => {
             if beta2 == 1.0 {

@@ -10,6 +10,7 @@
 
 mod copy;
 mod eigh;
+mod kernels;
 mod linalg;
 mod map;
 mod reduce;

@@ -14,7 +14,7 @@ struct Task<'a, T> {
 fn run_task<T: CpuFloat>(t: Task<'_, T>) {
     *t.out = match t.kind {
         Reduction::SumSquares | Reduction::FrobeniusNorm => {
-            let s: f64 = t.input.iter().map(|&x| x.to_f64() * x.to_f64()).sum();
+            let s = super::kernels::sum_squares(t.input);
             if t.kind == Reduction::FrobeniusNorm {
                 T::from_f64(s.sqrt())
             } else {

@@ -1,0 +1,8 @@
+//! Library side of `shampoo-bench`: reference parity and step timing.
+//!
+//! The binary is a thin command-line front end over [`parity`] and
+//! [`step`]; shape sets for timings come from [`shapes`].
+
+pub mod parity;
+pub mod shapes;
+pub mod step;
