@@ -94,6 +94,7 @@ pub(super) fn gradient_statistics<B: Backend>(
 /// buffers; leaves each group's result location in `locs`.
 fn chain<B: Backend>(opt: &mut Shampoo<B>, transpose: bool, locs: &mut [Loc]) -> Result<()> {
     let backend = &opt.backend;
+    let tf32 = opt.config.tf32;
     let rounds = opt
         .groups
         .iter()
@@ -135,6 +136,7 @@ fn chain<B: Backend>(opt: &mut Shampoo<B>, transpose: bool, locs: &mut [Loc]) ->
                 matrices: backend.view(&f.root),
                 transpose,
                 out: backend.view_mut(dst),
+                tf32,
                 select: active.as_deref(),
             });
             locs[gi] = Loc::Work(target);

@@ -206,6 +206,8 @@ fn eigh_inverse_root<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
                 beta: 0.0,
                 alpha: 1.0,
                 full: true,
+                // Roots are formed in full precision.
+                tf32: false,
                 select,
             }
         })
@@ -553,6 +555,8 @@ fn products<B: Backend>(
                     trans_b: false,
                     alpha: 1.0,
                     accumulate: false,
+                    // Newton iterations are formed in full precision.
+                    tf32: false,
                     select,
                 });
                 swaps.push((i, c));

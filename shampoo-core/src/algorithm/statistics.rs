@@ -90,6 +90,7 @@ pub(super) fn update_factors<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
                 beta,
                 alpha,
                 full: false,
+                tf32: opt.config.tf32,
                 select,
             });
         }

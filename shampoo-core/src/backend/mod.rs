@@ -195,6 +195,8 @@ pub struct GramJob<'a, B: Backend> {
     pub alpha: f64,
     /// Also fill the upper triangle.
     pub full: bool,
+    /// Reduced-precision matrix units (TF32) are allowed.
+    pub tf32: bool,
     /// Which tensors.
     pub select: Selection<'a>,
 }
@@ -218,6 +220,8 @@ pub struct ModeProductJob<'a, B: Backend> {
     pub transpose: bool,
     /// `count` tensors of shape `dims`.
     pub out: B::ViewMut<'a>,
+    /// Reduced-precision matrix units (TF32) are allowed.
+    pub tf32: bool,
     /// Which tensors.
     pub select: Selection<'a>,
 }
@@ -244,6 +248,8 @@ pub struct MatmulJob<'a, B: Backend> {
     pub alpha: f64,
     /// Add to `c` instead of replacing it.
     pub accumulate: bool,
+    /// Reduced-precision matrix units (TF32) are allowed.
+    pub tf32: bool,
     /// Which products.
     pub select: Selection<'a>,
 }
