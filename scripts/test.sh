@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine (scripts/setup.sh) and runs the whole test suite:
+# formatting, lints, unit and integration tests of every crate (including
+# NVRTC compilation of every CUDA kernel, which needs no GPU), and the
+# float64 parity run against the published implementation's trajectories.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '\033[1m[test]\033[0m %s\n' "$*" >&2; }
+
+scripts/setup.sh
+# shellcheck source=env.sh
+source scripts/env.sh
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (all crates, all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if grep -q '^cuda = ' shampoo-core/Cargo.toml 2>/dev/null; then
+    cargo clippy -p shampoo-core -p shampoo-bench --features cuda --all-targets --locked -- -D warnings
+fi
+
+log "cargo test"
+cargo test --workspace --locked
+if grep -q '^cuda = ' shampoo-core/Cargo.toml 2>/dev/null; then
+    cargo test -p shampoo-core --features cuda --locked
+fi
+
+log "reference parity (float64, tolerance 1e-5)"
+cargo run -q -p shampoo-bench --locked -- parity testdata/reference/*.safetensors
+
+log "all tests passed"
