@@ -6,7 +6,6 @@
 //! one product. Otherwise the work is a sum (or a batch) of `A` products.
 
 use faer::linalg::matmul::matmul as gemm;
-use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::traits::RealField;
 use faer::{Accum, MatMut, MatRef, Par};
 
@@ -46,58 +45,46 @@ struct GramTask<'a, T> {
     full: bool,
 }
 
+/// Column-panel width of the statistics products: a panel of a 512 x 512
+/// factor is 128 KiB, so scaling it and accumulating into it happen while it
+/// is in the core's cache, instead of two passes over the whole factor.
+const PANEL: usize = 64;
+
 fn gram_task<T: CpuFloat>(t: GramTask<'_, T>) {
     let (a, d, b) = t.shape;
-    // L *= beta (rounded) before accumulating, as the published code does;
-    // only the lower triangle is ever read.
-    let mut accum = if t.replace {
-        Accum::Replace
-    } else {
-        Accum::Add
-    };
-    if !t.replace && t.beta != T::ONE {
-        for (i, row) in t.out.chunks_exact_mut(d).enumerate() {
-            super::kernels::scale(&mut row[..=i], t.beta);
+    // Row-major views of the whole input as `a` slabs of `d x b`.
+    let slab = |i: usize| MatRef::from_row_major_slice(&t.input[i * d * b..(i + 1) * d * b], d, b);
+    let mut p0 = 0;
+    while p0 < d {
+        let w = PANEL.min(d - p0);
+        // The panel: rows p0..d, columns p0..p0+w (the lower part of these
+        // columns plus the upper corner of the diagonal block).
+        if !t.replace && t.beta != T::ONE {
+            // L *= beta (rounded) before accumulating, as the published
+            // code does.
+            for row in t.out.chunks_exact_mut(d).skip(p0) {
+                super::kernels::scale(&mut row[p0..p0 + w], t.beta);
+            }
         }
-    }
-    let mut out = MatMut::from_row_major_slice_mut(t.out, d, d);
-    let lower = BlockStructure::TriangularLower;
-    let rect = BlockStructure::Rectangular;
-    if b == 1 {
-        // (A x d)^T (A x d)
-        let m = MatRef::from_row_major_slice(t.input, a, d);
-        triangular::matmul(
-            out.rb_mut(),
-            lower,
-            accum,
-            m.transpose(),
-            rect,
-            m,
-            rect,
-            t.alpha,
-            Par::Seq,
-        );
-    } else {
-        for i in 0..a {
-            let m = MatRef::from_row_major_slice(&t.input[i * d * b..(i + 1) * d * b], d, b);
-            triangular::matmul(
-                out.rb_mut(),
-                lower,
-                accum,
-                m,
-                rect,
-                m.transpose(),
-                rect,
-                t.alpha,
-                Par::Seq,
-            );
-            accum = Accum::Add;
+        let mut accum = if t.replace { Accum::Replace } else { Accum::Add };
+        let mut out = MatMut::from_row_major_slice_mut(t.out, d, d).submatrix_mut(p0, p0, d - p0, w);
+        if b == 1 {
+            // (A x d)^T (A x d): columns p0.. of the A x d matrix.
+            let m = MatRef::from_row_major_slice(t.input, a, d);
+            gemm(out.rb_mut(), accum, m.subcols(p0, d - p0).transpose(), m.subcols(p0, w), t.alpha, Par::Seq);
+        } else {
+            for i in 0..a {
+                let m = slab(i);
+                gemm(out.rb_mut(), accum, m.subrows(p0, d - p0), m.subrows(p0, w).transpose(), t.alpha, Par::Seq);
+                accum = Accum::Add;
+            }
         }
+        p0 += w;
     }
     if t.full {
         for i in 0..d {
             for j in 0..i {
-                out[(j, i)] = out[(i, j)];
+                t.out[j * d + i] = t.out[i * d + j];
             }
         }
     }
