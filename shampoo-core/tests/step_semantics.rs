@@ -309,3 +309,18 @@ fn solver_failures_keep_the_previous_root_then_error_after_three() {
     opt.step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))])
         .unwrap();
 }
+
+#[test]
+fn float64_factors_with_float32_parameters() {
+    let shapes = vec![vec![20, 12], vec![12]];
+    let init = gradients(31, &shapes, 1).remove(0);
+    let grads = gradients(32, &shapes, 12);
+    let base = r#""lr": 0.01, "betas": [0.9, 0.999], "epsilon": 1e-3, "max_preconditioner_dim": 16,
+                   "precondition_frequency": 3, "grafting": {"type": "adam"}"#;
+    let p64 = run64(config(&format!("{{{base}}}")), &shapes, &init, &grads);
+    let p32 = run32(&format!("{{{base}}}"), &shapes, &init, &grads);
+    let mixed = run32(&format!(r#"{{{base}, "factor_dtype": "f64"}}"#), &shapes, &init, &grads);
+    let (e32, emixed) = (max_rel(&p32, &p64), max_rel(&mixed, &p64));
+    assert!(emixed < 2e-5 && e32 < 2e-5, "f32 {e32:e}, f32 with f64 factors {emixed:e}");
+    assert_ne!(mixed, p32, "the factor dtype is used");
+}
