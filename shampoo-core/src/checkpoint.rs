@@ -28,6 +28,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::algorithm::Shampoo;
 use crate::algorithm::state::GroupState;
 use crate::backend::Backend;
+use crate::matrix::mirror_lower;
 use crate::{DType, Error, HostView, HostViewMut, Result};
 
 /// Format tag written into every checkpoint.
@@ -263,16 +264,9 @@ fn slice(t: &HostTensor, slot: usize, per: usize, shape: Vec<usize>) -> HostTens
 }
 
 fn symmetrize(t: &mut HostTensor, n: usize) {
-    fn sym<T: Copy>(d: &mut [T], n: usize) {
-        for i in 0..n {
-            for j in 0..i {
-                d[j * n + i] = d[i * n + j];
-            }
-        }
-    }
     match t {
-        HostTensor::F32(d, _) => sym(d, n),
-        HostTensor::F64(d, _) => sym(d, n),
+        HostTensor::F32(d, _) => mirror_lower(d, n),
+        HostTensor::F64(d, _) => mirror_lower(d, n),
         HostTensor::U32(..) => {}
     }
 }

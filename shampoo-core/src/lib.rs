@@ -34,6 +34,7 @@ pub mod config;
 mod dtype;
 mod error;
 pub mod layout;
+mod matrix;
 pub mod reference;
 pub mod schedule;
 

@@ -29,7 +29,12 @@ use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, Shampoo, ShampooCon
 /// Bytes allocated by each of 9 steps of a model with shapes scaled by
 /// `scale` (same blocks and groups, `scale^2` times the elements).
 fn bytes_per_step(scale: usize) -> Vec<(bool, usize)> {
-    let shapes = vec![vec![64 * scale, 32 * scale], vec![32 * scale], vec![16 * scale, 3, 3, 3], vec![250 * scale]];
+    let shapes = vec![
+        vec![64 * scale, 32 * scale],
+        vec![32 * scale],
+        vec![16 * scale, 3, 3, 3],
+        vec![250 * scale],
+    ];
     let cfg = ShampooConfig::from_json(&format!(
         r#"{{"max_preconditioner_dim": {}, "precondition_frequency": 3, "betas": [0.9, 0.999],
             "grafting": {{"type": "adam"}}, "weight_decay": 0.01, "momentum": {{"momentum": 0.9}}}}"#,
@@ -37,18 +42,27 @@ fn bytes_per_step(scale: usize) -> Vec<(bool, usize)> {
     ))
     .unwrap();
     let mut opt = Shampoo::new(cfg, &shapes, DType::F32, CpuBackend::new(2).unwrap()).unwrap();
-    let mut params: Vec<Vec<f32>> = shapes.iter().map(|s| vec![0.1; s.iter().product()]).collect();
+    let mut params: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|s| vec![0.1; s.iter().product()])
+        .collect();
     let grads: Vec<Vec<f32>> = shapes
         .iter()
-        .map(|s| (0..s.iter().product::<usize>()).map(|i| (i % 7) as f32 - 3.0).collect())
+        .map(|s| {
+            (0..s.iter().product::<usize>())
+                .map(|i| (i % 7) as f32 - 3.0)
+                .collect()
+        })
         .collect();
     let mut per_step = Vec::new();
     for _ in 0..9 {
         let b0 = BYTES.load(Ordering::Relaxed);
         let root = opt.next_step_has_root_inverse();
         {
-            let mut v: Vec<HostViewMut<'_>> = params.iter_mut().map(|p| HostViewMut::F32(p)).collect();
-            let g: Vec<Option<HostView<'_>>> = grads.iter().map(|g| Some(HostView::F32(g))).collect();
+            let mut v: Vec<HostViewMut<'_>> =
+                params.iter_mut().map(|p| HostViewMut::F32(p)).collect();
+            let g: Vec<Option<HostView<'_>>> =
+                grads.iter().map(|g| Some(HostView::F32(g))).collect();
             opt.step(&mut v, &g).unwrap();
         }
         per_step.push((root, BYTES.load(Ordering::Relaxed) - b0));
@@ -69,7 +83,10 @@ fn steady_state_steps_allocate_only_bookkeeping() {
         if !root {
             // Job lists only: small, and the same for 16x the elements.
             assert!(*l < 64 * 1024, "a step allocated {l} bytes");
-            assert!(l.abs_diff(*s) < 4096, "allocations grew with the model: {s} -> {l} bytes");
+            assert!(
+                l.abs_diff(*s) < 4096,
+                "allocations grew with the model: {s} -> {l} bytes"
+            );
         }
     }
 }

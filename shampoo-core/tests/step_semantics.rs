@@ -319,8 +319,16 @@ fn float64_factors_with_float32_parameters() {
                    "precondition_frequency": 3, "grafting": {"type": "adam"}"#;
     let p64 = run64(config(&format!("{{{base}}}")), &shapes, &init, &grads);
     let p32 = run32(&format!("{{{base}}}"), &shapes, &init, &grads);
-    let mixed = run32(&format!(r#"{{{base}, "factor_dtype": "f64"}}"#), &shapes, &init, &grads);
+    let mixed = run32(
+        &format!(r#"{{{base}, "factor_dtype": "f64"}}"#),
+        &shapes,
+        &init,
+        &grads,
+    );
     let (e32, emixed) = (max_rel(&p32, &p64), max_rel(&mixed, &p64));
-    assert!(emixed < 2e-5 && e32 < 2e-5, "f32 {e32:e}, f32 with f64 factors {emixed:e}");
+    assert!(
+        emixed < 2e-5 && e32 < 2e-5,
+        "f32 {e32:e}, f32 with f64 factors {emixed:e}"
+    );
     assert_ne!(mixed, p32, "the factor dtype is used");
 }

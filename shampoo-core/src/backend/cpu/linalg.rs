@@ -66,27 +66,42 @@ fn gram_task<T: CpuFloat>(t: GramTask<'_, T>) {
                 super::kernels::scale(&mut row[p0..p0 + w], t.beta);
             }
         }
-        let mut accum = if t.replace { Accum::Replace } else { Accum::Add };
-        let mut out = MatMut::from_row_major_slice_mut(t.out, d, d).submatrix_mut(p0, p0, d - p0, w);
+        let mut accum = if t.replace {
+            Accum::Replace
+        } else {
+            Accum::Add
+        };
+        let mut out =
+            MatMut::from_row_major_slice_mut(t.out, d, d).submatrix_mut(p0, p0, d - p0, w);
         if b == 1 {
             // (A x d)^T (A x d): columns p0.. of the A x d matrix.
             let m = MatRef::from_row_major_slice(t.input, a, d);
-            gemm(out.rb_mut(), accum, m.subcols(p0, d - p0).transpose(), m.subcols(p0, w), t.alpha, Par::Seq);
+            gemm(
+                out.rb_mut(),
+                accum,
+                m.subcols(p0, d - p0).transpose(),
+                m.subcols(p0, w),
+                t.alpha,
+                Par::Seq,
+            );
         } else {
             for i in 0..a {
                 let m = slab(i);
-                gemm(out.rb_mut(), accum, m.subrows(p0, d - p0), m.subrows(p0, w).transpose(), t.alpha, Par::Seq);
+                gemm(
+                    out.rb_mut(),
+                    accum,
+                    m.subrows(p0, d - p0),
+                    m.subrows(p0, w).transpose(),
+                    t.alpha,
+                    Par::Seq,
+                );
                 accum = Accum::Add;
             }
         }
         p0 += w;
     }
     if t.full {
-        for i in 0..d {
-            for j in 0..i {
-                t.out[j * d + i] = t.out[i * d + j];
-            }
-        }
+        crate::matrix::mirror_lower(t.out, d);
     }
 }
 

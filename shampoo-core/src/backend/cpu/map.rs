@@ -124,13 +124,15 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
             divisor,
             eps,
         } => {
+            // Lower triangle scaled row by row, then mirrored.
             for i in 0..n {
-                for j in 0..n {
-                    let (r, c) = if j <= i { (i, j) } else { (j, i) };
-                    out[i * n + j] = f[r * n + c] / divisor;
+                let (src, dst) = (&f[i * n..i * n + i + 1], &mut out[i * n..i * n + i + 1]);
+                for (d, &x) in dst.iter_mut().zip(src) {
+                    *d = x / divisor;
                 }
                 out[i * n + i] += eps;
             }
+            crate::matrix::mirror_lower(out, n);
         }
         Task::EigenPower {
             values,
@@ -158,13 +160,7 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
                 }
             }
         }
-        Task::Symmetrize { x, n } => {
-            for i in 0..n {
-                for j in 0..i {
-                    x[j * n + i] = x[i * n + j];
-                }
-            }
-        }
+        Task::Symmetrize { x, n } => crate::matrix::mirror_lower(x, n),
         Task::Copy { src, dst } => match src {
             HostView::F32(s) => dst
                 .iter_mut()
