@@ -120,6 +120,7 @@ fn chain<B: Backend>(opt: &mut Shampoo<B>, transpose: bool, locs: &mut [Loc]) ->
                 active,
                 ..
             } = g;
+            // The output is the work buffer the input is not in.
             let [w0, w1] = work;
             let (src, dst) = match input {
                 Loc::Work(0) => (&*w0, w1),
@@ -248,13 +249,8 @@ fn rotated_and_corrected<B: Backend>(g: &mut GroupState<B>, loc: Loc) -> Split<'
         active,
         ..
     } = g;
-    let r = match loc {
-        Loc::Grad => &*grad,
-        Loc::Gf => filtered.as_ref().map_or(&*grad, |(_, gf)| gf),
-        Loc::Work(i) => &work[i],
-    };
     (
-        r,
+        loc.of::<B>(grad, filtered, work),
         corrected.as_mut().expect("eigenvalue-corrected state"),
         active.as_deref(),
     )
@@ -276,16 +272,8 @@ fn rotated_and_corrected_mut<B: Backend>(g: &mut GroupState<B>, loc: Loc) -> Spl
         active,
         ..
     } = g;
-    let r = match loc {
-        Loc::Grad => grad,
-        Loc::Gf => match filtered.as_mut() {
-            Some((_, gf)) => gf,
-            None => grad,
-        },
-        Loc::Work(i) => &mut work[i],
-    };
     (
-        r,
+        loc.of_mut::<B>(grad, filtered, work),
         corrected.as_ref().expect("eigenvalue-corrected state"),
         active.as_deref(),
     )
@@ -313,13 +301,8 @@ pub(super) fn finish<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Resu
                 active,
                 ..
             } = g;
-            let input = match p_sh {
-                Loc::Grad => &*grad,
-                Loc::Gf => filtered.as_ref().map_or(&*grad, |(_, gf)| gf),
-                Loc::Work(i) => &work[i],
-            };
             jobs.push(ReduceJob {
-                input: backend.view(input),
+                input: backend.view(p_sh.of::<B>(grad, filtered, work)),
                 numel: spec.numel,
                 count,
                 kind: Reduction::SumSquares,
@@ -365,12 +348,8 @@ pub(super) fn finish<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Resu
             });
             continue;
         }
-        let gf = filtered.as_ref().map_or(&*grad, |(_, gf)| gf);
-        let p = match p_sh {
-            Loc::Grad => &*grad,
-            Loc::Gf => gf,
-            Loc::Work(i) => &work[i],
-        };
+        let gf = Loc::Gf.of::<B>(grad, filtered, work);
+        let p = p_sh.of::<B>(grad, filtered, work);
         jobs.push(Map::Direction {
             source,
             gf: backend.view(gf),

@@ -108,6 +108,37 @@ pub(crate) enum Loc {
     Work(usize),
 }
 
+impl Loc {
+    /// The buffer this location names, from a group's fields (taken apart
+    /// so that the caller can borrow other fields at the same time).
+    pub fn of<'a, B: Backend>(
+        self,
+        grad: &'a B::Buffer,
+        filtered: &'a Option<(B::Buffer, B::Buffer)>,
+        work: &'a [B::Buffer; 2],
+    ) -> &'a B::Buffer {
+        match self {
+            Loc::Grad => grad,
+            Loc::Gf => filtered.as_ref().map_or(grad, |(_, gf)| gf),
+            Loc::Work(i) => &work[i],
+        }
+    }
+
+    /// The buffer this location names, exclusively.
+    pub fn of_mut<'a, B: Backend>(
+        self,
+        grad: &'a mut B::Buffer,
+        filtered: &'a mut Option<(B::Buffer, B::Buffer)>,
+        work: &'a mut [B::Buffer; 2],
+    ) -> &'a mut B::Buffer {
+        match (self, filtered) {
+            (Loc::Gf, Some((_, gf))) => gf,
+            (Loc::Grad | Loc::Gf, _) => grad,
+            (Loc::Work(i), _) => &mut work[i],
+        }
+    }
+}
+
 /// Allocates the state of every group of `layout`.
 pub(crate) fn allocate_groups<B: Backend>(
     backend: &B,
