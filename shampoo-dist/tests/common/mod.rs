@@ -77,6 +77,16 @@ pub fn reference(
     world: usize,
     steps: u64,
 ) -> Vec<Vec<f32>> {
+    reference_worlds(config, shapes, &vec![world; steps as usize])
+}
+
+/// [`reference`] with the world size of every step (`worlds[step - 1]`).
+pub fn reference_worlds(
+    config: &ShampooConfig,
+    shapes: &[Vec<usize>],
+    worlds: &[usize],
+) -> Vec<Vec<f32>> {
+    let steps = worlds.len() as u64;
     let mut opt = Shampoo::new(
         config.clone(),
         shapes,
@@ -86,6 +96,7 @@ pub fn reference(
     .unwrap();
     let mut params = init_params(shapes);
     for step in 1..=steps {
+        let world = worlds[step as usize - 1];
         let grads: Vec<Option<Vec<f32>>> = (0..shapes.len())
             .map(|p| {
                 let per_rank: Vec<Vec<f32>> = (0..world)
@@ -181,4 +192,41 @@ pub fn assert_bitwise(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
             );
         }
     }
+}
+
+/// A free TCP port (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `world` TCP communicators, one per thread, passed to `f`.
+pub fn per_tcp_rank<T: Send>(
+    world: usize,
+    opts: &CommOptions,
+    f: impl Fn(shampoo_dist::Result<Arc<dyn Communicator>>, usize) -> T + Sync,
+) -> Vec<T> {
+    let port = free_port();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let f = &f;
+                s.spawn(move || {
+                    let c = shampoo_dist::comm::tcp::TcpCommunicator::connect(
+                        rank,
+                        world,
+                        "127.0.0.1",
+                        port,
+                        opts,
+                    )
+                    .map(|c| Arc::new(c) as Arc<dyn Communicator>);
+                    f(c, rank)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
