@@ -56,7 +56,8 @@ fn tcp_collectives_equal_the_in_process_transport_bitwise() {
     let refs: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
     let mut mean = vec![0f32; 7];
     shampoo_dist::mean_in_rank_order(&refs, &mut mean);
-    let off = 4 * 1 + 8 * 1 + 1 * 3 + 1 + 4 * 2 + 8 * 2 + 2 * 3 + 2; // after n = 0, 1, 2
+    // Bytes per size n: f32 + f64 all-reduce, all-gather, broadcast.
+    let off: usize = [0, 1, 2].iter().map(|n| n * (4 + 8 + world + 1)).sum();
     let got: Vec<f32> = tcp[0][off..off + 28]
         .chunks(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
