@@ -99,10 +99,10 @@ fn one_step_bound(c: CommDType, u: f64) {
         }
         let mut worst = 0f64;
         let mut moved = false;
-        for p in 0..shapes.len() {
-            for i in 0..p0[p].len() {
+        for (p, start) in p0.iter().enumerate() {
+            for (i, &s) in start.iter().enumerate() {
                 let (a, b) = (exact[0].0[p][i] as f64, low[0].0[p][i] as f64);
-                let d = a - p0[p][i] as f64;
+                let d = a - s as f64;
                 let ulp = f32::EPSILON as f64 * a.abs().max(b.abs());
                 let bound = u * d.abs() + 2.0 * ulp;
                 assert!(
