@@ -3,7 +3,7 @@
 //! - [`in_process`]: ranks are threads of one process (tests).
 //! - [`tcp`]: CPU ranks in separate processes or machines, connected in a
 //!   full mesh after a rendezvous through a key-value [`store`].
-//! - `nccl` (feature `nccl`): GPUs, on device pointers.
+//! - `nccl` (feature `nccl`): GPUs, on raw device pointers.
 //! - [`SingleProcess`]: a world of one; every collective is a no-op.
 //!
 //! Every transport sums in rank order (`((x_0 + x_1) + x_2) + ...`, then
@@ -13,6 +13,8 @@
 
 mod env;
 mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod store;
 pub mod tcp;
 
