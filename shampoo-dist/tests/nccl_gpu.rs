@@ -81,6 +81,7 @@ fn without_a_gpu_creating_a_communicator_is_a_clean_error() {
         .err()
         .expect("no GPU: an error");
     let msg = err.to_string();
+    eprintln!("error without a GPU: {msg}");
     assert!(
         msg.starts_with("NCCL not found: looked for libnccl.so.2, libnccl.so in [")
             || msg.starts_with("NCCL ncclCommInitRank failed: ")

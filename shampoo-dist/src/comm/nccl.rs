@@ -20,7 +20,7 @@
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::OnceLock;
 
 use cudarc::nccl::sys::{
     cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclResult_t, ncclUniqueId,
@@ -37,7 +37,7 @@ pub const NCCL_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
 pub fn nccl_search_dirs() -> Vec<PathBuf> {
     ["SHAMPOO_CUDA_LIB_DIRS", "LD_LIBRARY_PATH"]
         .iter()
-        .filter_map(|v| std::env::var_os(v))
+        .filter_map(std::env::var_os)
         .flat_map(|v| std::env::split_paths(&v).collect::<Vec<_>>())
         .filter(|p| !p.as_os_str().is_empty())
         .collect()
@@ -108,7 +108,9 @@ type AllGather = unsafe extern "C" fn(
 type GetErrorString = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
 type GetVersion = unsafe extern "C" fn(*mut c_int) -> ncclResult_t;
 
-/// NCCL's entry points, resolved from one loaded library.
+/// NCCL's entry points, resolved from one loaded library. Loaded once and
+/// never unloaded: NCCL starts background threads (bootstrap, proxy) that
+/// would run unmapped code after a `dlclose`.
 struct NcclLib {
     get_unique_id: GetUniqueId,
     comm_init_rank: CommInitRank,
@@ -120,6 +122,18 @@ struct NcclLib {
     path: PathBuf,
     /// Keeps the function pointers valid.
     _lib: libloading::Library,
+}
+
+/// The process's NCCL, loaded on first use from [`find_nccl`].
+fn nccl() -> Result<&'static NcclLib> {
+    static LIB: OnceLock<std::result::Result<NcclLib, String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        find_nccl()
+            .and_then(|p| NcclLib::load(&p))
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| Error::Unavailable(e.clone()))
 }
 
 impl NcclLib {
@@ -203,7 +217,7 @@ impl NcclDType {
 /// calling thread when it is created (e.g. after cudarc's
 /// `CudaContext::new(local_rank)`).
 pub struct NcclCommunicator {
-    lib: Arc<NcclLib>,
+    lib: &'static NcclLib,
     comm: ncclComm_t,
     rank: usize,
     world: usize,
@@ -217,8 +231,7 @@ impl NcclCommunicator {
     /// Creates the NCCL communicator of `host`'s world: rank 0 creates the
     /// unique id and broadcasts it over `host`.
     pub fn new(host: &dyn Communicator) -> Result<NcclCommunicator> {
-        let path = find_nccl()?;
-        let lib = Arc::new(NcclLib::load(&path)?);
+        let lib = nccl()?;
         let (rank, world) = (host.rank(), host.world_size());
         let mut id = ncclUniqueId {
             internal: [0 as c_char; 128],
