@@ -176,3 +176,82 @@ fn mismatched_shapes_are_the_same_fingerprint_error_on_every_rank() {
         assert_eq!(e.as_deref(), Some(expected), "rank {r}");
     }
 }
+
+#[test]
+fn a_rank_that_never_starts_is_named_at_rendezvous() {
+    let timeout = Duration::from_millis(600);
+    let opts = CommOptions { timeout };
+    let port = free_port();
+    // Rank 1 never joins.
+    let errs: Vec<Option<String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = [0usize, 2]
+            .iter()
+            .map(|&rank| {
+                let opts = &opts;
+                s.spawn(move || {
+                    shampoo_dist::comm::tcp::TcpCommunicator::connect(
+                        rank,
+                        3,
+                        "127.0.0.1",
+                        port,
+                        opts,
+                    )
+                    .err()
+                    .map(|e| e.to_string())
+                })
+            })
+            .collect();
+        let mut v: Vec<Option<String>> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        v.insert(1, None);
+        v
+    });
+    assert_eq!(
+        errs[0].as_deref(),
+        Some(
+            "rank 0: rank 1 did not answer within 600ms in connection set-up (collective timeout; is rank 1 hung or dead?)"
+        )
+    );
+    assert_eq!(
+        errs[2].as_deref(),
+        Some(
+            "rank 2: rank 1 did not answer within 600ms in rendezvous (it never published its address) (collective timeout; is rank 1 hung or dead?)"
+        )
+    );
+}
+
+#[test]
+fn different_collectives_on_two_ranks_are_a_mismatch_error() {
+    let opts = CommOptions {
+        timeout: Duration::from_secs(10),
+    };
+    let run = |c: std::sync::Arc<dyn Communicator>, rank: usize| {
+        if rank == 0 {
+            c.barrier().unwrap_err().to_string()
+        } else {
+            let mut recv = vec![0u8; 8];
+            c.all_gather_bytes(&[1, 2, 3, 4], &mut recv)
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let tcp = per_tcp_rank(2, &opts, |c, rank| run(c.unwrap(), rank));
+    assert_eq!(
+        tcp,
+        [
+            "rank 0: collective mismatch with rank 1: this rank is in barrier #2, rank 1 sent all_gather #2",
+            "rank 1: collective mismatch with rank 0: this rank is in all_gather #2, rank 0 sent barrier #2",
+        ]
+    );
+    let comms = in_process(2, &opts);
+    let local = per_rank(comms, |c| {
+        let rank = c.rank();
+        run(c, rank)
+    });
+    assert_eq!(
+        local,
+        [
+            "rank 0: collective mismatch with rank 1: this rank is in barrier #1, rank 1 in all_gather #1",
+            "rank 1: collective mismatch with rank 0: this rank is in all_gather #1, rank 0 in barrier #1",
+        ]
+    );
+}

@@ -155,7 +155,14 @@ impl TcpCommunicator {
         };
         // Connect to every lower rank.
         for (q, slot) in peers.iter_mut().enumerate().take(rank) {
-            let v = client.get(&format!("rank/{q}"))?;
+            let v = client
+                .wait(&format!("rank/{q}"))?
+                .ok_or_else(|| Error::Timeout {
+                    rank,
+                    peer: q,
+                    op: "rendezvous (it never published its address)".into(),
+                    timeout,
+                })?;
             let v = String::from_utf8_lossy(&v).into_owned();
             let (their_world, addr) = v
                 .split_once(' ')
