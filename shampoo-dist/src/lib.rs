@@ -51,6 +51,10 @@ pub mod comm;
 mod error;
 mod optimizer;
 
+/// The guide, `docs/distributed.md`; its Rust examples run as doctests.
+#[doc = include_str!("../../docs/distributed.md")]
+pub mod guide {}
+
 pub use checkpoint::{MANIFEST, Manifest};
 pub use comm::{
     CommDType, CommOptions, Communicator, SingleProcess, communicator_from_env, in_process,

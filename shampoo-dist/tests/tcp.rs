@@ -95,14 +95,14 @@ fn tcp_world_of_three_equals_one_process_bitwise() {
 
 #[test]
 fn a_silent_rank_makes_the_others_time_out_naming_it() {
-    let timeout = Duration::from_millis(800);
+    let timeout = Duration::from_millis(1000);
     let opts = CommOptions { timeout };
     let results = per_tcp_rank(3, &opts, |c, rank| {
         let c = c.unwrap();
         let mut x = vec![1.0f32; 100];
         if rank == 2 {
             // Hang (here: stay away for longer than the timeout), then leave.
-            std::thread::sleep(timeout * 3);
+            std::thread::sleep(timeout * 4);
             return (String::new(), Duration::ZERO);
         }
         let start = Instant::now();
@@ -113,10 +113,10 @@ fn a_silent_rank_makes_the_others_time_out_naming_it() {
         assert_eq!(
             msg,
             &format!(
-                "rank {rank}: rank 2 did not answer within 800ms in all_reduce #2 (collective timeout; is rank 2 hung or dead?)"
+                "rank {rank}: rank 2 did not answer within 1s in all_reduce #2 (collective timeout; is rank 2 hung or dead?)"
             )
         );
-        assert!(*elapsed >= timeout && *elapsed < timeout * 2, "{elapsed:?}");
+        assert!(*elapsed >= timeout && *elapsed < timeout * 3, "{elapsed:?}");
     }
 }
 
