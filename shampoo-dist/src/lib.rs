@@ -55,7 +55,7 @@ mod optimizer;
 #[doc = include_str!("../../docs/distributed.md")]
 pub mod guide {}
 
-pub use checkpoint::{MANIFEST, Manifest};
+pub use checkpoint::{MANIFEST, MANIFEST_FORMAT, Manifest};
 pub use comm::{
     CommDType, CommOptions, Communicator, SingleProcess, communicator_from_env, in_process,
     mean_in_rank_order,

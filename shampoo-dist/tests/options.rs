@@ -49,6 +49,30 @@ fn groups_of_trainers_each_cover_all_blocks_and_equal_one_process() {
     for (r, (p, _)) in ranks.iter().enumerate() {
         assert_bitwise(p, &expected, &format!("groups of 2, rank {r}"));
     }
+    // The all-gather covers the group only.
+    let gather = |g: Option<usize>| {
+        per_rank(
+            shampoo_dist::in_process(world, &shampoo_dist::CommOptions::default()),
+            |comm| {
+                shampoo_dist::DistributedShampoo::new(
+                    config.clone(),
+                    &shapes,
+                    shampoo_core::DType::F32,
+                    shampoo_core::CpuBackend::new(1).unwrap(),
+                    comm,
+                    DistOptions {
+                        num_trainers_per_group: g,
+                        ..DistOptions::default()
+                    },
+                )
+                .unwrap()
+                .gather_bytes()
+            },
+        )[0]
+    };
+    let (whole, pairs) = (gather(None), gather(Some(2)));
+    // Slots of 2 ranks each hold about twice a slot of 4 ranks.
+    assert!(pairs < whole, "{pairs} >= {whole}");
 }
 
 #[test]

@@ -255,3 +255,30 @@ fn different_collectives_on_two_ranks_are_a_mismatch_error() {
         ]
     );
 }
+
+#[test]
+fn group_all_gather_moves_only_the_group_and_matches_in_process() {
+    let opts = CommOptions {
+        timeout: Duration::from_secs(20),
+    };
+    let run = |c: &dyn Communicator| {
+        let rank = c.rank();
+        let group = (rank / 2) * 2..(rank / 2) * 2 + 2;
+        let send = [rank as u8; 3];
+        let mut recv = vec![0u8; 6];
+        c.all_gather_group_bytes(&send, &mut recv, group).unwrap();
+        // A world collective afterwards still lines up on every rank.
+        c.barrier().unwrap();
+        recv
+    };
+    let tcp = per_tcp_rank(4, &opts, |c, _| run(c.unwrap().as_ref()));
+    let local = per_rank(in_process(4, &opts), |c| run(c.as_ref()));
+    let expected = vec![
+        vec![0, 0, 0, 1, 1, 1],
+        vec![0, 0, 0, 1, 1, 1],
+        vec![2, 2, 2, 3, 3, 3],
+        vec![2, 2, 2, 3, 3, 3],
+    ];
+    assert_eq!(tcp, expected);
+    assert_eq!(local, expected);
+}
