@@ -1,0 +1,159 @@
+//! End-to-end training on small subsets: metrics, baselines, resume.
+
+mod common;
+
+use common::{assert_same_weights, tiny, torch_lock};
+use shampoo_train::comm::{Communicator, Single};
+use shampoo_train::metrics::read_records;
+use shampoo_train::optim::{AdamW, OptimizerKind};
+use std::sync::Arc;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+fn single() -> Arc<dyn Communicator> {
+    Arc::new(Single)
+}
+
+#[test]
+fn adamw_run_learns_and_writes_metrics_and_summary() {
+    let _g = torch_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(OptimizerKind::Adamw, dir.path());
+    let s = shampoo_train::train::run(&cfg, single()).unwrap();
+    assert_eq!(s.steps, 16);
+    assert_eq!(s.world_size, 1);
+    // A tenth of the images is chance; 16 AdamW steps get well past it.
+    assert!(s.test_acc > 0.5, "test accuracy {}", s.test_acc);
+    let recs = read_records(&dir.path().join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.kind == "step")
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(steps, (1..=16).collect::<Vec<_>>());
+    let evals: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.kind == "eval")
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(evals, vec![8, 16]);
+    let epochs: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.kind == "epoch")
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(epochs, vec![8, 16]);
+    let last_eval = recs.iter().rfind(|r| r.kind == "eval").unwrap();
+    assert_eq!(last_eval.test_acc, Some(s.test_acc));
+    let summary = shampoo_train::train::read_summary(dir.path()).unwrap();
+    assert_eq!(summary, s);
+    assert!(dir.path().join("checkpoint/model.ot").exists());
+    assert!(!dir.path().join("checkpoint.tmp").exists());
+}
+
+#[test]
+fn adamw_follows_libtorch_adamw() {
+    let _g = torch_lock();
+    tch::manual_seed(3);
+    let x = Tensor::randn([16, 12], (Kind::Float, Device::Cpu));
+    let y = Tensor::randn([16, 5], (Kind::Float, Device::Cpu));
+    let make = || {
+        tch::manual_seed(4);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let lin = nn::linear(vs.root() / "l", 12, 5, Default::default());
+        (vs, lin)
+    };
+    let (vs_ref, lin_ref) = make();
+    let (vs, lin) = make();
+    let mut reference = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.99,
+        wd: 0.05,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+    .build(&vs_ref, 3e-2)
+    .unwrap();
+    let mut ours = AdamW::new(&vs, 3e-2, (0.9, 0.99), 1e-8, 0.05);
+    for step in 0..20 {
+        let lr = 3e-2 * (1.0 - step as f64 / 40.0);
+        reference.set_lr(lr);
+        ours.lr = lr;
+        reference.zero_grad();
+        lin_ref
+            .forward(&x)
+            .mse_loss(&y, tch::Reduction::Mean)
+            .backward();
+        reference.step();
+        for mut v in vs.trainable_variables() {
+            v.zero_grad();
+        }
+        lin.forward(&x)
+            .mse_loss(&y, tch::Reduction::Mean)
+            .backward();
+        ours.step(&vs).unwrap();
+    }
+    let (a, b) = (vs_ref.variables(), vs.variables());
+    for (name, t) in &a {
+        let diff = (t - &b[name]).abs().max().double_value(&[]);
+        let scale = t.abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-6 * scale,
+            "{name}: max difference {diff}, scale {scale}"
+        );
+    }
+    assert_eq!(ours.steps(), 20);
+}
+
+fn resume_is_exact(optimizer: OptimizerKind) {
+    let _g = torch_lock();
+    let full = tempfile::tempdir().unwrap();
+    let split = tempfile::tempdir().unwrap();
+    let cfg = tiny(optimizer, full.path());
+    let a = shampoo_train::train::run(&cfg, single()).unwrap();
+
+    // Stop mid-epoch (step 5 of 8), then continue.
+    let mut first = tiny(optimizer, split.path());
+    first.max_steps = Some(5);
+    first.checkpoint_every = Some(5);
+    let part = shampoo_train::train::run(&first, single()).unwrap();
+    assert_eq!(part.steps, 5);
+    let mut rest = tiny(optimizer, split.path());
+    rest.resume = true;
+    let b = shampoo_train::train::run(&rest, single()).unwrap();
+
+    assert_eq!(b.steps, 16);
+    assert_same_weights(
+        &full.path().join("checkpoint/model.ot"),
+        &split.path().join("checkpoint/model.ot"),
+    );
+    assert_eq!(a.test_acc, b.test_acc);
+    assert_eq!(a.test_loss, b.test_loss);
+    // The per-step losses after the restart are those of the uninterrupted run.
+    let la: Vec<_> = read_records(&full.path().join("metrics.jsonl")).unwrap();
+    let lb: Vec<_> = read_records(&split.path().join("metrics.jsonl")).unwrap();
+    let steps = |v: &[shampoo_train::metrics::Record]| -> Vec<(u64, Option<f64>)> {
+        v.iter()
+            .filter(|r| r.kind == "step")
+            .map(|r| (r.step, r.loss))
+            .collect()
+    };
+    assert_eq!(steps(&la), steps(&lb));
+    let epochs = |v: &[shampoo_train::metrics::Record]| -> Vec<(u64, Option<f64>)> {
+        v.iter()
+            .filter(|r| r.kind == "epoch")
+            .map(|r| (r.step, r.test_acc))
+            .collect()
+    };
+    assert_eq!(epochs(&la), epochs(&lb));
+}
+
+#[test]
+fn resume_is_exact_adamw() {
+    resume_is_exact(OptimizerKind::Adamw);
+}
+
+#[test]
+fn resume_is_exact_sgd() {
+    resume_is_exact(OptimizerKind::Sgd);
+}
