@@ -1,61 +1,59 @@
-//! The communicator the training loop uses (rank, world size, collectives).
-//!
-//! Placeholder until `shampoo-dist` lands: a single-process communicator with
-//! the same method names as `shampoo_dist::Communicator`.
+//! The communicator the training loop uses: `shampoo_dist`'s, from the
+//! variables `shampoo-run` (or torchrun) sets.
 
 use crate::error::{Error, Result};
 use std::sync::Arc;
+use tch::{Kind, Tensor};
 
-/// Collectives between the ranks of a job.
-pub trait Communicator: Send + Sync {
-    /// This process's rank.
-    fn rank(&self) -> usize;
-    /// Number of ranks.
-    fn world_size(&self) -> usize;
-    /// In-place average over the ranks.
-    fn all_reduce_mean_f64(&self, buf: &mut [f64]) -> Result<()>;
-    /// Waits for every rank.
-    fn barrier(&self) -> Result<()>;
-}
+pub use shampoo_dist::{CommOptions, Communicator, SingleProcess};
 
-/// One process.
-#[derive(Debug, Default)]
-pub struct Single;
-
-impl Communicator for Single {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world_size(&self) -> usize {
-        1
-    }
-    fn all_reduce_mean_f64(&self, _buf: &mut [f64]) -> Result<()> {
-        Ok(())
-    }
-    fn barrier(&self) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// The communicator the launcher's variables describe.
+/// The communicator the launcher's variables describe (one process without
+/// them).
 pub fn from_env() -> Result<Arc<dyn Communicator>> {
-    match std::env::var("WORLD_SIZE")
-        .ok()
-        .and_then(|w| w.parse::<usize>().ok())
-    {
-        None | Some(1) => Ok(Arc::new(Single)),
-        Some(w) => Err(Error::Invalid(format!(
-            "WORLD_SIZE={w}: this build has no multi-process communicator yet"
-        ))),
-    }
+    Ok(shampoo_dist::communicator_from_env(&CommOptions::default())?)
 }
 
-/// Averages every gradient of `vs` over the ranks.
-pub fn all_reduce_gradients(_vs: &tch::nn::VarStore, comm: &dyn Communicator) -> Result<()> {
+/// A world of one.
+pub fn single() -> Arc<dyn Communicator> {
+    Arc::new(SingleProcess)
+}
+
+/// Averages every gradient of `vs` over the ranks, as one flat float32
+/// all-reduce (baseline optimizers; Shampoo averages its own).
+pub fn all_reduce_gradients(vs: &tch::nn::VarStore, comm: &dyn Communicator) -> Result<()> {
     if comm.world_size() == 1 {
         return Ok(());
     }
-    Err(Error::Invalid(
-        "no multi-process gradient averaging in this build".into(),
-    ))
+    let grads: Vec<Tensor> = vs.trainable_variables().iter().map(Tensor::grad).collect();
+    let mut flat = Vec::new();
+    let mut sizes = Vec::with_capacity(grads.len());
+    for g in &grads {
+        if !g.defined() {
+            return Err(Error::Invalid(
+                "a variable has no gradient; every rank must compute every gradient".into(),
+            ));
+        }
+        if g.kind() != Kind::Float {
+            return Err(Error::Invalid(format!(
+                "gradient of kind {:?}; float32 expected",
+                g.kind()
+            )));
+        }
+        let v = Vec::<f32>::try_from(g.f_flatten(0, -1)?.f_to_device(tch::Device::Cpu)?)?;
+        sizes.push(v.len());
+        flat.extend_from_slice(&v);
+    }
+    comm.all_reduce_mean(&mut flat)?;
+    let mut off = 0;
+    tch::no_grad(|| -> Result<()> {
+        for (g, n) in grads.iter().zip(sizes) {
+            let src = Tensor::from_slice(&flat[off..off + n])
+                .f_view_as(g)?
+                .f_to_device(g.device())?;
+            let mut g = g.shallow_clone();
+            g.f_copy_(&src)?;
+            off += n;
+        }
+        Ok(())
+    })
 }

@@ -99,9 +99,9 @@ pub enum Error {
         /// The underlying error.
         source: serde_json::Error,
     },
-    /// An error from the Shampoo optimizer or the communicator.
-    #[error("{0}")]
-    Optimizer(String),
+    /// An error between ranks.
+    #[error(transparent)]
+    Comm(#[from] shampoo_dist::Error),
     /// An error while drawing a plot.
     #[error("plot: {0}")]
     Plot(String),

@@ -160,6 +160,10 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Every rank writes its final weights to OUT/weights.rank<R>.ot (to check
+    /// that the ranks agree).
+    #[arg(long)]
+    write_rank_weights: bool,
 }
 
 impl TrainArgs {
@@ -198,6 +202,7 @@ impl TrainArgs {
             channels_last: self.channels_last,
             threads: self.threads,
             progress: !self.no_progress,
+            write_rank_weights: self.write_rank_weights,
         }
     }
 }

@@ -122,6 +122,9 @@ pub struct TrainConfig {
     pub threads: Option<usize>,
     /// Show a progress bar (rank 0, terminal only).
     pub progress: bool,
+    /// Every rank writes its final weights to `OUT/weights.rank<R>.ot` (to
+    /// check that the ranks agree).
+    pub write_rank_weights: bool,
 }
 
 impl TrainConfig {
@@ -162,6 +165,7 @@ impl TrainConfig {
             channels_last: false,
             threads: None,
             progress: true,
+            write_rank_weights: false,
         }
     }
 
@@ -615,6 +619,9 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
     if last_ckpt != step || !checkpoint::dir(&cfg.out).exists() {
         save_checkpoint(cfg, &state, &vs, &opt, &*comm)?;
     }
+    if cfg.write_rank_weights {
+        vs.save(cfg.out.join(format!("weights.rank{rank}.ot")))?;
+    }
     let (test_loss, test_acc) = match last_eval {
         Some((l, a, s)) if s == step => (l, a),
         _ => evaluate(&*net, &*test, &*comm, cfg, device)?,
@@ -669,7 +676,7 @@ fn save_checkpoint(
     if comm.rank() == 0 {
         checkpoint::commit(&cfg.out)?;
     }
-    comm.barrier()
+    Ok(comm.barrier()?)
 }
 
 fn resume(

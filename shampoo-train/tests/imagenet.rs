@@ -4,7 +4,7 @@
 mod common;
 
 use common::torch_lock;
-use shampoo_train::comm::{Communicator, Single};
+use shampoo_train::comm::Communicator;
 use shampoo_train::data::imagenet::OnCorrupt;
 use shampoo_train::model::ModelKind;
 use shampoo_train::optim::OptimizerKind;
@@ -53,7 +53,7 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
 }
 
 fn single() -> Arc<dyn Communicator> {
-    Arc::new(Single)
+    shampoo_train::comm::single()
 }
 
 #[test]

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{assert_same_weights, tiny, torch_lock};
-use shampoo_train::comm::{Communicator, Single};
+use shampoo_train::comm::Communicator;
 use shampoo_train::metrics::read_records;
 use shampoo_train::optim::{AdamW, OptimizerKind};
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 fn single() -> Arc<dyn Communicator> {
-    Arc::new(Single)
+    shampoo_train::comm::single()
 }
 
 #[test]

@@ -142,7 +142,7 @@ impl ImageFolder {
         let res = self.resolution;
         let out = match self.split {
             Split::Train => {
-                let mut rng = SplitMix64::keyed(&[seed, epoch, index as u64, 0x4155_47]);
+                let mut rng = SplitMix64::keyed(&[seed, epoch, index as u64, 0x0041_5547]);
                 let (x, y, w, h) = random_resized_crop(img.width(), img.height(), &mut rng);
                 let crop = imageops::crop_imm(&img, x, y, w, h).to_image();
                 let mut out = imageops::resize(&crop, res, res, FilterType::Triangle);

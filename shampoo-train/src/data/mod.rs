@@ -59,7 +59,7 @@ pub trait Dataset: Send + Sync {
 /// The order of the training samples in an epoch (a permutation of `0..n`).
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    SplitMix64::keyed(&[seed, epoch, 0x4f52_4445_52]).shuffle(&mut order);
+    SplitMix64::keyed(&[seed, epoch, 0x004f_5244_4552]).shuffle(&mut order);
     order
 }
 

@@ -1,0 +1,74 @@
+//! Two CPU ranks through `shampoo-run`: both ranks end with bitwise the same
+//! weights.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `shampoo-run` next to this test's binaries, built on demand.
+fn launcher() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("shampoo-run");
+    if !bin.exists() {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "shampoo-launcher", "--manifest-path"])
+            .arg(manifest)
+            .status()
+            .unwrap();
+        assert!(status.success(), "building shampoo-run failed");
+    }
+    assert!(bin.exists(), "{} not found", bin.display());
+    bin
+}
+
+fn two_ranks_agree(optimizer: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(launcher())
+        .args(["--nproc-per-node", "2", "--"])
+        .arg(env!("CARGO_BIN_EXE_shampoo-train"))
+        .args([
+            "train",
+            "--optimizer",
+            optimizer,
+            "--limit-train",
+            "512",
+            "--limit-test",
+            "256",
+        ])
+        .args([
+            "--batch-size",
+            "64",
+            "--epochs",
+            "1",
+            "--warmup-steps",
+            "2",
+            "--write-rank-weights",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = shampoo_train::train::read_summary(dir.path()).unwrap();
+    assert_eq!(summary.world_size, 2);
+    assert_eq!(summary.steps, 8);
+    assert!(summary.test_acc > 0.3, "{summary:?}");
+    common::assert_same_weights(
+        &dir.path().join("weights.rank0.ot"),
+        &dir.path().join("weights.rank1.ot"),
+    );
+}
+
+#[test]
+fn two_ranks_through_the_launcher_end_with_identical_weights_adamw() {
+    two_ranks_agree("adamw");
+}
