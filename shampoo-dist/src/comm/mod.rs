@@ -1,0 +1,248 @@
+//! Collectives between ranks, behind one trait with several transports.
+//!
+//! - [`in_process`]: ranks are threads of one process (tests).
+//! - [`tcp`]: CPU ranks in separate processes or machines, connected in a
+//!   full mesh after a rendezvous through a key-value [`store`].
+//! - `nccl` (feature `nccl`): GPUs, on device pointers.
+//! - [`SingleProcess`]: a world of one; every collective is a no-op.
+//!
+//! Every transport sums in rank order (`((x_0 + x_1) + x_2) + ...`, then
+//! divides by the world size), so every rank gets bitwise the same result
+//! and the result does not depend on the transport: [`mean_in_rank_order`]
+//! is the reference arithmetic they all follow.
+
+mod env;
+mod local;
+pub mod store;
+pub mod tcp;
+
+use std::time::Duration;
+
+use crate::Result;
+
+pub use env::{EnvRanks, communicator_from_env};
+pub use local::in_process;
+
+/// Element type of the direction all-gather.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CommDType {
+    /// Full precision: the parameters' own dtype (f32 travels as f32, f64
+    /// parameters as f64). Results are bitwise those of one process.
+    #[default]
+    F32,
+    /// bfloat16: half the bytes of f32, relative rounding error <= 2^-8 per
+    /// direction element.
+    Bf16,
+    /// IEEE half: half the bytes of f32, relative rounding error <= 2^-11
+    /// for directions of magnitude in [6.1e-5, 65504] (smaller ones lose
+    /// relative precision, larger ones overflow to infinity).
+    F16,
+}
+
+impl CommDType {
+    /// Bytes per element on the wire for parameters of `param`'s size.
+    pub fn wire_size(self, param: shampoo_core::DType) -> usize {
+        match self {
+            CommDType::F32 => param.size(),
+            CommDType::Bf16 | CommDType::F16 => 2,
+        }
+    }
+    /// Short name (`f32`, `bf16`, `f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CommDType::F32 => "f32",
+            CommDType::Bf16 => "bf16",
+            CommDType::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for CommDType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(CommDType::F32),
+            "bf16" | "bfloat16" => Ok(CommDType::Bf16),
+            "f16" | "float16" | "half" => Ok(CommDType::F16),
+            _ => Err(format!(
+                "unknown communication dtype {s:?} (expected f32, bf16 or f16)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CommDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Collectives on host memory (CPU ranks).
+///
+/// Methods take `&self` (implementations synchronise internally), so one
+/// communicator can be shared through an `Arc` by several optimizers and the
+/// training loop. Every rank must call the same collectives in the same
+/// order with the same sizes; a mismatch is an error where the transport can
+/// detect it, and a peer that stops answering is a timeout naming it.
+pub trait Communicator: Send + Sync {
+    /// This rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// In-place average over ranks (summed in rank order, then divided).
+    fn all_reduce_mean(&self, buf: &mut [f32]) -> Result<()>;
+    /// [`Communicator::all_reduce_mean`] for `f64`.
+    fn all_reduce_mean_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// `recv` = concatenation of every rank's `send`, in rank order (every
+    /// rank sends the same number of bytes; `recv` holds `world_size` times
+    /// that).
+    fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<()>;
+    /// Copies `root`'s `buf` into every other rank's `buf` (same sizes).
+    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()>;
+}
+
+/// Transport options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommOptions {
+    /// How long any wait on a peer may take (collectives, rendezvous,
+    /// connection set-up) before it fails with an error naming the peer.
+    pub timeout: Duration,
+}
+
+impl Default for CommOptions {
+    fn default() -> Self {
+        CommOptions {
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Checks the sizes of an all-gather.
+pub(crate) fn check_gather(world: usize, send: usize, recv: usize) -> Result<()> {
+    if send.checked_mul(world) != Some(recv) {
+        return Err(crate::Error::invalid(format!(
+            "all_gather: receive buffer of {recv} bytes for {world} ranks sending {send} bytes each"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a broadcast root.
+pub(crate) fn check_root(world: usize, root: usize) -> Result<()> {
+    if root >= world {
+        return Err(crate::Error::invalid(format!(
+            "broadcast root {root} is not a rank of a world of {world}"
+        )));
+    }
+    Ok(())
+}
+
+/// Element types the mean all-reduce works on.
+pub(crate) trait ReduceElem: bytemuck::Pod + std::ops::AddAssign + Send + Sync {
+    fn div_by(self, n: usize) -> Self;
+}
+impl ReduceElem for f32 {
+    fn div_by(self, n: usize) -> Self {
+        self / n as f32
+    }
+}
+impl ReduceElem for f64 {
+    fn div_by(self, n: usize) -> Self {
+        self / n as f64
+    }
+}
+
+/// The reference arithmetic of every transport's mean all-reduce:
+/// `out = (((parts[0] + parts[1]) + parts[2]) + ...) / parts.len()`,
+/// element by element, in the parts' own type.
+///
+/// A single process that wants bitwise the same gradients as a `W`-rank job
+/// averages the ranks' gradients with this function.
+pub fn mean_in_rank_order<T>(parts: &[&[T]], out: &mut [T])
+where
+    T: Copy + std::ops::AddAssign + std::ops::Div<Output = T> + FromWorld,
+{
+    let Some(first) = parts.first() else {
+        return;
+    };
+    out.copy_from_slice(first);
+    for p in &parts[1..] {
+        for (o, &x) in out.iter_mut().zip(p.iter()) {
+            *o += x;
+        }
+    }
+    let w = T::from_world(parts.len());
+    for o in out.iter_mut() {
+        *o = *o / w;
+    }
+}
+
+/// Conversion of a world size to a float (exact for any realistic world).
+pub trait FromWorld {
+    /// `n` as this float type.
+    fn from_world(n: usize) -> Self;
+}
+impl FromWorld for f32 {
+    fn from_world(n: usize) -> Self {
+        n as f32
+    }
+}
+impl FromWorld for f64 {
+    fn from_world(n: usize) -> Self {
+        n as f64
+    }
+}
+
+/// `out = (chunks[0] + chunks[1] + ...) / chunks.len()` in rank order: the
+/// arithmetic of [`mean_in_rank_order`] for the transports' element types.
+pub(crate) fn reduce_chunks<T: ReduceElem>(out: &mut [T], chunks: &[&[T]]) {
+    out.copy_from_slice(chunks[0]);
+    for c in &chunks[1..] {
+        for (o, &x) in out.iter_mut().zip(c.iter()) {
+            *o += x;
+        }
+    }
+    for o in out.iter_mut() {
+        *o = o.div_by(chunks.len());
+    }
+}
+
+/// The communicator of a world of one process: every collective returns
+/// its input.
+#[derive(Debug, Clone, Default)]
+pub struct SingleProcess;
+
+impl Communicator for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_mean(&self, buf: &mut [f32]) -> Result<()> {
+        // Same arithmetic as every transport: the sum of one part divided by 1.
+        for x in buf.iter_mut() {
+            *x /= 1.0;
+        }
+        Ok(())
+    }
+    fn all_reduce_mean_f64(&self, buf: &mut [f64]) -> Result<()> {
+        for x in buf.iter_mut() {
+            *x /= 1.0;
+        }
+        Ok(())
+    }
+    fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
+        check_gather(1, send.len(), recv.len())?;
+        recv.copy_from_slice(send);
+        Ok(())
+    }
+    fn broadcast_bytes(&self, _buf: &mut [u8], root: usize) -> Result<()> {
+        check_root(1, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+}
