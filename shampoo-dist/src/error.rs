@@ -93,6 +93,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// The rank this error is a consequence of, when it is a *lost* peer
+    /// (the peer exited or crashed): such a rank is a secondary failure,
+    /// and a program may wait a moment before exiting so that a launcher
+    /// records the dead peer as the root cause.
+    pub fn lost_peer(&self) -> Option<usize> {
+        match self {
+            Error::PeerLost { peer, .. } => Some(*peer),
+            _ => None,
+        }
+    }
+
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())
     }

@@ -57,4 +57,4 @@ pub use comm::{
     mean_in_rank_order,
 };
 pub use error::{Error, Result};
-pub use optimizer::{DistOptions, DistTimes, DistributedShampoo};
+pub use optimizer::{DistOptions, DistTimes, DistributedShampoo, state_bytes};

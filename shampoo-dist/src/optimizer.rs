@@ -310,19 +310,19 @@ impl DistributedShampoo {
     pub fn state_bytes(&self) -> usize {
         self.state_bytes
     }
-    /// Payload bytes of one step's collectives, as seen by one rank: the
-    /// gradient all-reduce buffer plus the all-gather's result (all ranks'
-    /// slots), independent of how the transport moves them.
+    /// Bytes one rank receives from other ranks per step, independent of
+    /// how the transport moves them: the gradient all-reduce buffer (all
+    /// elements plus one flag per parameter, counted once) and the other
+    /// ranks' slots of the all-gather. Zero for a world of one.
     pub fn comm_bytes_per_step(&self) -> usize {
+        let world = self.world_size();
+        if world == 1 {
+            return 0;
+        }
         let elem = self.inner.dtype().size();
-        let reduce = if self.world_size() > 1 {
-            (self.inner.layout().numel() + self.shapes.len()) * elem
-        } else {
-            0
-        };
-        reduce + self.gather_bytes()
+        (self.inner.layout().numel() + self.shapes.len()) * elem + (world - 1) * self.send.len()
     }
-    /// Bytes of the all-gather's result.
+    /// Bytes of the all-gather's result (every rank's slot, own included).
     pub fn gather_bytes(&self) -> usize {
         self.world_size() * self.send.len()
     }
@@ -640,8 +640,10 @@ fn drain_bucket<T: BucketElem>(
     Ok(())
 }
 
-/// Persistent state bytes of an optimizer's owned blocks.
-fn state_bytes(opt: &Shampoo<CpuBackend>) -> usize {
+/// Persistent state bytes of an optimizer's owned blocks: what its
+/// checkpoint holds (factors, roots, failure counters, grafting, filtered
+/// gradient, momentum, corrected second moments), without workspace.
+pub fn state_bytes(opt: &Shampoo<CpuBackend>) -> usize {
     let config = opt.config();
     let dtype = opt.dtype();
     let fdtype = config.factor_dtype_for(dtype);

@@ -50,3 +50,40 @@ fn ranks_without_blocks_still_join() {
         }
     }
 }
+
+#[test]
+fn state_bytes_is_the_checkpointed_state_and_ranks_split_it() {
+    use shampoo_core::checkpoint::HostTensor;
+    use shampoo_core::{CpuBackend, DType};
+    use shampoo_dist::{CommOptions, DistributedShampoo, in_process};
+    let (config, shapes) = (config(), shapes());
+    let tensor_bytes = |t: &HostTensor| match t {
+        HostTensor::F32(v, _) => 4 * v.len(),
+        HostTensor::F64(v, _) => 8 * v.len(),
+        HostTensor::U32(v, _) => 4 * v.len(),
+    };
+    let mut totals = Vec::new();
+    for world in [1, 3] {
+        let per = per_rank(in_process(world, &CommOptions::default()), |comm| {
+            let opt = DistributedShampoo::new(
+                config.clone(),
+                &shapes,
+                DType::F32,
+                CpuBackend::new(1).unwrap(),
+                comm,
+                DistOptions::default(),
+            )
+            .unwrap();
+            let (tensors, _) = opt.local().state_tensors().unwrap();
+            let saved: usize = tensors.values().map(tensor_bytes).sum();
+            assert_eq!(opt.state_bytes(), saved);
+            saved
+        });
+        assert!(per.iter().all(|&b| b > 0));
+        totals.push(per.iter().sum::<usize>());
+    }
+    assert_eq!(
+        totals[0], totals[1],
+        "3 ranks together hold one copy of the state"
+    );
+}

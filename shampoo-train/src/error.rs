@@ -99,6 +99,9 @@ pub enum Error {
         /// The underlying error.
         source: serde_json::Error,
     },
+    /// An error of the Shampoo optimizer.
+    #[error(transparent)]
+    Shampoo(#[from] shampoo_tch::Error),
     /// An error between ranks.
     #[error(transparent)]
     Comm(#[from] shampoo_dist::Error),

@@ -21,6 +21,10 @@ use std::time::Instant;
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
+/// The protocol's Shampoo configuration (`configs/fashion_mnist_shampoo.json`),
+/// used when `--shampoo-config` is not given.
+pub const PROTOCOL_SHAMPOO: &str = include_str!("../configs/fashion_mnist_shampoo.json");
+
 /// Which dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -295,7 +299,7 @@ fn validate(cfg: &TrainConfig, world: usize) -> Result<()> {
 pub(crate) fn build_optimizer(
     cfg: &TrainConfig,
     vs: &VarStore,
-    _comm: &Arc<dyn Communicator>,
+    comm: &Arc<dyn Communicator>,
 ) -> Result<Optimizer> {
     Ok(match cfg.optimizer {
         OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(
@@ -313,9 +317,39 @@ pub(crate) fn build_optimizer(
             false,
         )),
         OptimizerKind::Shampoo => {
-            return Err(Error::Invalid(
-                "--optimizer shampoo is not available in this build yet".into(),
-            ));
+            let (text, origin) = match &cfg.shampoo_config {
+                Some(p) => (
+                    std::fs::read_to_string(p)
+                        .map_err(io_err(format!("reading --shampoo-config {}", p.display())))?,
+                    p.display().to_string(),
+                ),
+                None => (
+                    PROTOCOL_SHAMPOO.to_string(),
+                    "(built-in protocol config)".to_string(),
+                ),
+            };
+            let mut sc = shampoo_core::ShampooConfig::from_json(&text)
+                .map_err(|e| Error::Invalid(format!("--shampoo-config {origin}: {e}")))?;
+            if let Some(lr) = cfg.lr {
+                sc.lr = lr;
+            }
+            if let Some(wd) = cfg.weight_decay {
+                sc.weight_decay = wd;
+            }
+            let lr = sc.lr;
+            if comm.world_size() > 1 {
+                return Err(Error::Invalid(
+                    "--optimizer shampoo on several ranks needs shampoo-tch's distributed mode, which this build does not have yet".into(),
+                ));
+            }
+            let mut b = shampoo_tch::Shampoo::builder(vs, sc);
+            if let Some(t) = threads(cfg) {
+                b = b.threads(t);
+            }
+            Optimizer::Shampoo {
+                opt: Box::new(b.build()?),
+                lr,
+            }
         }
     })
 }
@@ -329,14 +363,18 @@ pub(crate) fn to_channels_last(t: &Tensor) -> Result<Tensor> {
 
 /// Sets libtorch's intra-op threads: `--threads`, else `OMP_NUM_THREADS`.
 pub(crate) fn apply_threads(cfg: &TrainConfig) {
-    if let Some(t) = cfg.threads {
+    if let Some(t) = threads(cfg) {
         tch::set_num_threads(t as i32);
-    } else if let Some(t) = std::env::var("OMP_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    {
-        tch::set_num_threads(t);
     }
+}
+
+/// `--threads`, else `OMP_NUM_THREADS` (which `shampoo-run` sets per rank).
+fn threads(cfg: &TrainConfig) -> Option<usize> {
+    cfg.threads.or_else(|| {
+        std::env::var("OMP_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
 }
 
 /// With `--channels-last`, gives every 4-d variable channels-last strides.

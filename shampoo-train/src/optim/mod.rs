@@ -59,11 +59,22 @@ pub enum Optimizer {
     AdamW(AdamW),
     /// SGD baseline.
     Sgd(Sgd),
+    /// Shampoo (which averages gradients and shares directions itself).
+    Shampoo {
+        /// The optimizer.
+        opt: Box<shampoo_tch::Shampoo>,
+        /// Its configured (peak) learning rate.
+        lr: f64,
+    },
 }
 
 impl Optimizer {
     /// Sets every gradient to zero.
     pub fn zero_grad(&mut self, vs: &VarStore) {
+        if let Optimizer::Shampoo { opt, .. } = self {
+            opt.zero_grad();
+            return;
+        }
         for mut v in vs.trainable_variables() {
             v.zero_grad();
         }
@@ -74,6 +85,7 @@ impl Optimizer {
         match self {
             Optimizer::AdamW(o) => o.lr,
             Optimizer::Sgd(o) => o.lr,
+            Optimizer::Shampoo { lr, .. } => *lr,
         }
     }
 
@@ -82,18 +94,29 @@ impl Optimizer {
         match self {
             Optimizer::AdamW(o) => o.lr = lr,
             Optimizer::Sgd(o) => o.lr = lr,
+            Optimizer::Shampoo { opt, .. } => opt.set_lr(lr)?,
         }
         Ok(())
     }
 
     /// Averages the gradients over the ranks and updates the variables.
     pub fn step(&mut self, vs: &VarStore, comm: &dyn Communicator) -> Result<OptTimes> {
+        if let Optimizer::Shampoo { opt, .. } = self {
+            opt.step()?;
+            let t = opt.timings();
+            return Ok(OptTimes {
+                all_reduce: t.all_reduce.as_secs_f64(),
+                optimizer: t.optimizer.as_secs_f64(),
+                all_gather: t.all_gather.as_secs_f64(),
+            });
+        }
         let t0 = Instant::now();
         comm::all_reduce_gradients(vs, comm)?;
         let t1 = Instant::now();
         match self {
             Optimizer::AdamW(o) => o.step(vs)?,
             Optimizer::Sgd(o) => o.step(vs)?,
+            Optimizer::Shampoo { .. } => unreachable!("handled above"),
         }
         Ok(OptTimes {
             all_reduce: (t1 - t0).as_secs_f64(),
@@ -104,12 +127,17 @@ impl Optimizer {
 
     /// Writes the optimizer state into the folder `dir` (which exists).
     pub fn save(&self, dir: &Path, comm: &dyn Communicator) -> Result<()> {
+        if let Optimizer::Shampoo { opt, .. } = self {
+            // Every rank writes its part when distributed.
+            return Ok(opt.save(&dir.join("shampoo"))?);
+        }
         if comm.rank() != 0 {
             return Ok(());
         }
         match self {
             Optimizer::AdamW(o) => o.save(&dir.join("adamw.ot")),
             Optimizer::Sgd(o) => o.save(&dir.join("sgd.ot")),
+            Optimizer::Shampoo { .. } => unreachable!("handled above"),
         }
     }
 
@@ -118,6 +146,7 @@ impl Optimizer {
         match self {
             Optimizer::AdamW(o) => o.load(&dir.join("adamw.ot"), vs),
             Optimizer::Sgd(o) => o.load(&dir.join("sgd.ot"), vs),
+            Optimizer::Shampoo { opt, .. } => Ok(opt.load(&dir.join("shampoo"))?),
         }
     }
 }
