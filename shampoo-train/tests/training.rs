@@ -3,9 +3,12 @@
 mod common;
 
 use common::{assert_same_weights, tiny, torch_lock};
+use shampoo_core::ShampooConfig;
+use shampoo_core::config::{Grafting, StartStep, WeightDecayType};
 use shampoo_train::comm::Communicator;
 use shampoo_train::metrics::read_records;
 use shampoo_train::optim::{AdamW, OptimizerKind};
+use shampoo_train::train::{PROTOCOL_SHAMPOO, TrainConfig};
 use std::sync::Arc;
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -106,19 +109,26 @@ fn adamw_follows_libtorch_adamw() {
 }
 
 fn resume_is_exact(optimizer: OptimizerKind) {
+    resume_is_exact_with(optimizer, |_| {});
+}
+
+fn resume_is_exact_with(optimizer: OptimizerKind, tweak: impl Fn(&mut TrainConfig)) {
     let _g = torch_lock();
     let full = tempfile::tempdir().unwrap();
     let split = tempfile::tempdir().unwrap();
-    let cfg = tiny(optimizer, full.path());
+    let mut cfg = tiny(optimizer, full.path());
+    tweak(&mut cfg);
     let a = shampoo_train::train::run(&cfg, single()).unwrap();
 
     // Stop mid-epoch (step 5 of 8), then continue.
     let mut first = tiny(optimizer, split.path());
+    tweak(&mut first);
     first.max_steps = Some(5);
     first.checkpoint_every = Some(5);
     let part = shampoo_train::train::run(&first, single()).unwrap();
     assert_eq!(part.steps, 5);
     let mut rest = tiny(optimizer, split.path());
+    tweak(&mut rest);
     rest.resume = true;
     let b = shampoo_train::train::run(&rest, single()).unwrap();
 
@@ -156,4 +166,48 @@ fn resume_is_exact_adamw() {
 #[test]
 fn resume_is_exact_sgd() {
     resume_is_exact(OptimizerKind::Sgd);
+}
+
+#[test]
+fn resume_is_exact_shampoo_with_preconditioning_before_and_after_the_restart() {
+    // Root inverses every 2 steps from step 2: steps 2 and 4 precondition
+    // before the checkpoint at 5, 6, 8, ... after it; blocks of at most 128
+    // keep the root inverses cheap.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("shampoo.json");
+    let text = PROTOCOL_SHAMPOO
+        .replace(
+            "\"precondition_frequency\": 20",
+            "\"precondition_frequency\": 2",
+        )
+        .replace(
+            "\"start_preconditioning_step\": 20",
+            "\"start_preconditioning_step\": 2",
+        );
+    assert_ne!(text, PROTOCOL_SHAMPOO);
+    std::fs::write(&conf, text).unwrap();
+    resume_is_exact_with(OptimizerKind::Shampoo, |c| {
+        c.shampoo_config = Some(conf.clone())
+    });
+}
+
+#[test]
+fn protocol_shampoo_config_has_the_issue_hyperparameters() {
+    let parsed = ShampooConfig::from_json(PROTOCOL_SHAMPOO).unwrap();
+    let expected = ShampooConfig {
+        lr: 1e-3,
+        betas: [0.9, 0.999],
+        epsilon: 1e-10,
+        weight_decay: 1e-4,
+        weight_decay_type: WeightDecayType::Decoupled,
+        max_preconditioner_dim: 1024,
+        precondition_frequency: 20,
+        start_preconditioning_step: StartStep::At(20),
+        grafting: Some(Grafting::Adam {
+            beta2: 0.999,
+            epsilon: 1e-8,
+        }),
+        ..ShampooConfig::default()
+    };
+    assert_eq!(parsed, expected);
 }
