@@ -71,7 +71,7 @@ pub fn bench_step(
     } else {
         (3, 1000)
     };
-    if cfg.batch_size % world != 0 {
+    if !cfg.batch_size.is_multiple_of(world) {
         return Err(Error::Invalid(format!(
             "--batch-size {} is not a multiple of {world} ranks",
             cfg.batch_size

@@ -269,7 +269,7 @@ fn open_data(cfg: &TrainConfig, split: Split) -> Result<Arc<dyn Dataset>> {
 }
 
 fn validate(cfg: &TrainConfig, world: usize) -> Result<()> {
-    if cfg.batch_size == 0 || cfg.batch_size % world != 0 {
+    if cfg.batch_size == 0 || !cfg.batch_size.is_multiple_of(world) {
         return Err(Error::Invalid(format!(
             "--batch-size {} (global) must be a positive multiple of the number of ranks ({world})",
             cfg.batch_size
@@ -606,12 +606,14 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
         if let Some(b) = &bar {
             b.set_position(pos as u64 + 1);
             b.set_message(split);
-        } else if lead && cfg.log_every > 0 && step % cfg.log_every == 0 {
+        } else if lead && cfg.log_every > 0 && step.is_multiple_of(cfg.log_every) {
             tracing::info!("step {step}/{total} (epoch {}) {split}", epoch + 1);
         }
 
-        let epoch_end = step % steps_per_epoch == 0;
-        let periodic = cfg.eval_every.is_some_and(|e| e > 0 && step % e == 0);
+        let epoch_end = step.is_multiple_of(steps_per_epoch);
+        let periodic = cfg
+            .eval_every
+            .is_some_and(|e| e > 0 && step.is_multiple_of(e));
         if epoch_end || periodic || step == stop {
             let (tl, ta) = evaluate(&*net, &*test, &*comm, cfg, device)?;
             last_eval = Some((tl, ta, step));
@@ -643,7 +645,11 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
             }
             metrics.flush()?;
         }
-        if cfg.checkpoint_every.is_some_and(|c| c > 0 && step % c == 0) && step < stop {
+        if cfg
+            .checkpoint_every
+            .is_some_and(|c| c > 0 && step.is_multiple_of(c))
+            && step < stop
+        {
             state.step = step;
             save_checkpoint(cfg, &state, &vs, &opt, &*comm)?;
             last_ckpt = step;
