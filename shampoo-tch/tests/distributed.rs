@@ -19,10 +19,9 @@ const CLIP_STEP: i64 = 3;
 const CLIP: f64 = 0.05;
 
 fn comm_options() -> CommOptions {
-    CommOptions {
-        timeout: Duration::from_secs(60),
-        ..CommOptions::default()
-    }
+    let mut o = CommOptions::default();
+    o.timeout = Duration::from_secs(60);
+    o
 }
 
 /// The batch of `rank` at `step`.
@@ -127,7 +126,9 @@ fn two_ranks_end_identical_and_equal_to_one_process_on_averaged_gradients() {
 fn all_reduce_gradients_averages_every_gradient_in_rank_order() {
     let comms = in_process(2, &comm_options());
     let names = ["b1", "b2", "w1", "w2"];
-    let results: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)> = std::thread::scope(|s| {
+    // Per rank: the gradients before and after the all-reduce.
+    type BeforeAfter = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+    let results: Vec<BeforeAfter> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|c| {
