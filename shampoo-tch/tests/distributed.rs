@@ -19,9 +19,9 @@ const CLIP_STEP: i64 = 3;
 const CLIP: f64 = 0.05;
 
 fn comm_options() -> CommOptions {
-    let mut o = CommOptions::default();
-    o.timeout = Duration::from_secs(60);
-    o
+    CommOptions {
+        timeout: Duration::from_secs(60),
+    }
 }
 
 /// The batch of `rank` at `step`.
