@@ -157,3 +157,75 @@ fn all_reduce_gradients_averages_every_gradient_in_rank_order() {
         assert_eq!(results[1].1[i], want);
     }
 }
+
+fn dist_optimizer(vs: &VarStore, comm: Arc<dyn Communicator>) -> Shampoo {
+    Shampoo::builder(vs, shampoo_config(0.01))
+        .group(1, adam_only_config(0.02))
+        .threads(1)
+        .communicator(comm)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_distributed_run_resumes_bit_for_bit_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("optimizer");
+    let comms = in_process(2, &comm_options());
+    // Per rank: the weights of the run that saved, and of the resumed run.
+    type Runs = (Vec<(String, Vec<u32>)>, Vec<(String, Vec<u32>)>);
+    let results: Vec<Runs> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let ckpt = ckpt.clone();
+                s.spawn(move || {
+                    let rank = c.rank() as i64;
+                    let vs = VarStore::new(Device::Cpu);
+                    let m = TwoLayer::new(&vs);
+                    init_fixed(&vs);
+                    let mut vs2 = VarStore::new(Device::Cpu);
+                    let m2 = TwoLayer::new(&vs2);
+                    let mut opt = dist_optimizer(&vs, c.clone());
+                    for step in 0..STEPS {
+                        if step == 3 {
+                            opt.save(&ckpt).unwrap();
+                            vs2.copy(&vs).unwrap();
+                        }
+                        opt.backward_step(&loss(&m, batch_id(step, rank), Kind::Float))
+                            .unwrap();
+                    }
+                    let mut opt2 = dist_optimizer(&vs2, c.clone());
+                    opt2.load(&ckpt).unwrap();
+                    assert_eq!(opt2.step_count(0), Some(3));
+                    for step in 3..STEPS {
+                        opt2.backward_step(&loss(&m2, batch_id(step, rank), Kind::Float))
+                            .unwrap();
+                    }
+                    (bits(&vs), bits(&vs2))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(ckpt.join("manifest.json").is_file());
+    for (rank, (original, resumed)) in results.iter().enumerate() {
+        assert_eq!(resumed, original, "rank {rank}: the resumed run differs");
+    }
+    assert_eq!(results[0].0, results[1].0);
+
+    // A one-process optimizer refuses the distributed checkpoint.
+    let vs = VarStore::new(Device::Cpu);
+    let _m = TwoLayer::new(&vs);
+    let mut single = Shampoo::builder(&vs, shampoo_config(0.01))
+        .group(1, adam_only_config(0.02))
+        .build()
+        .unwrap();
+    assert_eq!(
+        single.load(&ckpt).unwrap_err().to_string(),
+        format!(
+            "optimizer checkpoint {}: written by a distributed run of 2 ranks; this optimizer runs on one process",
+            ckpt.display()
+        )
+    );
+}
