@@ -2,14 +2,20 @@
 //!
 //! A checkpoint is a directory: `manifest.json` lists the groups, their
 //! segments and each segment's variables (names, shapes, dtype); each
-//! segment's state is a `shampoo_core` checkpoint file next to it. The
-//! directory is written under a temporary name and renamed into place.
+//! segment's state is a `shampoo_core` checkpoint file next to it (one
+//! process), or a `shampoo_dist` checkpoint directory (data-parallel: every
+//! rank writes its own blocks). The directory is written under a temporary
+//! name and renamed into place.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use shampoo_core::DType;
+
+use std::sync::Arc;
+
+use shampoo_dist::Communicator;
 
 use crate::optimizer::{Engine, Group, Segment, new_segment};
 use crate::{Error, Result, Shampoo, vars};
@@ -62,18 +68,49 @@ impl Shampoo {
     /// Saves the optimizer state of every group into the directory `path`
     /// (created, or replaced as a whole). The model's weights are not part
     /// of it: save them with `VarStore::save`.
+    ///
+    /// Data-parallel, this is collective: every rank must call it with the
+    /// same `path`, on a file system all ranks share; every rank writes its
+    /// own blocks' state and rank 0 the manifest.
     pub fn save(&self, path: &Path) -> Result<()> {
         let tmp = sibling(path, ".tmp");
-        remove_any(&tmp)?;
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let Some(comm) = &self.comm else {
+            prepare_dir(&tmp)?;
+            self.write_segments(&tmp, path)?;
+            return replace_dir(&tmp, path);
+        };
+        let root = comm.rank() == 0;
+        let prepared = if root { prepare_dir(&tmp) } else { Ok(()) };
+        agree_root(comm, prepared, path, "prepare the temporary directory")?;
+        let written = self.write_segments(&tmp, path);
+        // Every rank took part in every collective save (they agree on errors).
+        written?;
+        let done = if root {
+            replace_dir(&tmp, path)
+        } else {
+            Ok(())
+        };
+        agree_root(comm, done, path, "move the checkpoint into place")
+    }
+
+    /// Writes every segment's state and (on rank 0) the manifest into `tmp`.
+    fn write_segments(&self, tmp: &Path, path: &Path) -> Result<()> {
         let mut groups = Vec::new();
         for (&gid, group) in &self.groups {
             let mut segments = Vec::new();
             for (i, seg) in group.segments.iter().enumerate() {
-                let state = format!("group{gid}-segment{i}.safetensors");
-                match &seg.engine {
-                    Engine::Local(o) => o.save(tmp.join(&state))?,
-                }
+                let state = match &seg.engine {
+                    Engine::Local(o) => {
+                        let state = format!("group{gid}-segment{i}.safetensors");
+                        o.save(tmp.join(&state))?;
+                        state
+                    }
+                    Engine::Dist(o) => {
+                        let state = format!("group{gid}-segment{i}");
+                        o.save(&tmp.join(&state))?;
+                        state
+                    }
+                };
                 segments.push(ManifestSegment {
                     state,
                     dtype: seg.dtype,
@@ -86,23 +123,19 @@ impl Shampoo {
                 segments,
             });
         }
+        if self.comm.as_ref().is_some_and(|c| c.rank() != 0) {
+            return Ok(());
+        }
         let manifest = Manifest {
             format: FORMAT.into(),
-            distributed: false,
-            world_size: 1,
+            distributed: self.comm.is_some(),
+            world_size: self.comm.as_ref().map_or(1, |c| c.world_size()),
             groups,
         };
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| Error::checkpoint(path, format!("cannot encode the manifest: {e}")))?;
         let mpath = tmp.join(MANIFEST);
-        std::fs::write(&mpath, text).map_err(|e| Error::io(&mpath, e))?;
-        let old = sibling(path, ".old");
-        if path.exists() {
-            remove_any(&old)?;
-            std::fs::rename(path, &old).map_err(|e| Error::io(path, e))?;
-        }
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-        remove_any(&old)
+        std::fs::write(&mpath, text).map_err(|e| Error::io(&mpath, e))
     }
 
     /// Loads a state saved by [`Shampoo::save`]. Every variable of the
@@ -122,14 +155,23 @@ impl Shampoo {
                 format!("format {:?}, expected {FORMAT:?}", manifest.format),
             ));
         }
-        if manifest.distributed {
-            return Err(Error::checkpoint(
-                path,
-                format!(
-                    "written by a distributed run of {} ranks; this optimizer runs on one process",
-                    manifest.world_size
-                ),
-            ));
+        match (manifest.distributed, &self.comm) {
+            (true, None) => {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "written by a distributed run of {} ranks; this optimizer runs on one process",
+                        manifest.world_size
+                    ),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(Error::checkpoint(
+                    path,
+                    "written by one process; this optimizer is distributed",
+                ));
+            }
+            _ => {}
         }
         let current = vars::read_groups(&self.variables)?;
         let mut groups = BTreeMap::new();
@@ -143,6 +185,8 @@ impl Shampoo {
                     ms.shapes.clone(),
                     ms.dtype,
                     self.threads,
+                    self.comm.as_ref(),
+                    &self.dist_opts,
                 )?;
                 load_segment(&mut seg, &path.join(&ms.state))?;
                 segments.push(seg);
@@ -163,6 +207,7 @@ impl Shampoo {
 fn load_segment(seg: &mut Segment, file: &Path) -> Result<()> {
     match &mut seg.engine {
         Engine::Local(o) => o.load(file)?,
+        Engine::Dist(o) => o.load(file)?,
     }
     Ok(())
 }
@@ -220,4 +265,40 @@ fn check_segment(
         }
     }
     Ok(())
+}
+
+/// Removes a stale `tmp` and creates it empty.
+fn prepare_dir(tmp: &Path) -> Result<()> {
+    remove_any(tmp)?;
+    std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))
+}
+
+/// Moves `tmp` to `path`, replacing what was there.
+fn replace_dir(tmp: &Path, path: &Path) -> Result<()> {
+    let old = sibling(path, ".old");
+    if path.exists() {
+        remove_any(&old)?;
+        std::fs::rename(path, &old).map_err(|e| Error::io(path, e))?;
+    }
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
+    remove_any(&old)
+}
+
+/// Shares rank 0's outcome of `what` with every rank: rank 0 returns its
+/// own result, the others an error when rank 0 failed.
+fn agree_root(
+    comm: &Arc<dyn Communicator>,
+    result: Result<()>,
+    path: &Path,
+    what: &str,
+) -> Result<()> {
+    let mut status = [u8::from(result.is_err())];
+    comm.broadcast_bytes(&mut status, 0)?;
+    if comm.rank() == 0 {
+        result
+    } else if status[0] != 0 {
+        Err(Error::checkpoint(path, format!("rank 0 failed to {what}")))
+    } else {
+        Ok(())
+    }
 }

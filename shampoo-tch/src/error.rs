@@ -13,6 +13,10 @@ pub enum Error {
     #[error(transparent)]
     Core(#[from] shampoo_core::Error),
 
+    /// A collective or the distributed optimizer failed.
+    #[error(transparent)]
+    Dist(#[from] shampoo_dist::Error),
+
     /// libtorch reported an error (for example in `backward`): its message,
     /// without libtorch's C++ backtrace.
     #[error("libtorch: {0}")]

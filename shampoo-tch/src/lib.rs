@@ -26,16 +26,21 @@
 //! # }
 //! ```
 //!
+//! Data-parallel: give the builder a `shampoo_dist` communicator
+//! ([`ShampooBuilder::communicator`]); the loop stays the same.
+//!
 //! The guide with groups, data-parallel training and checkpoints is
 //! `docs/tch.md`.
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 mod checkpoint;
+mod dist;
 mod error;
 mod optimizer;
 mod vars;
 
+pub use dist::all_reduce_gradients;
 pub use error::{Error, Result};
 pub use optimizer::{Shampoo, ShampooBuilder, StepTimings};
 pub use vars::CUDA_UNSUPPORTED;

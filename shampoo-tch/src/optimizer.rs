@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, ShampooConfig};
+use shampoo_dist::{Communicator, DistOptions, DistributedShampoo};
 use tch::nn::{VarStore, Variables};
 use tch::{COptimizer, Tensor};
 
@@ -27,14 +28,24 @@ pub struct StepTimings {
 pub(crate) enum Engine {
     /// One process: `shampoo_core` on the CPU.
     Local(Box<shampoo_core::Shampoo<CpuBackend>>),
+    /// Data-parallel: this rank's share, through a communicator.
+    Dist(Box<DistributedShampoo>),
 }
 
 impl Engine {
     fn set_lr(&mut self, lr: f64) -> Result<()> {
         match self {
             Engine::Local(o) => o.set_lr(lr)?,
+            Engine::Dist(o) => o.set_lr(lr)?,
         }
         Ok(())
+    }
+
+    fn step_count(&self) -> u64 {
+        match self {
+            Engine::Local(o) => o.step_count(),
+            Engine::Dist(o) => o.local().step_count(),
+        }
     }
 }
 
@@ -70,6 +81,10 @@ pub struct Shampoo {
     pub(crate) configs: BTreeMap<usize, ShampooConfig>,
     pub(crate) groups: BTreeMap<usize, Group>,
     pub(crate) threads: usize,
+    pub(crate) comm: Option<Arc<dyn Communicator>>,
+    pub(crate) dist_opts: DistOptions,
+    /// The gradients were averaged already (by `clip_grad_norm`).
+    grads_reduced: bool,
     zeroer: COptimizer,
     zeroer_vars: usize,
     timings: StepTimings,
@@ -81,6 +96,8 @@ pub struct ShampooBuilder {
     default: ShampooConfig,
     configs: BTreeMap<usize, ShampooConfig>,
     threads: usize,
+    comm: Option<Arc<dyn Communicator>>,
+    dist_opts: DistOptions,
 }
 
 impl ShampooBuilder {
@@ -97,6 +114,23 @@ impl ShampooBuilder {
     /// core, or `SHAMPOO_THREADS` when set).
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
+        self
+    }
+
+    /// Data-parallel: every step averages the gradients across the ranks of
+    /// `comm` and shares the directions each rank computed for its own
+    /// blocks (`shampoo_dist::DistributedShampoo`, one per group, all on
+    /// this communicator). Every rank must build the optimizer over the same
+    /// variables and call the same methods in the same order.
+    pub fn communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
+        self.comm = Some(comm);
+        self
+    }
+
+    /// Options of the distributed step (communication dtype, ...); used
+    /// with [`ShampooBuilder::communicator`].
+    pub fn dist_options(mut self, opts: DistOptions) -> Self {
+        self.dist_opts = opts;
         self
     }
 
@@ -117,6 +151,9 @@ impl ShampooBuilder {
             configs: self.configs,
             groups: BTreeMap::new(),
             threads: self.threads,
+            comm: self.comm,
+            dist_opts: self.dist_opts,
+            grads_reduced: false,
             zeroer,
             zeroer_vars: 0,
             timings: StepTimings::default(),
@@ -141,6 +178,8 @@ impl Shampoo {
             default,
             configs: BTreeMap::new(),
             threads: 0,
+            comm: None,
+            dist_opts: DistOptions::default(),
         }
     }
 
@@ -166,15 +205,19 @@ impl Shampoo {
     /// without variables).
     pub fn step_count(&self, group: usize) -> Option<u64> {
         let seg = self.groups.get(&group)?.segments.first()?;
-        Some(match &seg.engine {
-            Engine::Local(o) => o.step_count(),
-        })
+        Some(seg.engine.step_count())
+    }
+
+    /// The communicator of a data-parallel optimizer.
+    pub fn communicator(&self) -> Option<&Arc<dyn Communicator>> {
+        self.comm.as_ref()
     }
 
     /// Resets every gradient to undefined, as tch's `nn::Optimizer` does
     /// (libtorch's `zero_grad` with `set_to_none`): a variable that takes
     /// no part in the next backward pass has no gradient and is skipped.
     pub fn zero_grad(&mut self) {
+        self.grads_reduced = false;
         if let Err(e) = self.track_new_variables() {
             tracing::warn!("zero_grad: cannot track new variables: {e}");
         }
@@ -217,6 +260,10 @@ impl Shampoo {
     /// below one, `norm` being the L2 norm of all gradients together (as
     /// `torch.nn.utils.clip_grad_norm_`); returns `norm`, before clipping.
     ///
+    /// Data-parallel, it first averages the gradients across ranks (the
+    /// next step does not average them again), so every rank clips the same
+    /// averaged gradients, as one process would.
+    ///
     /// The norm is accumulated in `f64`; the factor is applied in the
     /// gradients' dtype. Variables that cannot be used (see
     /// [`Shampoo::step`]) make it return NaN and leave the gradients as they
@@ -233,6 +280,9 @@ impl Shampoo {
 
     fn clip_grad_norm_checked(&mut self, max_norm: f64) -> Result<f64> {
         let _guard = tch::no_grad_guard();
+        if self.comm.is_some() && !self.grads_reduced {
+            self.reduce_gradients()?;
+        }
         let groups = vars::read_groups(&self.variables)?;
         let mut grads = Vec::new();
         for v in groups.values().flatten() {
@@ -377,7 +427,15 @@ impl Shampoo {
                 }
                 let names = new.iter().map(|v| v.name.clone()).collect();
                 let shapes = new.iter().map(|v| v.shape.clone()).collect();
-                let seg = new_segment(&group.config, names, shapes, new[0].dtype, threads)?;
+                let seg = new_segment(
+                    &group.config,
+                    names,
+                    shapes,
+                    new[0].dtype,
+                    threads,
+                    self.comm.as_ref(),
+                    &self.dist_opts,
+                )?;
                 group.segments.push(seg);
             }
         }
@@ -393,37 +451,63 @@ impl Shampoo {
     /// otherwise this is an [`Error::Variable`] naming it, and nothing is
     /// updated.
     pub fn step(&mut self) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let current = self.sync()?;
-        let mut grads: BTreeMap<usize, Vec<Option<Tensor>>> = BTreeMap::new();
-        for (&gid, vars) in &current {
-            grads.insert(
-                gid,
-                vars.iter()
-                    .map(vars::gradient)
-                    .collect::<Result<Vec<_>>>()?,
-            );
-        }
-        let mut all: Vec<(&str, &Tensor, DType)> = Vec::new();
-        for (gid, vars) in &current {
-            for (v, g) in vars.iter().zip(&grads[gid]) {
-                all.push((&v.name, &v.tensor, v.dtype));
-                if let Some(g) = g {
-                    all.push((&v.name, g, v.dtype));
-                }
-            }
-        }
-        vars::check_disjoint(&all)?;
-        drop(all);
+        let reduced = std::mem::take(&mut self.grads_reduced);
+        self.step_inner(reduced)
+    }
 
+    /// Averages the gradients of every group across ranks, in place.
+    fn reduce_gradients(&mut self) -> Result<()> {
+        let current = self.sync()?;
+        let grads = gradients(&current)?;
+        check_all_disjoint(&current, &grads)?;
         let mut timings = StepTimings::default();
         for (gid, group) in &mut self.groups {
             let vars = &current[gid];
-            let index: HashMap<&str, usize> = vars
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (v.name.as_str(), i))
-                .collect();
+            let index = name_index(vars);
+            let gs = &grads[gid];
+            for seg in &mut group.segments {
+                if let Engine::Dist(o) = &mut seg.engine {
+                    let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
+                    // SAFETY: the gradients were checked (CPU, contiguous,
+                    // dtype) and are disjoint; `grads` keeps them alive.
+                    let mut g: Vec<Option<HostViewMut<'_>>> = idx
+                        .iter()
+                        .map(|&i| {
+                            gs[i].as_ref().map(|g| {
+                                // SAFETY: checked, disjoint gradients kept
+                                // alive by `grads`; each is viewed once.
+                                unsafe { vars::view_mut(g, seg.dtype) }
+                            })
+                        })
+                        .collect();
+                    o.reduce_gradients(&mut g)?;
+                    timings.all_reduce += o.times().reduce;
+                }
+            }
+        }
+        self.grads_reduced = true;
+        self.timings = timings;
+        Ok(())
+    }
+
+    fn step_inner(&mut self, reduced: bool) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let current = self.sync()?;
+        let grads = gradients(&current)?;
+        check_all_disjoint(&current, &grads)?;
+
+        // The all-reduce time of a `clip_grad_norm` before this step.
+        let mut timings = StepTimings {
+            all_reduce: if reduced {
+                self.timings.all_reduce
+            } else {
+                Duration::ZERO
+            },
+            ..StepTimings::default()
+        };
+        for (gid, group) in &mut self.groups {
+            let vars = &current[gid];
+            let index = name_index(vars);
             for seg in &mut group.segments {
                 let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
                 // SAFETY: every tensor was checked (CPU, contiguous, dtype)
@@ -446,6 +530,32 @@ impl Shampoo {
                         o.step(&mut params, &g)?;
                         timings.optimizer += t.elapsed();
                     }
+                    Engine::Dist(o) => {
+                        // SAFETY: as above.
+                        let mut g: Vec<Option<HostViewMut<'_>>> = idx
+                            .iter()
+                            .map(|&i| {
+                                gs[i].as_ref().map(|g| {
+                                    // SAFETY: checked, disjoint gradients kept
+                                    // alive by `grads`; each is viewed once.
+                                    unsafe { vars::view_mut(g, seg.dtype) }
+                                })
+                            })
+                            .collect();
+                        if reduced {
+                            let g: Vec<Option<HostView<'_>>> =
+                                g.iter().map(|g| g.as_ref().map(|g| g.as_view())).collect();
+                            o.step_reduced(&mut params, &g)?;
+                        } else {
+                            o.step(&mut params, &mut g)?;
+                        }
+                        let times = o.times();
+                        if !reduced {
+                            timings.all_reduce += times.reduce;
+                        }
+                        timings.optimizer += times.optimizer;
+                        timings.all_gather += times.all_gather + times.apply;
+                    }
                 }
             }
         }
@@ -454,21 +564,33 @@ impl Shampoo {
     }
 }
 
-/// A fresh engine for one segment.
+/// A fresh engine for one segment (collective when `comm` is set).
 pub(crate) fn new_segment(
     config: &ShampooConfig,
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
     dtype: DType,
     threads: usize,
+    comm: Option<&Arc<dyn Communicator>>,
+    opts: &DistOptions,
 ) -> Result<Segment> {
     let backend = CpuBackend::new(threads)?;
-    let engine = Engine::Local(Box::new(shampoo_core::Shampoo::new(
-        config.clone(),
-        &shapes,
-        dtype,
-        backend,
-    )?));
+    let engine = match comm {
+        None => Engine::Local(Box::new(shampoo_core::Shampoo::new(
+            config.clone(),
+            &shapes,
+            dtype,
+            backend,
+        )?)),
+        Some(comm) => Engine::Dist(Box::new(DistributedShampoo::new(
+            config.clone(),
+            &shapes,
+            dtype,
+            backend,
+            comm.clone(),
+            opts.clone(),
+        )?)),
+    };
     Ok(Segment {
         names,
         shapes,
@@ -484,4 +606,44 @@ fn check_lr(lr: f64) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The gradient of every variable of every group (`None`: undefined).
+fn gradients(current: &BTreeMap<usize, Vec<Var>>) -> Result<BTreeMap<usize, Vec<Option<Tensor>>>> {
+    current
+        .iter()
+        .map(|(&gid, vars)| {
+            Ok((
+                gid,
+                vars.iter()
+                    .map(vars::gradient)
+                    .collect::<Result<Vec<_>>>()?,
+            ))
+        })
+        .collect()
+}
+
+/// Errors when any two variables or gradients share memory.
+fn check_all_disjoint(
+    current: &BTreeMap<usize, Vec<Var>>,
+    grads: &BTreeMap<usize, Vec<Option<Tensor>>>,
+) -> Result<()> {
+    let mut all: Vec<(&str, &Tensor, DType)> = Vec::new();
+    for (gid, vars) in current {
+        for (v, g) in vars.iter().zip(&grads[gid]) {
+            all.push((&v.name, &v.tensor, v.dtype));
+            if let Some(g) = g {
+                all.push((&v.name, g, v.dtype));
+            }
+        }
+    }
+    vars::check_disjoint(&all)
+}
+
+/// Position of each variable by name.
+fn name_index(vars: &[Var]) -> HashMap<&str, usize> {
+    vars.iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.as_str(), i))
+        .collect()
 }

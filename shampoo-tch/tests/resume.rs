@@ -45,16 +45,6 @@ fn optimizer(vs: &VarStore) -> Shampoo {
         .unwrap()
 }
 
-fn bits(vs: &VarStore) -> Vec<(String, Vec<u32>)> {
-    let mut v: Vec<(String, Vec<u32>)> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, common::host(&t).iter().map(|x| x.to_bits()).collect()))
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn a_resumed_run_continues_bit_for_bit() {
     tch::manual_seed(6);
@@ -94,7 +84,7 @@ fn a_resumed_run_continues_bit_for_bit() {
         opt2.set_lr(0.01 / (step + 1) as f64).unwrap();
         opt2.backward_step(&model2.loss(step)).unwrap();
     }
-    assert_eq!(bits(&vs2), bits(&vs));
+    assert_eq!(common::bits(&vs2), common::bits(&vs));
 }
 
 #[test]

@@ -149,3 +149,90 @@ impl Reference {
         }
     }
 }
+
+impl Reference {
+    /// One core step with the given gradients (in the order of `names`).
+    pub fn step_with(&mut self, grads: &[Option<Vec<f32>>]) {
+        let mut p: Vec<HostViewMut<'_>> = self
+            .params
+            .iter_mut()
+            .map(|p| HostViewMut::F32(p))
+            .collect();
+        let g: Vec<Option<HostView<'_>>> = grads
+            .iter()
+            .map(|g| g.as_deref().map(HostView::F32))
+            .collect();
+        self.opt.step(&mut p, &g).unwrap();
+    }
+
+    /// Writes the reference's values into the variables of `vs`.
+    pub fn write_back(&self, vs: &VarStore) {
+        let vars = vs.variables();
+        tch::no_grad(|| {
+            for (name, p) in self.names.iter().zip(&self.params) {
+                let mut t = vars[name].shallow_clone();
+                t.copy_(&Tensor::from_slice(p).reshape(t.size()));
+            }
+        });
+    }
+}
+
+/// Sets every variable of `vs` to fixed values (no random generator, so
+/// threads building the same model get the same weights).
+pub fn init_fixed(vs: &VarStore) {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (i, (_, t)) in vars.iter_mut().enumerate() {
+            let v = Tensor::arange(t.numel() as i64, (t.kind(), Device::Cpu))
+                .g_mul_scalar(0.7 + i as f64)
+                .sin()
+                .g_mul_scalar(0.4)
+                .reshape(t.size());
+            t.copy_(&v);
+        }
+    });
+}
+
+/// Every variable of `vs` by name, as bits.
+pub fn bits(vs: &VarStore) -> Vec<(String, Vec<u32>)> {
+    let mut v: Vec<(String, Vec<u32>)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, host(&t).iter().map(|x| x.to_bits()).collect()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Weights in group 0, biases in group 1: `tanh(x W1^T + b1) W2^T + b2`.
+#[derive(Debug)]
+pub struct TwoLayer {
+    pub w1: Tensor,
+    pub b1: Tensor,
+    pub w2: Tensor,
+    pub b2: Tensor,
+}
+
+impl TwoLayer {
+    pub fn new(vs: &VarStore) -> TwoLayer {
+        let w = vs.root().set_group(0);
+        let b = vs.root().set_group(1);
+        let init = nn::Init::Const(0.0);
+        TwoLayer {
+            w1: w.var("w1", &[5, 6], init),
+            b1: b.var("b1", &[5], init),
+            w2: w.var("w2", &[3, 5], init),
+            b2: b.var("b2", &[3], init),
+        }
+    }
+}
+
+impl Module for TwoLayer {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        (x.matmul(&self.w1.tr()) + &self.b1)
+            .tanh()
+            .matmul(&self.w2.tr())
+            + &self.b2
+    }
+}
