@@ -337,12 +337,10 @@ pub(crate) fn build_optimizer(
                 sc.weight_decay = wd;
             }
             let lr = sc.lr;
-            if comm.world_size() > 1 {
-                return Err(Error::Invalid(
-                    "--optimizer shampoo on several ranks needs shampoo-tch's distributed mode, which this build does not have yet".into(),
-                ));
-            }
             let mut b = shampoo_tch::Shampoo::builder(vs, sc);
+            if comm.world_size() > 1 {
+                b = b.communicator(comm.clone());
+            }
             if let Some(t) = threads(cfg) {
                 b = b.threads(t);
             }

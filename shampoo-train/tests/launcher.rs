@@ -24,7 +24,7 @@ fn launcher() -> PathBuf {
     bin
 }
 
-fn two_ranks_agree(optimizer: &str) {
+fn two_ranks_agree(optimizer: &str, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(launcher())
         .args(["--nproc-per-node", "2", "--"])
@@ -70,5 +70,28 @@ fn two_ranks_agree(optimizer: &str) {
 
 #[test]
 fn two_ranks_through_the_launcher_end_with_identical_weights_adamw() {
-    two_ranks_agree("adamw");
+    two_ranks_agree("adamw", &[]);
+}
+
+#[test]
+fn two_ranks_through_the_launcher_end_with_identical_weights_shampoo() {
+    // Root inverses every 2 steps from step 2 (blocks of at most 128), so the
+    // ranks share preconditioned directions.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("shampoo.json");
+    let text = shampoo_train::train::PROTOCOL_SHAMPOO
+        .replace(
+            "\"precondition_frequency\": 20",
+            "\"precondition_frequency\": 2",
+        )
+        .replace(
+            "\"start_preconditioning_step\": 20",
+            "\"start_preconditioning_step\": 2",
+        )
+        .replace(
+            "\"max_preconditioner_dim\": 1024",
+            "\"max_preconditioner_dim\": 128",
+        );
+    std::fs::write(&conf, text).unwrap();
+    two_ranks_agree("shampoo", &["--shampoo-config", conf.to_str().unwrap()]);
 }
