@@ -47,6 +47,7 @@ fn two_ranks_agree(optimizer: &str, extra: &[&str]) {
             "2",
             "--write-rank-weights",
         ])
+        .args(extra)
         .arg("--out")
         .arg(dir.path())
         .env("OMP_NUM_THREADS", "1")
