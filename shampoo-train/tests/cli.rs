@@ -80,3 +80,22 @@ fn bf16_on_cpu_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn cuda_without_a_gpu_is_refused() {
+    if tch::Cuda::is_available() {
+        return; // nothing to refuse on a GPU machine
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["train", "--optimizer", "adamw", "--device", "cuda", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.ends_with("shampoo-train: error: --device cuda: no CUDA device is visible to libtorch (tch::Cuda::is_available() is false); run on a machine with an NVIDIA GPU and the CUDA build of PyTorch, or use --device cpu\n"),
+        "{err}"
+    );
+}

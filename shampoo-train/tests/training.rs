@@ -8,6 +8,7 @@ use shampoo_core::config::{Grafting, StartStep, WeightDecayType};
 use shampoo_train::comm::Communicator;
 use shampoo_train::metrics::read_records;
 use shampoo_train::optim::{AdamW, OptimizerKind};
+use shampoo_train::plot::{Run, compare, plot};
 use shampoo_train::train::{PROTOCOL_SHAMPOO, TrainConfig};
 use std::sync::Arc;
 use tch::nn::{self, Module, OptimizerConfig};
@@ -210,4 +211,51 @@ fn protocol_shampoo_config_has_the_issue_hyperparameters() {
         ..ShampooConfig::default()
     };
     assert_eq!(parsed, expected);
+}
+
+#[test]
+fn plot_compares_runs_and_writes_a_png() {
+    let _g = torch_lock();
+    let adamw = tempfile::tempdir().unwrap();
+    let sgd = tempfile::tempdir().unwrap();
+    let mut a = tiny(OptimizerKind::Adamw, adamw.path());
+    a.epochs = 1;
+    a.eval_every = Some(2);
+    let mut b = tiny(OptimizerKind::Sgd, sgd.path());
+    b.epochs = 1;
+    b.eval_every = Some(2);
+    b.lr = Some(0.05);
+    let sa = shampoo_train::train::run(&a, single()).unwrap();
+    let sb = shampoo_train::train::run(&b, single()).unwrap();
+    let runs = [
+        Run::read(sgd.path()).unwrap(),
+        Run::read(adamw.path()).unwrap(),
+    ];
+    assert_eq!(runs[0].evals().len(), 4);
+    assert_eq!(runs[1].summary, sa);
+    let text = compare(&runs);
+    let label = |r: &Run| r.label.clone();
+    assert!(
+        text.contains(&format!(
+            "{:<36} {:>8.2}%",
+            label(&runs[0]),
+            100.0 * sb.test_acc
+        )),
+        "{text}"
+    );
+    // AdamW is the baseline: the line for SGD says when (or whether) it
+    // reached AdamW's final accuracy, then the time ratio.
+    let passes = match runs[0].first_step_reaching(sa.test_acc) {
+        Some(s) => format!("at step {s} of 8"),
+        None => "never reaches".to_string(),
+    };
+    assert!(text.contains(&passes), "{text}");
+    assert!(
+        text.contains(&format!("{:.2}x", sb.train_s / sa.train_s)),
+        "{text}"
+    );
+    let png = adamw.path().join("plot.png");
+    plot(&runs, &png).unwrap();
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
 }
