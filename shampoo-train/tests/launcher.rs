@@ -24,6 +24,91 @@ fn launcher() -> PathBuf {
     bin
 }
 
+/// Runs `shampoo-train ARGS` on 2 ranks through the launcher; panics with the
+/// output on failure.
+fn launch(args: &[&str], out: &Path) {
+    let o = Command::new(launcher())
+        .args(["--nproc-per-node", "2", "--"])
+        .arg(env!("CARGO_BIN_EXE_shampoo-train"))
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A Shampoo config with root inverses every 2 steps from step 2 and blocks
+/// of at most 128, written into `dir`.
+fn fast_shampoo_config(dir: &Path) -> String {
+    let conf = dir.join("shampoo.json");
+    let text = shampoo_train::train::PROTOCOL_SHAMPOO
+        .replace(
+            "\"precondition_frequency\": 20",
+            "\"precondition_frequency\": 2",
+        )
+        .replace(
+            "\"start_preconditioning_step\": 20",
+            "\"start_preconditioning_step\": 2",
+        )
+        .replace(
+            "\"max_preconditioner_dim\": 1024",
+            "\"max_preconditioner_dim\": 128",
+        );
+    std::fs::write(&conf, text).unwrap();
+    conf.to_str().unwrap().to_string()
+}
+
+#[test]
+fn two_rank_shampoo_resume_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fast_shampoo_config(dir.path());
+    let args = [
+        "train",
+        "--optimizer",
+        "shampoo",
+        "--shampoo-config",
+        &conf,
+        "--limit-train",
+        "512",
+        "--limit-test",
+        "256",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--write-rank-weights",
+    ];
+    let (full, split) = (dir.path().join("full"), dir.path().join("split"));
+    launch(&args, &full);
+    let mut first = args.to_vec();
+    first.extend(["--max-steps", "5", "--checkpoint-every", "5"]);
+    launch(&first, &split);
+    let mut rest = args.to_vec();
+    rest.push("--resume");
+    launch(&rest, &split);
+    let (a, b) = (
+        shampoo_train::train::read_summary(&full).unwrap(),
+        shampoo_train::train::read_summary(&split).unwrap(),
+    );
+    assert_eq!(
+        (a.steps, a.test_loss, a.test_acc),
+        (b.steps, b.test_loss, b.test_acc)
+    );
+    for r in 0..2 {
+        let w = format!("weights.rank{r}.ot");
+        common::assert_same_weights(&full.join(&w), &split.join(&w));
+    }
+}
+
 fn two_ranks_agree(optimizer: &str, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(launcher())
@@ -76,23 +161,8 @@ fn two_ranks_through_the_launcher_end_with_identical_weights_adamw() {
 
 #[test]
 fn two_ranks_through_the_launcher_end_with_identical_weights_shampoo() {
-    // Root inverses every 2 steps from step 2 (blocks of at most 128), so the
-    // ranks share preconditioned directions.
+    // Root inverses every 2 steps, so the ranks share preconditioned directions.
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("shampoo.json");
-    let text = shampoo_train::train::PROTOCOL_SHAMPOO
-        .replace(
-            "\"precondition_frequency\": 20",
-            "\"precondition_frequency\": 2",
-        )
-        .replace(
-            "\"start_preconditioning_step\": 20",
-            "\"start_preconditioning_step\": 2",
-        )
-        .replace(
-            "\"max_preconditioner_dim\": 1024",
-            "\"max_preconditioner_dim\": 128",
-        );
-    std::fs::write(&conf, text).unwrap();
-    two_ranks_agree("shampoo", &["--shampoo-config", conf.to_str().unwrap()]);
+    let conf = fast_shampoo_config(dir.path());
+    two_ranks_agree("shampoo", &["--shampoo-config", &conf]);
 }
