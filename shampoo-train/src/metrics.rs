@@ -86,3 +86,26 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
         })
         .collect()
 }
+
+/// Drops the lines of `path` whose `step` is after `step` (a resumed run
+/// repeats those steps). A missing file is left missing.
+pub fn truncate_after(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+    };
+    let mut kept = String::with_capacity(text.len());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|source| crate::Error::Json {
+                context: format!("{}", path.display()),
+                source,
+            })?;
+        if v["step"].as_u64().is_some_and(|s| s <= step) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    std::fs::write(path, kept).map_err(io_err(format!("writing {}", path.display())))
+}

@@ -511,6 +511,11 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
         )
         .map_err(io_err(format!("writing {}", path.display())))?;
     }
+    if lead && cfg.resume {
+        // Lines an interrupted session wrote after its last checkpoint are
+        // written again by this one.
+        crate::metrics::truncate_after(&cfg.out.join("metrics.jsonl"), state.step)?;
+    }
     let mut metrics = MetricsWriter::open(&cfg.out.join("metrics.jsonl"), lead)?;
     let interactive = lead && cfg.progress && std::io::stderr().is_terminal();
 

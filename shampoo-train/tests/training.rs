@@ -128,6 +128,14 @@ fn resume_is_exact_with(optimizer: OptimizerKind, tweak: impl Fn(&mut TrainConfi
     first.checkpoint_every = Some(5);
     let part = shampoo_train::train::run(&first, single()).unwrap();
     assert_eq!(part.steps, 5);
+    // The interrupted session went on past its checkpoint before it stopped:
+    // those lines must not survive the resume.
+    let stale = r#"{"kind":"step","step":6,"loss":9.0}"#;
+    let path = split.path().join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(stale);
+    text.push('\n');
+    std::fs::write(&path, text).unwrap();
     let mut rest = tiny(optimizer, split.path());
     tweak(&mut rest);
     rest.resume = true;
