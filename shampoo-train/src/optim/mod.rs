@@ -101,43 +101,42 @@ impl Optimizer {
 
     /// Averages the gradients over the ranks and updates the variables.
     pub fn step(&mut self, vs: &VarStore, comm: &dyn Communicator) -> Result<OptTimes> {
-        if let Optimizer::Shampoo { opt, .. } = self {
-            opt.step()?;
-            let t = opt.timings();
-            return Ok(OptTimes {
-                all_reduce: t.all_reduce.as_secs_f64(),
-                optimizer: t.optimizer.as_secs_f64(),
-                all_gather: t.all_gather.as_secs_f64(),
-            });
-        }
-        let t0 = Instant::now();
-        comm::all_reduce_gradients(vs, comm)?;
-        let t1 = Instant::now();
+        let baseline_step = |step: &mut dyn FnMut() -> Result<()>| -> Result<OptTimes> {
+            let t0 = Instant::now();
+            comm::all_reduce_gradients(vs, comm)?;
+            let t1 = Instant::now();
+            step()?;
+            Ok(OptTimes {
+                all_reduce: (t1 - t0).as_secs_f64(),
+                optimizer: t1.elapsed().as_secs_f64(),
+                all_gather: 0.0,
+            })
+        };
         match self {
-            Optimizer::AdamW(o) => o.step(vs)?,
-            Optimizer::Sgd(o) => o.step(vs)?,
-            Optimizer::Shampoo { .. } => unreachable!("handled above"),
+            Optimizer::AdamW(o) => baseline_step(&mut || o.step(vs)),
+            Optimizer::Sgd(o) => baseline_step(&mut || o.step(vs)),
+            Optimizer::Shampoo { opt, .. } => {
+                opt.step()?;
+                let t = opt.timings();
+                Ok(OptTimes {
+                    all_reduce: t.all_reduce.as_secs_f64(),
+                    optimizer: t.optimizer.as_secs_f64(),
+                    all_gather: t.all_gather.as_secs_f64(),
+                })
+            }
         }
-        Ok(OptTimes {
-            all_reduce: (t1 - t0).as_secs_f64(),
-            optimizer: t1.elapsed().as_secs_f64(),
-            all_gather: 0.0,
-        })
     }
 
     /// Writes the optimizer state into the folder `dir` (which exists).
+    /// Collective: every rank calls it (Shampoo's ranks each write their
+    /// part; the baselines' state, the same on every rank, is written by
+    /// rank 0).
     pub fn save(&self, dir: &Path, comm: &dyn Communicator) -> Result<()> {
-        if let Optimizer::Shampoo { opt, .. } = self {
-            // Every rank writes its part when distributed.
-            return Ok(opt.save(&dir.join("shampoo"))?);
-        }
-        if comm.rank() != 0 {
-            return Ok(());
-        }
         match self {
+            Optimizer::Shampoo { opt, .. } => Ok(opt.save(&dir.join("shampoo"))?),
+            _ if comm.rank() != 0 => Ok(()),
             Optimizer::AdamW(o) => o.save(&dir.join("adamw.ot")),
             Optimizer::Sgd(o) => o.save(&dir.join("sgd.ot")),
-            Optimizer::Shampoo { .. } => unreachable!("handled above"),
         }
     }
 
