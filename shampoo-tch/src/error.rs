@@ -1,0 +1,99 @@
+//! Errors of the libtorch adapter.
+
+use std::path::PathBuf;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when Shampoo drives a `tch` model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The optimizer itself failed (config, shapes, numerics, checkpoint).
+    #[error(transparent)]
+    Core(#[from] shampoo_core::Error),
+
+    /// A collective or the distributed optimizer failed.
+    #[error(transparent)]
+    Dist(#[from] shampoo_dist::Error),
+
+    /// libtorch reported an error (for example in `backward`): its message,
+    /// without libtorch's C++ backtrace.
+    #[error("libtorch: {0}")]
+    Torch(String),
+
+    /// A variable or its gradient cannot be used in place: wrong device,
+    /// dtype, layout, or memory shared with another variable.
+    #[error("variable {name:?}: {reason}")]
+    Variable {
+        /// The variable's name in the `VarStore`.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A parameter group does not exist or is used inconsistently.
+    #[error("parameter group {group}: {reason}")]
+    Group {
+        /// The `VarStore` group id.
+        group: usize,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// An optimizer checkpoint cannot be written or does not fit this model.
+    #[error("optimizer checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An I/O error with the path it happened on.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        let text = match e {
+            tch::TchError::Torch(s) => s,
+            other => other.to_string(),
+        };
+        let first = text.split("\nException raised from").next().unwrap_or("");
+        let first = first
+            .strip_prefix("Internal torch error: ")
+            .unwrap_or(first);
+        Error::Torch(first.trim_end().to_string())
+    }
+}
+
+impl Error {
+    pub(crate) fn variable(name: &str, reason: impl Into<String>) -> Self {
+        Error::Variable {
+            name: name.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn checkpoint(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! # shampoo-tch
+//!
+//! Shampoo for [`tch`] training loops: [`Shampoo`] takes a
+//! [`tch::nn::VarStore`] and is used like tch's `nn::Optimizer`
+//! (`zero_grad`, `step`, `backward_step`, `set_lr`, ...), with one
+//! [`shampoo_core::ShampooConfig`] per `VarStore` group.
+//!
+//! Parameters and gradients are updated in place through their data
+//! pointers: CPU tensors of `f32` or `f64`, contiguous. CUDA tensors are
+//! not supported by this build yet (an [`Error::Variable`] says so).
+//!
+//! ```no_run
+//! use shampoo_core::ShampooConfig;
+//! use shampoo_tch::Shampoo;
+//! use tch::nn::{self, Module};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let vs = nn::VarStore::new(tch::Device::Cpu);
+//! let net = nn::linear(vs.root() / "fc", 8, 2, Default::default());
+//! let config = ShampooConfig::from_json(r#"{"lr": 0.01, "grafting": {"type": "adam"}}"#)?;
+//! let mut opt = Shampoo::new(&vs, config)?;
+//! let x = tch::Tensor::randn([16, 8], (tch::Kind::Float, tch::Device::Cpu));
+//! let loss = net.forward(&x).square().mean(None);
+//! opt.backward_step(&loss)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Data-parallel: give the builder a `shampoo_dist` communicator
+//! ([`ShampooBuilder::communicator`]); the loop stays the same.
+//!
+//! The guide with groups, data-parallel training and checkpoints is
+//! `docs/tch.md`.
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod checkpoint;
+mod dist;
+mod error;
+mod optimizer;
+mod vars;
+
+pub use dist::all_reduce_gradients;
+pub use error::{Error, Result};
+pub use optimizer::{Shampoo, ShampooBuilder, StepTimings};
+pub use vars::CUDA_UNSUPPORTED;
+
+/// The guide, `docs/tch.md`; its examples compile as doc tests.
+#[doc = include_str!("../../docs/tch.md")]
+pub mod guide {}

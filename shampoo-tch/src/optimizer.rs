@@ -1,0 +1,649 @@
+//! [`Shampoo`]: the optimizer object a `tch` training loop holds.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, ShampooConfig};
+use shampoo_dist::{Communicator, DistOptions, DistributedShampoo};
+use tch::nn::{VarStore, Variables};
+use tch::{COptimizer, Tensor};
+
+use crate::vars::{self, Var};
+use crate::{Error, Result};
+
+/// Where the time of the last [`Shampoo::step`] went, summed over groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepTimings {
+    /// Averaging gradients across ranks (zero on one process).
+    pub all_reduce: Duration,
+    /// Computing directions and, on one process, updating the parameters.
+    pub optimizer: Duration,
+    /// Sharing directions across ranks and applying them (zero on one
+    /// process).
+    pub all_gather: Duration,
+}
+
+/// The per-segment optimizer.
+pub(crate) enum Engine {
+    /// One process: `shampoo_core` on the CPU.
+    Local(Box<shampoo_core::Shampoo<CpuBackend>>),
+    /// Data-parallel: this rank's share, through a communicator.
+    Dist(Box<DistributedShampoo>),
+}
+
+impl Engine {
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        match self {
+            Engine::Local(o) => o.set_lr(lr)?,
+            Engine::Dist(o) => o.set_lr(lr)?,
+        }
+        Ok(())
+    }
+
+    fn step_count(&self) -> u64 {
+        match self {
+            Engine::Local(o) => o.step_count(),
+            Engine::Dist(o) => o.local().step_count(),
+        }
+    }
+}
+
+/// A set of variables of one group optimized together by one engine.
+///
+/// A group starts with one segment; variables added to the `VarStore` later
+/// form a new segment, so the state of the earlier ones carries over.
+pub(crate) struct Segment {
+    pub names: Vec<String>,
+    pub shapes: Vec<Vec<usize>>,
+    pub dtype: DType,
+    pub engine: Engine,
+}
+
+/// One `VarStore` group: its config and its segments.
+pub(crate) struct Group {
+    pub config: ShampooConfig,
+    pub segments: Vec<Segment>,
+}
+
+/// Shampoo over the trainable variables of a [`VarStore`], used like tch's
+/// `nn::Optimizer`.
+///
+/// Parameters and gradients are read and written in place through their
+/// data pointers (CPU tensors of `f32` or `f64`, contiguous); nothing is
+/// copied. The variables are read from the `VarStore` at every step, by
+/// name, so variables created after the optimizer are picked up. Each
+/// `VarStore` group (`vs.root().set_group(g)`) has its own config and its
+/// own optimizer state.
+pub struct Shampoo {
+    pub(crate) variables: Arc<Mutex<Variables>>,
+    pub(crate) default: ShampooConfig,
+    pub(crate) configs: BTreeMap<usize, ShampooConfig>,
+    pub(crate) groups: BTreeMap<usize, Group>,
+    pub(crate) threads: usize,
+    pub(crate) comm: Option<Arc<dyn Communicator>>,
+    pub(crate) dist_opts: DistOptions,
+    /// The gradients were averaged already (by `clip_grad_norm`).
+    grads_reduced: bool,
+    zeroer: COptimizer,
+    zeroer_vars: usize,
+    timings: StepTimings,
+}
+
+/// Builds a [`Shampoo`] with per-group configs (see [`Shampoo::builder`]).
+pub struct ShampooBuilder {
+    variables: Arc<Mutex<Variables>>,
+    default: ShampooConfig,
+    configs: BTreeMap<usize, ShampooConfig>,
+    threads: usize,
+    comm: Option<Arc<dyn Communicator>>,
+    dist_opts: DistOptions,
+}
+
+impl ShampooBuilder {
+    /// Config for a `VarStore` group (tch's `vs.root().set_group(g)`), for
+    /// example Adam grafting only (`"start_preconditioning_step": "never"`)
+    /// for biases and norms. Groups without a config of their own use the
+    /// default.
+    pub fn group(mut self, group: usize, config: ShampooConfig) -> Self {
+        self.configs.insert(group, config);
+        self
+    }
+
+    /// Worker threads of each group's CPU backend (0, the default: one per
+    /// core, or `SHAMPOO_THREADS` when set).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Data-parallel: every step averages the gradients across the ranks of
+    /// `comm` and shares the directions each rank computed for its own
+    /// blocks (`shampoo_dist::DistributedShampoo`, one per group, all on
+    /// this communicator). Every rank must build the optimizer over the same
+    /// variables and call the same methods in the same order.
+    pub fn communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
+        self.comm = Some(comm);
+        self
+    }
+
+    /// Options of the distributed step (communication dtype, ...); used
+    /// with [`ShampooBuilder::communicator`].
+    pub fn dist_options(mut self, opts: DistOptions) -> Self {
+        self.dist_opts = opts;
+        self
+    }
+
+    /// Validates the configs and builds the optimizer over the variables
+    /// the `VarStore` holds now (later ones are picked up at each step).
+    pub fn build(self) -> Result<Shampoo> {
+        self.default.validate()?;
+        for (&group, c) in &self.configs {
+            c.validate().map_err(|e| Error::Group {
+                group,
+                reason: e.to_string(),
+            })?;
+        }
+        let zeroer = COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false)?;
+        let mut opt = Shampoo {
+            variables: self.variables,
+            default: self.default,
+            configs: self.configs,
+            groups: BTreeMap::new(),
+            threads: self.threads,
+            comm: self.comm,
+            dist_opts: self.dist_opts,
+            grads_reduced: false,
+            zeroer,
+            zeroer_vars: 0,
+            timings: StepTimings::default(),
+        };
+        opt.track_new_variables()?;
+        opt.sync()?;
+        Ok(opt)
+    }
+}
+
+impl Shampoo {
+    /// One group: every trainable variable of `vs` with `config`.
+    pub fn new(vs: &VarStore, config: ShampooConfig) -> Result<Shampoo> {
+        Self::builder(vs, config).build()
+    }
+
+    /// A builder with `default` for every group, refined per group with
+    /// [`ShampooBuilder::group`].
+    pub fn builder(vs: &VarStore, default: ShampooConfig) -> ShampooBuilder {
+        ShampooBuilder {
+            variables: vs.variables_.clone(),
+            default,
+            configs: BTreeMap::new(),
+            threads: 0,
+            comm: None,
+            dist_opts: DistOptions::default(),
+        }
+    }
+
+    /// The config a group uses (its own, else the default).
+    pub fn config(&self, group: usize) -> &ShampooConfig {
+        self.configs.get(&group).unwrap_or(&self.default)
+    }
+
+    /// The groups that hold variables now or have a config of their own.
+    pub fn groups(&self) -> Vec<usize> {
+        let mut g: Vec<usize> = self
+            .groups
+            .keys()
+            .chain(self.configs.keys())
+            .copied()
+            .collect();
+        g.sort_unstable();
+        g.dedup();
+        g
+    }
+
+    /// Steps taken by the oldest segment of `group` (`None` for a group
+    /// without variables).
+    pub fn step_count(&self, group: usize) -> Option<u64> {
+        let seg = self.groups.get(&group)?.segments.first()?;
+        Some(seg.engine.step_count())
+    }
+
+    /// The communicator of a data-parallel optimizer.
+    pub fn communicator(&self) -> Option<&Arc<dyn Communicator>> {
+        self.comm.as_ref()
+    }
+
+    /// Resets every gradient to undefined, as tch's `nn::Optimizer` does
+    /// (libtorch's `zero_grad` with `set_to_none`): a variable that takes
+    /// no part in the next backward pass has no gradient and is skipped.
+    pub fn zero_grad(&mut self) {
+        self.grads_reduced = false;
+        if let Err(e) = self.track_new_variables() {
+            tracing::warn!("zero_grad: cannot track new variables: {e}");
+        }
+        if let Err(e) = self.zeroer.zero_grad() {
+            tracing::warn!("zero_grad failed: {e}");
+        }
+    }
+
+    /// Adds variables created since the last call to the libtorch optimizer
+    /// used for `zero_grad`.
+    fn track_new_variables(&mut self) -> Result<()> {
+        let v = self.variables.lock().map_err(|_| Error::Group {
+            group: 0,
+            reason: "the VarStore's lock is poisoned (a thread panicked while holding it)".into(),
+        })?;
+        for var in &v.trainable_variables[self.zeroer_vars.min(v.trainable_variables.len())..] {
+            self.zeroer.add_parameters(&var.tensor, 0)?;
+        }
+        self.zeroer_vars = v.trainable_variables.len();
+        Ok(())
+    }
+
+    /// Runs `loss.backward()` after resetting the gradients, then steps.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        self.zero_grad();
+        loss.f_backward()?;
+        self.step()
+    }
+
+    /// As [`Shampoo::backward_step`], clipping the gradients' total L2 norm
+    /// to `max_norm` ([`Shampoo::clip_grad_norm`]) before stepping.
+    pub fn backward_step_clip(&mut self, loss: &Tensor, max_norm: f64) -> Result<()> {
+        self.zero_grad();
+        loss.f_backward()?;
+        self.clip_grad_norm_checked(max_norm)?;
+        self.step()
+    }
+
+    /// Scales every gradient by `max_norm / (norm + 1e-6)` when that is
+    /// below one, `norm` being the L2 norm of all gradients together (as
+    /// `torch.nn.utils.clip_grad_norm_`); returns `norm`, before clipping.
+    ///
+    /// Data-parallel, it first averages the gradients across ranks (the
+    /// next step does not average them again), so every rank clips the same
+    /// averaged gradients, as one process would.
+    ///
+    /// The norm is accumulated in `f64`; the factor is applied in the
+    /// gradients' dtype. Variables that cannot be used (see
+    /// [`Shampoo::step`]) make it return NaN and leave the gradients as they
+    /// are; the next step reports the error.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        match self.clip_grad_norm_checked(max_norm) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("clip_grad_norm: {e}");
+                f64::NAN
+            }
+        }
+    }
+
+    fn clip_grad_norm_checked(&mut self, max_norm: f64) -> Result<f64> {
+        let _guard = tch::no_grad_guard();
+        if self.comm.is_some() && !self.grads_reduced {
+            self.reduce_gradients()?;
+        }
+        let groups = vars::read_groups(&self.variables)?;
+        let mut grads = Vec::new();
+        for v in groups.values().flatten() {
+            if let Some(g) = vars::gradient(v)? {
+                grads.push((v.name.as_str(), g, v.dtype));
+            }
+        }
+        let list: Vec<(&str, &Tensor, DType)> = grads.iter().map(|(n, g, d)| (*n, g, *d)).collect();
+        vars::check_disjoint(&list)?;
+        let mut sum = 0.0f64;
+        for (_, g, d) in &grads {
+            // SAFETY: checked CPU contiguous tensors, disjoint, held alive by
+            // `grads`; only read here.
+            match unsafe { vars::view(g, *d) } {
+                HostView::F32(s) => sum += s.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>(),
+                HostView::F64(s) => sum += s.iter().map(|&x| x * x).sum::<f64>(),
+            }
+        }
+        let norm = sum.sqrt();
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for (_, g, d) in &grads {
+                // SAFETY: as above; each gradient is viewed once at a time.
+                match unsafe { vars::view_mut(g, *d) } {
+                    HostViewMut::F32(s) => {
+                        let c = coef as f32;
+                        s.iter_mut().for_each(|x| *x *= c);
+                    }
+                    HostViewMut::F64(s) => s.iter_mut().for_each(|x| *x *= coef),
+                }
+            }
+        }
+        Ok(norm)
+    }
+
+    /// Sets the learning rate of every group (takes effect next step).
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        check_lr(lr)?;
+        self.default.lr = lr;
+        for c in self.configs.values_mut() {
+            c.lr = lr;
+        }
+        for g in self.groups.values_mut() {
+            g.config.lr = lr;
+            for s in &mut g.segments {
+                s.engine.set_lr(lr)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the learning rate of one group (takes effect next step).
+    pub fn set_lr_group(&mut self, group: usize, lr: f64) -> Result<()> {
+        check_lr(lr)?;
+        if !self.groups.contains_key(&group) && !self.configs.contains_key(&group) {
+            return Err(Error::Group {
+                group,
+                reason: format!("no such group (groups: {:?})", self.groups()),
+            });
+        }
+        let mut config = self.config(group).clone();
+        config.lr = lr;
+        self.configs.insert(group, config);
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.config.lr = lr;
+            for s in &mut g.segments {
+                s.engine.set_lr(lr)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Timings of the last step.
+    pub fn timings(&self) -> StepTimings {
+        self.timings
+    }
+
+    /// Reads the variables and brings the groups' segments up to date:
+    /// new variables form a new segment; a group whose variables changed
+    /// shape or dtype, or disappeared, starts over with fresh state.
+    pub(crate) fn sync(&mut self) -> Result<BTreeMap<usize, Vec<Var>>> {
+        let current = vars::read_groups(&self.variables)?;
+        for (&gid, vars) in &current {
+            if let Some(other) = vars.iter().find(|v| v.dtype != vars[0].dtype) {
+                return Err(Error::Group {
+                    group: gid,
+                    reason: format!(
+                        "mixes {} variable {:?} and {} variable {:?}; put variables of different dtypes in different groups",
+                        vars[0].dtype, vars[0].name, other.dtype, other.name
+                    ),
+                });
+            }
+        }
+        for gid in self.groups.keys().copied().collect::<Vec<_>>() {
+            if !current.contains_key(&gid) {
+                tracing::warn!(
+                    group = gid,
+                    "group has no trainable variables any more; its state is dropped"
+                );
+                self.groups.remove(&gid);
+            }
+        }
+        for (&gid, vars) in &current {
+            let config = self.config(gid).clone();
+            let threads = self.threads;
+            let group = self.groups.entry(gid).or_insert_with(|| Group {
+                config,
+                segments: Vec::new(),
+            });
+            let by_name: HashMap<&str, &Var> = vars.iter().map(|v| (v.name.as_str(), v)).collect();
+            let mut known: HashSet<&str> = HashSet::new();
+            let mut stale = false;
+            for seg in &group.segments {
+                for (name, shape) in seg.names.iter().zip(&seg.shapes) {
+                    match by_name.get(name.as_str()) {
+                        Some(v) if v.shape == *shape && v.dtype == seg.dtype => {
+                            known.insert(v.name.as_str());
+                        }
+                        _ => stale = true,
+                    }
+                }
+            }
+            if stale {
+                tracing::warn!(
+                    group = gid,
+                    "variables of the group changed shape or dtype or disappeared; its optimizer state starts over"
+                );
+                group.segments.clear();
+                known.clear();
+            }
+            let new: Vec<&Var> = vars
+                .iter()
+                .filter(|v| !known.contains(v.name.as_str()))
+                .collect();
+            if !new.is_empty() {
+                if !group.segments.is_empty() {
+                    tracing::info!(
+                        group = gid,
+                        count = new.len(),
+                        "new variables picked up; their optimizer state starts fresh"
+                    );
+                }
+                let names = new.iter().map(|v| v.name.clone()).collect();
+                let shapes = new.iter().map(|v| v.shape.clone()).collect();
+                let seg = new_segment(
+                    &group.config,
+                    names,
+                    shapes,
+                    new[0].dtype,
+                    threads,
+                    self.comm.as_ref(),
+                    &self.dist_opts,
+                )?;
+                group.segments.push(seg);
+            }
+        }
+        Ok(current)
+    }
+
+    /// One optimizer step over every group, with the gradients libtorch
+    /// accumulated since the last [`Shampoo::zero_grad`]. Variables without
+    /// a gradient are skipped (their values and state stay as they are).
+    ///
+    /// Every trainable variable and gradient must be a CPU tensor of
+    /// `f32` or `f64`, contiguous, not sharing memory with another one;
+    /// otherwise this is an [`Error::Variable`] naming it, and nothing is
+    /// updated.
+    pub fn step(&mut self) -> Result<()> {
+        let reduced = std::mem::take(&mut self.grads_reduced);
+        self.step_inner(reduced)
+    }
+
+    /// Averages the gradients of every group across ranks, in place.
+    fn reduce_gradients(&mut self) -> Result<()> {
+        let current = self.sync()?;
+        let grads = gradients(&current)?;
+        check_all_disjoint(&current, &grads)?;
+        let mut timings = StepTimings::default();
+        for (gid, group) in &mut self.groups {
+            let vars = &current[gid];
+            let index = name_index(vars);
+            let gs = &grads[gid];
+            for seg in &mut group.segments {
+                if let Engine::Dist(o) = &mut seg.engine {
+                    let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
+                    // SAFETY: the gradients were checked (CPU, contiguous,
+                    // dtype) and are disjoint; `grads` keeps them alive.
+                    let mut g: Vec<Option<HostViewMut<'_>>> = idx
+                        .iter()
+                        .map(|&i| {
+                            gs[i].as_ref().map(|g| {
+                                // SAFETY: checked, disjoint gradients kept
+                                // alive by `grads`; each is viewed once.
+                                unsafe { vars::view_mut(g, seg.dtype) }
+                            })
+                        })
+                        .collect();
+                    o.reduce_gradients(&mut g)?;
+                    timings.all_reduce += o.times().reduce;
+                }
+            }
+        }
+        self.grads_reduced = true;
+        self.timings = timings;
+        Ok(())
+    }
+
+    fn step_inner(&mut self, reduced: bool) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let current = self.sync()?;
+        let grads = gradients(&current)?;
+        check_all_disjoint(&current, &grads)?;
+
+        // The all-reduce time of a `clip_grad_norm` before this step.
+        let mut timings = StepTimings {
+            all_reduce: if reduced {
+                self.timings.all_reduce
+            } else {
+                Duration::ZERO
+            },
+            ..StepTimings::default()
+        };
+        for (gid, group) in &mut self.groups {
+            let vars = &current[gid];
+            let index = name_index(vars);
+            for seg in &mut group.segments {
+                let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
+                // SAFETY: every tensor was checked (CPU, contiguous, dtype)
+                // and no two of them overlap (check_disjoint); `current` and
+                // `grads` keep them alive; libtorch does not run on them
+                // during the step (gradient tracking is off and we hold them).
+                let mut params: Vec<HostViewMut<'_>> = idx
+                    .iter()
+                    .map(|&i| unsafe { vars::view_mut(&vars[i].tensor, seg.dtype) })
+                    .collect();
+                let gs = &grads[gid];
+                let t = Instant::now();
+                match &mut seg.engine {
+                    Engine::Local(o) => {
+                        // SAFETY: as above.
+                        let g: Vec<Option<HostView<'_>>> = idx
+                            .iter()
+                            .map(|&i| gs[i].as_ref().map(|g| unsafe { vars::view(g, seg.dtype) }))
+                            .collect();
+                        o.step(&mut params, &g)?;
+                        timings.optimizer += t.elapsed();
+                    }
+                    Engine::Dist(o) => {
+                        // SAFETY: as above.
+                        let mut g: Vec<Option<HostViewMut<'_>>> = idx
+                            .iter()
+                            .map(|&i| {
+                                gs[i].as_ref().map(|g| {
+                                    // SAFETY: checked, disjoint gradients kept
+                                    // alive by `grads`; each is viewed once.
+                                    unsafe { vars::view_mut(g, seg.dtype) }
+                                })
+                            })
+                            .collect();
+                        if reduced {
+                            let g: Vec<Option<HostView<'_>>> =
+                                g.iter().map(|g| g.as_ref().map(|g| g.as_view())).collect();
+                            o.step_reduced(&mut params, &g)?;
+                        } else {
+                            o.step(&mut params, &mut g)?;
+                        }
+                        let times = o.times();
+                        if !reduced {
+                            timings.all_reduce += times.reduce;
+                        }
+                        timings.optimizer += times.optimizer;
+                        timings.all_gather += times.all_gather + times.apply;
+                    }
+                }
+            }
+        }
+        self.timings = timings;
+        Ok(())
+    }
+}
+
+/// A fresh engine for one segment (collective when `comm` is set).
+pub(crate) fn new_segment(
+    config: &ShampooConfig,
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    dtype: DType,
+    threads: usize,
+    comm: Option<&Arc<dyn Communicator>>,
+    opts: &DistOptions,
+) -> Result<Segment> {
+    let backend = CpuBackend::new(threads)?;
+    let engine = match comm {
+        None => Engine::Local(Box::new(shampoo_core::Shampoo::new(
+            config.clone(),
+            &shapes,
+            dtype,
+            backend,
+        )?)),
+        Some(comm) => Engine::Dist(Box::new(DistributedShampoo::new(
+            config.clone(),
+            &shapes,
+            dtype,
+            backend,
+            comm.clone(),
+            opts.clone(),
+        )?)),
+    };
+    Ok(Segment {
+        names,
+        shapes,
+        dtype,
+        engine,
+    })
+}
+
+fn check_lr(lr: f64) -> Result<()> {
+    if !lr.is_finite() || lr < 0.0 {
+        return Err(
+            shampoo_core::Error::Config(format!("lr must be finite and >= 0, got {lr}")).into(),
+        );
+    }
+    Ok(())
+}
+
+/// The gradient of every variable of every group (`None`: undefined).
+fn gradients(current: &BTreeMap<usize, Vec<Var>>) -> Result<BTreeMap<usize, Vec<Option<Tensor>>>> {
+    current
+        .iter()
+        .map(|(&gid, vars)| {
+            Ok((
+                gid,
+                vars.iter()
+                    .map(vars::gradient)
+                    .collect::<Result<Vec<_>>>()?,
+            ))
+        })
+        .collect()
+}
+
+/// Errors when any two variables or gradients share memory.
+fn check_all_disjoint(
+    current: &BTreeMap<usize, Vec<Var>>,
+    grads: &BTreeMap<usize, Vec<Option<Tensor>>>,
+) -> Result<()> {
+    let mut all: Vec<(&str, &Tensor, DType)> = Vec::new();
+    for (gid, vars) in current {
+        for (v, g) in vars.iter().zip(&grads[gid]) {
+            all.push((&v.name, &v.tensor, v.dtype));
+            if let Some(g) = g {
+                all.push((&v.name, g, v.dtype));
+            }
+        }
+    }
+    vars::check_disjoint(&all)
+}
+
+/// Position of each variable by name.
+fn name_index(vars: &[Var]) -> HashMap<&str, usize> {
+    vars.iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.as_str(), i))
+        .collect()
+}

@@ -1,0 +1,215 @@
+//! Reading the trainable variables of a `VarStore` and viewing their memory
+//! in place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use shampoo_core::{DType, HostView, HostViewMut};
+use tch::nn::Variables;
+use tch::{Device, Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// The reason given for tensors on a CUDA device.
+pub const CUDA_UNSUPPORTED: &str = "CUDA tensors are not supported by this build yet";
+
+/// One trainable variable as seen at the start of a step.
+pub(crate) struct Var {
+    pub name: String,
+    pub tensor: Tensor,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+/// The trainable variables of every group, each group sorted by name.
+/// Variables without elements are left out (there is nothing to update).
+pub(crate) fn read_groups(vars: &Arc<Mutex<Variables>>) -> Result<BTreeMap<usize, Vec<Var>>> {
+    let v = vars.lock().map_err(|_| Error::Group {
+        group: 0,
+        reason: "the VarStore's lock is poisoned (a thread panicked while holding it)".into(),
+    })?;
+    // Names are keyed by what identifies a tensor's memory: the address of
+    // its first element, its shape and its element type. Variables that
+    // share memory (tied) share a key; they take its names in order.
+    let mut names: HashMap<(usize, Vec<i64>, Kind), Vec<&str>> = HashMap::new();
+    for (name, t) in &v.named_variables {
+        if t.defined() && t.numel() > 0 {
+            names
+                .entry((t.data_ptr() as usize, t.size(), t.kind()))
+                .or_default()
+                .push(name);
+        }
+    }
+    for list in names.values_mut() {
+        list.sort_unstable_by(|a, b| b.cmp(a)); // popped from the end: first name first
+    }
+    let mut groups: BTreeMap<usize, Vec<Var>> = BTreeMap::new();
+    for (i, var) in v.trainable_variables.iter().enumerate() {
+        let t = &var.tensor;
+        if !t.defined() || t.numel() == 0 {
+            continue;
+        }
+        let size = t.size();
+        let name = names
+            .get_mut(&(t.data_ptr() as usize, size.clone(), t.kind()))
+            .and_then(|l| l.pop())
+            .map_or_else(
+                || format!("<unnamed trainable variable {i}>"),
+                str::to_string,
+            );
+        let dtype = check_tensor(&name, t, "")?;
+        let shape = size.iter().map(|&d| d as usize).collect();
+        groups.entry(var.group).or_default().push(Var {
+            name,
+            tensor: t.shallow_clone(),
+            shape,
+            dtype,
+        });
+    }
+    drop(v);
+    for vars in groups.values_mut() {
+        vars.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    Ok(groups)
+}
+
+/// Checks that `t` can be viewed in place as host memory: on the CPU,
+/// `f32` or `f64`, dense and contiguous. `what` prefixes the reason
+/// ("" for the variable, "its gradient " for the gradient).
+pub(crate) fn check_tensor(name: &str, t: &Tensor, what: &str) -> Result<DType> {
+    match t.device() {
+        Device::Cpu => {}
+        Device::Cuda(i) => {
+            return Err(Error::variable(
+                name,
+                format!("{what}is on cuda:{i}: {CUDA_UNSUPPORTED}"),
+            ));
+        }
+        d => {
+            return Err(Error::variable(
+                name,
+                format!("{what}is on device {d:?}; only CPU tensors are supported"),
+            ));
+        }
+    }
+    if t.is_sparse() {
+        return Err(Error::variable(
+            name,
+            format!("{what}is a sparse tensor; only dense tensors are supported"),
+        ));
+    }
+    let dtype = match t.kind() {
+        Kind::Float => DType::F32,
+        Kind::Double => DType::F64,
+        k => {
+            return Err(Error::variable(
+                name,
+                format!("{what}has dtype {k:?}; only Float (f32) and Double (f64) are supported"),
+            ));
+        }
+    };
+    if !t.is_contiguous() {
+        return Err(Error::variable(
+            name,
+            format!("{what}is not contiguous; call .contiguous() when creating it"),
+        ));
+    }
+    Ok(dtype)
+}
+
+/// The gradient of `var`, checked against the variable: `None` when it is
+/// undefined (the variable took no part in the backward pass).
+pub(crate) fn gradient(var: &Var) -> Result<Option<Tensor>> {
+    let g = var.tensor.grad();
+    if !g.defined() {
+        return Ok(None);
+    }
+    let dtype = check_tensor(&var.name, &g, "its gradient ")?;
+    if dtype != var.dtype {
+        return Err(Error::variable(
+            &var.name,
+            format!("its gradient is {dtype} but the variable is {}", var.dtype),
+        ));
+    }
+    if g.size() != var.tensor.size() {
+        return Err(Error::variable(
+            &var.name,
+            format!(
+                "its gradient has shape {:?} but the variable has {:?}",
+                g.size(),
+                var.tensor.size()
+            ),
+        ));
+    }
+    Ok(Some(g))
+}
+
+/// The byte range a contiguous tensor occupies.
+fn byte_range(t: &Tensor, dtype: DType) -> (usize, usize) {
+    let start = t.data_ptr() as usize;
+    (start, start + t.numel() * dtype.size())
+}
+
+/// Errors when any two of the given tensors share memory: views handed to
+/// the optimizer must not alias.
+pub(crate) fn check_disjoint(tensors: &[(&str, &Tensor, DType)]) -> Result<()> {
+    let mut ranges: Vec<(usize, usize, &str)> = tensors
+        .iter()
+        .map(|(name, t, d)| {
+            let (s, e) = byte_range(t, *d);
+            (s, e, *name)
+        })
+        .collect();
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(Error::variable(
+                w[1].2,
+                format!(
+                    "shares memory with variable {:?} (or a gradient does); tied or aliased variables are not supported",
+                    w[0].2
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A mutable host view of a checked (CPU, contiguous, `dtype`) tensor.
+///
+/// # Safety
+///
+/// `t` must have passed [`check_tensor`] with `dtype`, must stay alive and
+/// unmoved in memory for `'a`, and no other reference to its memory (Rust or
+/// libtorch) may be used during `'a`.
+pub(crate) unsafe fn view_mut<'a>(t: &'a Tensor, dtype: DType) -> HostViewMut<'a> {
+    let n = t.numel();
+    let p = t.data_ptr();
+    // SAFETY: the caller guarantees a contiguous CPU tensor of `n` elements of
+    // `dtype` that nothing else touches during 'a; libtorch allocations are
+    // aligned for their element type and non-null for n > 0 (empty tensors
+    // are never viewed: `read_groups` skips them).
+    unsafe {
+        match dtype {
+            DType::F32 => HostViewMut::F32(std::slice::from_raw_parts_mut(p.cast::<f32>(), n)),
+            DType::F64 => HostViewMut::F64(std::slice::from_raw_parts_mut(p.cast::<f64>(), n)),
+        }
+    }
+}
+
+/// A read-only host view of a checked tensor.
+///
+/// # Safety
+///
+/// As [`view_mut`], except that other read-only views may coexist.
+pub(crate) unsafe fn view<'a>(t: &'a Tensor, dtype: DType) -> HostView<'a> {
+    let n = t.numel();
+    let p = t.data_ptr();
+    // SAFETY: as in `view_mut`; the memory is only read during 'a.
+    unsafe {
+        match dtype {
+            DType::F32 => HostView::F32(std::slice::from_raw_parts(p.cast::<f32>(), n)),
+            DType::F64 => HostView::F64(std::slice::from_raw_parts(p.cast::<f64>(), n)),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The adapter updates a tch model exactly (bit for bit) as `shampoo_core`
+//! does on the same gradients, for one group, several groups with their own
+//! configs, and variables added after the optimizer was built.
+
+mod common;
+
+use common::{Mlp, Reference, adam_only_config, loss, shampoo_config};
+use shampoo_tch::Shampoo;
+use tch::nn::{Init, Module, VarStore};
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn one_group_updates_like_shampoo_core_including_missing_gradients() {
+    tch::manual_seed(1);
+    let vs = VarStore::new(Device::Cpu);
+    let mlp = Mlp::new(vs.root());
+    // Only used on even steps: on odd steps it has no gradient.
+    let extra = vs.root().var("extra", &[3], Init::Const(0.5));
+    let names = ["extra", "l1.bias", "l1.weight", "l2.bias", "l2.weight"];
+    let mut reference = Reference::new(&vs, shampoo_config(0.01), &names);
+    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+        .threads(1)
+        .build()
+        .unwrap();
+    for step in 0..7 {
+        opt.zero_grad();
+        assert!(
+            !vs.variables()["l1.weight"].grad().defined(),
+            "zero_grad resets gradients to undefined"
+        );
+        let mut l = loss(&mlp, step, Kind::Float);
+        if step % 2 == 0 {
+            l += (&extra * &extra).sum(Kind::Float);
+        }
+        l.backward();
+        assert_eq!(vs.variables()["extra"].grad().defined(), step % 2 == 0);
+        reference.step(&vs);
+        opt.step().unwrap();
+        reference.assert_equal(&vs, &format!("step {step}"));
+    }
+    assert_eq!(reference.opt.step_count(), 7);
+    assert_eq!(opt.step_count(0), Some(7));
+    assert!(opt.timings().optimizer > std::time::Duration::ZERO);
+    assert_eq!(opt.timings().all_reduce, std::time::Duration::ZERO);
+}
+
+#[derive(Debug)]
+struct TwoLayer {
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+}
+
+impl Module for TwoLayer {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        (x.matmul(&self.w1.tr()) + &self.b1)
+            .tanh()
+            .matmul(&self.w2.tr())
+            + &self.b2
+    }
+}
+
+#[test]
+fn groups_with_their_own_configs_each_update_like_their_core_optimizer() {
+    tch::manual_seed(2);
+    let vs = VarStore::new(Device::Cpu);
+    let weights = vs.root().set_group(0);
+    let biases = vs.root().set_group(1);
+    let m = TwoLayer {
+        w1: weights.var(
+            "w1",
+            &[5, 6],
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.3,
+            },
+        ),
+        b1: biases.var(
+            "b1",
+            &[5],
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.1,
+            },
+        ),
+        w2: weights.var(
+            "w2",
+            &[3, 5],
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.3,
+            },
+        ),
+        b2: biases.var(
+            "b2",
+            &[3],
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.1,
+            },
+        ),
+    };
+    let mut ref_w = Reference::new(&vs, shampoo_config(0.01), &["w1", "w2"]);
+    let mut ref_b = Reference::new(&vs, adam_only_config(0.02), &["b1", "b2"]);
+    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+        .group(1, adam_only_config(0.02))
+        .threads(1)
+        .build()
+        .unwrap();
+    assert_eq!(opt.groups(), vec![0, 1]);
+    for step in 0..6 {
+        if step == 3 {
+            opt.set_lr_group(1, 0.005).unwrap();
+            ref_b.opt.set_lr(0.005).unwrap();
+        }
+        if step == 4 {
+            opt.set_lr(0.003).unwrap();
+            ref_w.opt.set_lr(0.003).unwrap();
+            ref_b.opt.set_lr(0.003).unwrap();
+        }
+        let l = loss(&m, step, Kind::Float);
+        opt.backward_step(&l).unwrap();
+        // The step leaves the gradients as they are: the references use them.
+        ref_w.step(&vs);
+        ref_b.step(&vs);
+        ref_w.assert_equal(&vs, &format!("weights, step {step}"));
+        ref_b.assert_equal(&vs, &format!("biases, step {step}"));
+    }
+    assert_eq!(opt.config(1).lr, 0.003);
+}
+
+#[test]
+fn variables_added_after_construction_are_picked_up_and_earlier_state_carries_over() {
+    tch::manual_seed(3);
+    let vs = VarStore::new(Device::Cpu);
+    let a = Mlp::new(vs.root() / "a");
+    let names_a = ["a.l1.bias", "a.l1.weight", "a.l2.bias", "a.l2.weight"];
+    let mut ref_a = Reference::new(&vs, shampoo_config(0.01), &names_a);
+    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+        .threads(1)
+        .build()
+        .unwrap();
+    for step in 0..3 {
+        opt.zero_grad();
+        loss(&a, step, Kind::Float).backward();
+        ref_a.step(&vs);
+        opt.step().unwrap();
+        ref_a.assert_equal(&vs, &format!("before the new layer, step {step}"));
+    }
+    let b = Mlp::new(vs.root() / "b");
+    let names_b = ["b.l1.bias", "b.l1.weight", "b.l2.bias", "b.l2.weight"];
+    let mut ref_b = Reference::new(&vs, shampoo_config(0.01), &names_b);
+    for step in 3..7 {
+        opt.zero_grad();
+        (loss(&a, step, Kind::Float) + loss(&b, step, Kind::Float)).backward();
+        ref_a.step(&vs);
+        ref_b.step(&vs);
+        opt.step().unwrap();
+        ref_a.assert_equal(&vs, &format!("old layer, step {step}"));
+        ref_b.assert_equal(&vs, &format!("new layer, step {step}"));
+    }
+    assert_eq!(opt.step_count(0), Some(7));
+}
+
+#[test]
+fn clip_grad_norm_returns_the_norm_and_scales_like_torch() {
+    tch::manual_seed(4);
+    let vs = VarStore::new(Device::Cpu);
+    let mlp = Mlp::new(vs.root());
+    let names = ["l1.bias", "l1.weight", "l2.bias", "l2.weight"];
+    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+        .threads(1)
+        .build()
+        .unwrap();
+    opt.zero_grad();
+    loss(&mlp, 0, Kind::Float).backward();
+    let before: Vec<Vec<f32>> = common::snapshot(&vs, &names)
+        .into_iter()
+        .map(|s| s.1.unwrap())
+        .collect();
+    let norm: f64 = before
+        .iter()
+        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt();
+    assert!(norm > 0.0);
+
+    // Above the norm: nothing changes.
+    assert_eq!(opt.clip_grad_norm(norm * 2.0), norm);
+    let same: Vec<Vec<f32>> = common::snapshot(&vs, &names)
+        .into_iter()
+        .map(|s| s.1.unwrap())
+        .collect();
+    assert_eq!(same, before);
+
+    // Below: every gradient is scaled by max / (norm + 1e-6).
+    let max = norm / 4.0;
+    assert_eq!(opt.clip_grad_norm(max), norm);
+    let c = (max / (norm + 1e-6)) as f32;
+    let after: Vec<Vec<f32>> = common::snapshot(&vs, &names)
+        .into_iter()
+        .map(|s| s.1.unwrap())
+        .collect();
+    let want: Vec<Vec<f32>> = before
+        .iter()
+        .map(|g| g.iter().map(|&x| x * c).collect())
+        .collect();
+    assert_eq!(after, want);
+}

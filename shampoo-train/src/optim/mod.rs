@@ -1,0 +1,151 @@
+//! Optimizers of the training loop: AdamW and SGD baselines (libtorch tensor
+//! operations, with state that checkpoints can hold) and Shampoo.
+//!
+//! The baselines implement `torch.optim.AdamW` and `torch.optim.SGD`'s update
+//! rules with libtorch operations on the variables of a `VarStore`. tch's
+//! `nn::Optimizer` wraps the same C++ optimizers but cannot read or write
+//! their state, which an exact `--resume` needs; a test checks that
+//! [`AdamW`] follows tch's `nn::AdamW` step for step.
+
+mod baselines;
+
+pub use baselines::{AdamW, Sgd};
+
+use crate::comm::{self, Communicator};
+use crate::error::Result;
+use std::path::Path;
+use std::time::Instant;
+use tch::nn::VarStore;
+
+/// Seconds spent in the parts of a step after the backward pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OptTimes {
+    /// Gradient averaging across ranks.
+    pub all_reduce: f64,
+    /// The optimizer's own computation.
+    pub optimizer: f64,
+    /// Sharing the directions between ranks (distributed Shampoo).
+    pub all_gather: f64,
+}
+
+/// Which optimizer.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// AdamW (decoupled weight decay).
+    Adamw,
+    /// SGD with momentum (L2 weight decay, as torch.optim.SGD).
+    Sgd,
+    /// Distributed Shampoo (shampoo-tch).
+    Shampoo,
+}
+
+impl OptimizerKind {
+    /// Name on the command line and in checkpoints.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Adamw => "adamw",
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Shampoo => "shampoo",
+        }
+    }
+}
+
+/// An optimizer over every trainable variable of a `VarStore`.
+pub enum Optimizer {
+    /// AdamW baseline.
+    AdamW(AdamW),
+    /// SGD baseline.
+    Sgd(Sgd),
+    /// Shampoo (which averages gradients and shares directions itself).
+    Shampoo {
+        /// The optimizer.
+        opt: Box<shampoo_tch::Shampoo>,
+        /// Its configured (peak) learning rate.
+        lr: f64,
+    },
+}
+
+impl Optimizer {
+    /// Sets every gradient to zero.
+    pub fn zero_grad(&mut self, vs: &VarStore) {
+        if let Optimizer::Shampoo { opt, .. } = self {
+            opt.zero_grad();
+            return;
+        }
+        for mut v in vs.trainable_variables() {
+            v.zero_grad();
+        }
+    }
+
+    /// The learning rate the optimizer was built with (the schedule's peak).
+    pub fn lr(&self) -> f64 {
+        match self {
+            Optimizer::AdamW(o) => o.lr,
+            Optimizer::Sgd(o) => o.lr,
+            Optimizer::Shampoo { lr, .. } => *lr,
+        }
+    }
+
+    /// Sets the learning rate of the next step.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.lr = lr,
+            Optimizer::Sgd(o) => o.lr = lr,
+            Optimizer::Shampoo { opt, .. } => opt.set_lr(lr)?,
+        }
+        Ok(())
+    }
+
+    /// Averages the gradients over the ranks and updates the variables.
+    pub fn step(&mut self, vs: &VarStore, comm: &dyn Communicator) -> Result<OptTimes> {
+        let baseline_step = |step: &mut dyn FnMut() -> Result<()>| -> Result<OptTimes> {
+            let t0 = Instant::now();
+            comm::all_reduce_gradients(vs, comm)?;
+            let t1 = Instant::now();
+            step()?;
+            Ok(OptTimes {
+                all_reduce: (t1 - t0).as_secs_f64(),
+                optimizer: t1.elapsed().as_secs_f64(),
+                all_gather: 0.0,
+            })
+        };
+        match self {
+            Optimizer::AdamW(o) => baseline_step(&mut || o.step(vs)),
+            Optimizer::Sgd(o) => baseline_step(&mut || o.step(vs)),
+            Optimizer::Shampoo { opt, .. } => {
+                opt.step()?;
+                let t = opt.timings();
+                Ok(OptTimes {
+                    all_reduce: t.all_reduce.as_secs_f64(),
+                    optimizer: t.optimizer.as_secs_f64(),
+                    all_gather: t.all_gather.as_secs_f64(),
+                })
+            }
+        }
+    }
+
+    /// Writes the optimizer state into the folder `dir` (which exists).
+    /// Collective: every rank calls it (Shampoo's ranks each write their
+    /// part; the baselines' state, the same on every rank, is written by
+    /// rank 0).
+    pub fn save(&self, dir: &Path, comm: &dyn Communicator) -> Result<()> {
+        match self {
+            Optimizer::Shampoo { opt, .. } => Ok(opt.save(&dir.join("shampoo"))?),
+            _ if comm.rank() != 0 => Ok(()),
+            Optimizer::AdamW(o) => o.save(&dir.join("adamw.ot")),
+            Optimizer::Sgd(o) => o.save(&dir.join("sgd.ot")),
+        }
+    }
+
+    /// Reads the state [`Optimizer::save`] wrote.
+    pub fn load(&mut self, dir: &Path, vs: &VarStore) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.load(&dir.join("adamw.ot"), vs),
+            Optimizer::Sgd(o) => o.load(&dir.join("sgd.ot"), vs),
+            Optimizer::Shampoo { opt, .. } => Ok(opt.load(&dir.join("shampoo"))?),
+        }
+    }
+}
