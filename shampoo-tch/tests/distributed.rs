@@ -214,6 +214,15 @@ fn a_distributed_run_resumes_bit_for_bit_from_its_checkpoint() {
     }
     assert_eq!(results[0].0, results[1].0);
 
+    // Another world size: shampoo_dist re-shards the blocks on load.
+    let one = in_process(1, &comm_options()).pop().unwrap();
+    let vs1 = VarStore::new(Device::Cpu);
+    let _m1 = TwoLayer::new(&vs1);
+    let mut opt1 = dist_optimizer(&vs1, one);
+    opt1.load(&ckpt).unwrap();
+    assert_eq!(opt1.step_count(0), Some(3));
+    assert_eq!(opt1.step_count(1), Some(3));
+
     // A one-process optimizer refuses the distributed checkpoint.
     let vs = VarStore::new(Device::Cpu);
     let _m = TwoLayer::new(&vs);
