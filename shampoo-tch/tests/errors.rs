@@ -33,7 +33,7 @@ fn non_contiguous_variable_is_named() {
     let _ = vs.root().add("t", t, true);
     assert_eq!(
         message(Shampoo::new(&vs, shampoo_config(0.01))),
-        r#"variable "t": is not contiguous; call .contiguous() when creating it"#
+        r#"variable "t": is not contiguous (a view, or channels-last); create it contiguous"#
     );
 }
 
