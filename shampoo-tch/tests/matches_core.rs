@@ -255,3 +255,24 @@ fn the_optimizer_can_move_to_another_thread() {
     fn is_send<T: Send>() {}
     is_send::<Shampoo>();
 }
+
+#[test]
+fn scalar_variables_update_like_shampoo_core() {
+    let vs = VarStore::new(Device::Cpu);
+    let s = vs.root().var("s", &[], Init::Const(0.75));
+    let w = vs.root().var("w", &[4], Init::Const(0.5));
+    let mut reference = Reference::new(&vs, shampoo_config(0.01), &["s", "w"]);
+    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+        .threads(1)
+        .build()
+        .unwrap();
+    for step in 0..4 {
+        opt.zero_grad();
+        ((&w * &s).sum(Kind::Float) - step as f64)
+            .square()
+            .backward();
+        reference.step(&vs);
+        opt.step().unwrap();
+        reference.assert_equal(&vs, &format!("step {step}"));
+    }
+}
