@@ -36,4 +36,9 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
     log "installing torch==$TORCH_VERSION from PyPI (several GB with its CUDA libraries; cached by pip)"
     .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
 fi
+# numpy: torch warns without it; the Python yardsticks in benches/python use it.
+if ! .venv/bin/python -c "import numpy" 2>/dev/null; then
+    log "installing numpy"
+    .venv/bin/python -m pip install -q --disable-pip-version-check numpy
+fi
 log "ok: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

@@ -312,6 +312,20 @@ impl Attempt<'_> {
                 } else if self.stop.is_none_or(|s| s == Stop::Cleanup) {
                     tracing::debug!("rank {rank} {termination}: stopping the other ranks");
                     self.begin_stop(Stop::Failure(index), libc::SIGTERM);
+                } else if let Some(Stop::Failure(first)) = self.stop
+                    && let Some(first_end) = self.ranks[first].end
+                    && outside_kill_is_root_cause(
+                        first_end,
+                        (termination, Instant::now()),
+                        self.killed_at.is_some(),
+                    )
+                {
+                    tracing::debug!(
+                        "rank {rank} {termination} right after rank {} failed: \
+                         taking the outside signal as the root cause",
+                        self.ranks[first].rank
+                    );
+                    self.stop = Some(Stop::Failure(index));
                 } else {
                     tracing::debug!("rank {rank} {termination} while stopping");
                 }
@@ -464,6 +478,36 @@ impl Attempt<'_> {
     }
 }
 
+/// How soon after the first failure a death by an outside signal still
+/// counts as its cause (the order in which the kernel reports deaths need not
+/// be the order in which they happened).
+const ROOT_CAUSE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Whether a rank that ended while the others were being stopped is a better
+/// root cause than the rank that failed first.
+///
+/// A rank killed from outside (say by SIGKILL from the OOM killer) breaks
+/// its peers' connections, and a peer may exit with an error code before the
+/// launcher has seen the kill. So when the first failure was an exit code and
+/// a rank then died within [`ROOT_CAUSE_WINDOW`] by a signal that the
+/// launcher did not send (anything but SIGTERM before the launcher's own
+/// SIGKILL), that death is the cause and the exit its consequence.
+fn outside_kill_is_root_cause(
+    first: (Termination, Instant),
+    later: (Termination, Instant),
+    launcher_sent_sigkill: bool,
+) -> bool {
+    let (Termination::Exited(_), first_at) = first else {
+        return false;
+    };
+    let (Termination::Signaled { signal, .. }, later_at) = later else {
+        return false;
+    };
+    signal != libc::SIGTERM
+        && !(launcher_sent_sigkill && signal == libc::SIGKILL)
+        && later_at.saturating_duration_since(first_at) <= ROOT_CAUSE_WINDOW
+}
+
 /// `DIR/attempt_<K>/rank_<RANK>`: where a rank's log files go.
 pub fn rank_log_dir(log_dir: &std::path::Path, attempt: u32, rank: u32) -> PathBuf {
     log_dir
@@ -613,4 +657,72 @@ fn spawn_rank(
         open_streams,
         tail,
     })
+}
+
+#[cfg(test)]
+mod root_cause_tests {
+    use super::*;
+
+    fn killed(signal: i32) -> Termination {
+        Termination::Signaled {
+            signal,
+            core_dumped: false,
+        }
+    }
+
+    #[test]
+    fn an_outside_kill_right_after_an_exit_is_the_cause() {
+        let t = Instant::now();
+        let soon = t + Duration::from_millis(200);
+        let exit = (Termination::Exited(1), t);
+        assert!(outside_kill_is_root_cause(
+            exit,
+            (killed(libc::SIGKILL), soon),
+            false
+        ));
+        assert!(outside_kill_is_root_cause(
+            exit,
+            (killed(libc::SIGSEGV), soon),
+            false
+        ));
+        assert!(outside_kill_is_root_cause(
+            exit,
+            (killed(libc::SIGSEGV), soon),
+            true
+        ));
+    }
+
+    #[test]
+    fn the_launchers_own_signals_and_late_deaths_are_not() {
+        let t = Instant::now();
+        let soon = t + Duration::from_millis(200);
+        let late = t + ROOT_CAUSE_WINDOW + Duration::from_millis(1);
+        let exit = (Termination::Exited(1), t);
+        assert!(!outside_kill_is_root_cause(
+            exit,
+            (killed(libc::SIGTERM), soon),
+            false
+        ));
+        assert!(!outside_kill_is_root_cause(
+            exit,
+            (killed(libc::SIGKILL), soon),
+            true
+        ));
+        assert!(!outside_kill_is_root_cause(
+            exit,
+            (killed(libc::SIGKILL), late),
+            false
+        ));
+        assert!(!outside_kill_is_root_cause(
+            exit,
+            (Termination::Exited(2), soon),
+            false
+        ));
+        let first_killed = (killed(libc::SIGKILL), t);
+        assert!(!outside_kill_is_root_cause(
+            first_killed,
+            (killed(libc::SIGSEGV), soon),
+            false
+        ));
+    }
 }

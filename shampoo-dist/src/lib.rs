@@ -51,7 +51,11 @@ pub mod comm;
 mod error;
 mod optimizer;
 
-pub use checkpoint::{MANIFEST, Manifest};
+/// The guide, `docs/distributed.md`; its Rust examples run as doctests.
+#[doc = include_str!("../../docs/distributed.md")]
+pub mod guide {}
+
+pub use checkpoint::{MANIFEST, MANIFEST_FORMAT, Manifest};
 pub use comm::{
     CommDType, CommOptions, Communicator, SingleProcess, communicator_from_env, in_process,
     mean_in_rank_order,

@@ -127,8 +127,6 @@ pub struct DistributedShampoo {
     gathered_offsets: Vec<usize>,
     /// Offset of every owned block in this rank's own slot.
     local_offsets: Vec<Option<usize>>,
-    /// Elements per rank slot.
-    slot_len: usize,
     /// Apply tables over the gathered buffer (all blocks).
     tables: Vec<shampoo_core::backend::cpu::CpuBlockTable>,
     /// Apply tables over the own-directions buffer (own blocks only).
@@ -208,7 +206,7 @@ impl DistributedShampoo {
         let gathered_offsets: Vec<usize> = owner
             .iter()
             .zip(&offsets_in_slot)
-            .map(|(&o, &off)| (group_base + o) * slot_len + off)
+            .map(|(&o, &off)| o * slot_len + off)
             .collect();
         let tables = inner.apply_tables(
             &gathered_offsets
@@ -240,18 +238,17 @@ impl DistributedShampoo {
             group_base,
             send: vec![0u8; slot_len * wire],
             recv16: if sixteen {
-                vec![0u16; world * slot_len]
+                vec![0u16; g * slot_len]
             } else {
                 Vec::new()
             },
-            gathered: HostVec::zeros(dtype, world * slot_len),
+            gathered: HostVec::zeros(dtype, g * slot_len),
             bucket: HostVec::zeros(dtype, numel + shapes.len()),
             opts,
             owner,
             owned,
             gathered_offsets,
             local_offsets,
-            slot_len,
             tables,
             own_tables,
             inner,
@@ -312,19 +309,21 @@ impl DistributedShampoo {
     }
     /// Bytes one rank receives from other ranks per step, independent of
     /// how the transport moves them: the gradient all-reduce buffer (all
-    /// elements plus one flag per parameter, counted once) and the other
-    /// ranks' slots of the all-gather. Zero for a world of one.
+    /// elements plus one flag per parameter, counted once) and the slots of
+    /// the other ranks of its group. Zero for a world of one.
     pub fn comm_bytes_per_step(&self) -> usize {
         let world = self.world_size();
         if world == 1 {
             return 0;
         }
         let elem = self.inner.dtype().size();
-        (self.inner.layout().numel() + self.shapes.len()) * elem + (world - 1) * self.send.len()
+        (self.inner.layout().numel() + self.shapes.len()) * elem
+            + (self.group_size - 1) * self.send.len()
     }
-    /// Bytes of the all-gather's result (every rank's slot, own included).
+    /// Bytes of the all-gather's result (every slot of this rank's group,
+    /// own included).
     pub fn gather_bytes(&self) -> usize {
-        self.world_size() * self.send.len()
+        self.group_size * self.send.len()
     }
 
     /// Averages gradients in place across ranks (one flat all-reduce).
@@ -397,25 +396,22 @@ impl DistributedShampoo {
         }
 
         let t = Instant::now();
-        let world = self.comm.world_size();
         let dirs = self.inner.directions();
         match self.opts.comm_dtype {
             CommDType::F32 => {
                 codec::pack_full(dirs, &mut self.send);
+                let group = self.group();
                 self.comm
-                    .all_gather_bytes(&self.send, self.gathered.bytes_mut())?;
+                    .all_gather_group_bytes(&self.send, self.gathered.bytes_mut(), group)?;
             }
             c => {
                 codec::pack_16(dirs, c, &mut self.send);
+                let group = self.group();
                 let recv: &mut [u8] = bytemuck::cast_slice_mut(&mut self.recv16);
-                self.comm.all_gather_bytes(&self.send, recv)?;
-                // Only this group's slots are applied.
-                let r = self.group_base * self.slot_len
-                    ..(self.group_base + self.group_size) * self.slot_len;
-                codec::unpack_16(&self.recv16[r.clone()], c, &mut self.gathered, r.start);
+                self.comm.all_gather_group_bytes(&self.send, recv, group)?;
+                codec::unpack_16(&self.recv16, c, &mut self.gathered, 0);
             }
         }
-        debug_assert_eq!(self.send.len() * world, self.gather_bytes());
         self.times.all_gather = t.elapsed();
 
         let t = Instant::now();
@@ -442,8 +438,9 @@ impl DistributedShampoo {
         );
         self.times.apply = t.elapsed();
         let t = Instant::now();
+        let group = self.group();
         self.comm
-            .all_gather_bytes(&self.send, self.gathered.bytes_mut())?;
+            .all_gather_group_bytes(&self.send, self.gathered.bytes_mut(), group)?;
         self.times.all_gather = t.elapsed();
         let t = Instant::now();
         codec::unpack_blocks(
@@ -468,6 +465,11 @@ impl DistributedShampoo {
             .map(|g| g.as_ref().map(|g| g.as_view()))
             .collect();
         self.step_reduced(params, &views)
+    }
+
+    /// This rank's group of trainers (consecutive world ranks).
+    fn group(&self) -> std::ops::Range<usize> {
+        self.group_base..self.group_base + self.group_size
     }
 
     pub(crate) fn inner_mut(&mut self) -> &mut Shampoo<CpuBackend> {

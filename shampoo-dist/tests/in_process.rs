@@ -87,3 +87,42 @@ fn state_bytes_is_the_checkpointed_state_and_ranks_split_it() {
         "3 ranks together hold one copy of the state"
     );
 }
+
+#[test]
+fn a_gradient_on_some_ranks_only_is_the_same_error_everywhere() {
+    use shampoo_core::{CpuBackend, DType, HostViewMut};
+    use shampoo_dist::{CommOptions, DistributedShampoo, in_process};
+    let (config, shapes) = (config(), shapes());
+    let errs = per_rank(in_process(3, &CommOptions::default()), |comm| {
+        let rank = comm.rank();
+        let mut opt = DistributedShampoo::new(
+            config.clone(),
+            &shapes,
+            DType::F32,
+            CpuBackend::new(1).unwrap(),
+            comm,
+            DistOptions::default(),
+        )
+        .unwrap();
+        let mut params = init_params(&shapes);
+        let mut grads: Vec<Option<Vec<f32>>> = (0..shapes.len())
+            .map(|p| grad(&shapes, 1, rank, p))
+            .collect();
+        if rank == 1 {
+            grads[0] = None;
+        }
+        let mut views: Vec<HostViewMut<'_>> =
+            params.iter_mut().map(|p| HostViewMut::F32(p)).collect();
+        let mut gviews: Vec<Option<HostViewMut<'_>>> = grads
+            .iter_mut()
+            .map(|g| g.as_deref_mut().map(HostViewMut::F32))
+            .collect();
+        opt.step(&mut views, &mut gviews).unwrap_err().to_string()
+    });
+    for e in errs {
+        assert_eq!(
+            e,
+            "invalid argument: parameter 0 has a gradient on 2 of 3 ranks; pass a gradient for it on every rank or on none"
+        );
+    }
+}

@@ -49,6 +49,30 @@ fn groups_of_trainers_each_cover_all_blocks_and_equal_one_process() {
     for (r, (p, _)) in ranks.iter().enumerate() {
         assert_bitwise(p, &expected, &format!("groups of 2, rank {r}"));
     }
+    // The all-gather covers the group only.
+    let gather = |g: Option<usize>| {
+        per_rank(
+            shampoo_dist::in_process(world, &shampoo_dist::CommOptions::default()),
+            |comm| {
+                shampoo_dist::DistributedShampoo::new(
+                    config.clone(),
+                    &shapes,
+                    shampoo_core::DType::F32,
+                    shampoo_core::CpuBackend::new(1).unwrap(),
+                    comm,
+                    DistOptions {
+                        num_trainers_per_group: g,
+                        ..DistOptions::default()
+                    },
+                )
+                .unwrap()
+                .gather_bytes()
+            },
+        )[0]
+    };
+    let (whole, pairs) = (gather(None), gather(Some(2)));
+    // Slots of 2 ranks each hold about twice a slot of 4 ranks.
+    assert!(pairs < whole, "{pairs} >= {whole}");
 }
 
 #[test]
@@ -162,4 +186,86 @@ fn sixteen_bit_communication_halves_the_all_gather() {
     let numel: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
     assert_eq!(total32, 4 * (numel + shapes.len()) + g32 / 2);
     assert_eq!(total16, 4 * (numel + shapes.len()) + g16 / 2);
+}
+
+#[test]
+fn f64_parameters_equal_one_process_bitwise() {
+    use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, Shampoo};
+    use shampoo_dist::{CommOptions, DistributedShampoo, in_process, mean_in_rank_order};
+    let (config, shapes) = (config(), shapes());
+    let world = 3;
+    let init: Vec<Vec<f64>> = init_params(&shapes)
+        .iter()
+        .map(|p| p.iter().map(|&x| x as f64).collect())
+        .collect();
+    let grad64 = |step: u64, rank: usize, p: usize| -> Option<Vec<f64>> {
+        grad(&shapes, step, rank, p).map(|g| g.iter().map(|&x| x as f64 / 3.0).collect())
+    };
+    // One process.
+    let mut opt = Shampoo::new(
+        config.clone(),
+        &shapes,
+        DType::F64,
+        CpuBackend::new(1).unwrap(),
+    )
+    .unwrap();
+    let mut expected = init.clone();
+    for step in 1..=STEPS {
+        let grads: Vec<Option<Vec<f64>>> = (0..shapes.len())
+            .map(|p| {
+                let per: Vec<Vec<f64>> = (0..world)
+                    .map(|r| grad64(step, r, p))
+                    .collect::<Option<_>>()?;
+                let parts: Vec<&[f64]> = per.iter().map(Vec::as_slice).collect();
+                let mut mean = vec![0f64; per[0].len()];
+                mean_in_rank_order(&parts, &mut mean);
+                Some(mean)
+            })
+            .collect();
+        let mut pv: Vec<HostViewMut<'_>> =
+            expected.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+        let gv: Vec<Option<HostView<'_>>> = grads
+            .iter()
+            .map(|g| g.as_deref().map(HostView::F64))
+            .collect();
+        opt.step(&mut pv, &gv).unwrap();
+    }
+    // Three ranks, directions in full (f64) precision.
+    let got = per_rank(in_process(world, &CommOptions::default()), |comm| {
+        let rank = comm.rank();
+        let mut opt = DistributedShampoo::new(
+            config.clone(),
+            &shapes,
+            DType::F64,
+            CpuBackend::new(1).unwrap(),
+            comm,
+            DistOptions::default(),
+        )
+        .unwrap();
+        let mut params = init.clone();
+        for step in 1..=STEPS {
+            let mut grads: Vec<Option<Vec<f64>>> =
+                (0..shapes.len()).map(|p| grad64(step, rank, p)).collect();
+            let mut pv: Vec<HostViewMut<'_>> =
+                params.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+            let mut gv: Vec<Option<HostViewMut<'_>>> = grads
+                .iter_mut()
+                .map(|g| g.as_deref_mut().map(HostViewMut::F64))
+                .collect();
+            opt.step(&mut pv, &mut gv).unwrap();
+        }
+        params
+    });
+    for (r, p) in got.iter().enumerate() {
+        let bits = |v: &Vec<Vec<f64>>| -> Vec<Vec<u64>> {
+            v.iter()
+                .map(|x| x.iter().map(|y| y.to_bits()).collect())
+                .collect()
+        };
+        assert!(
+            bits(p) == bits(&expected),
+            "f64, rank {r} differs from one process"
+        );
+    }
+    assert_ne!(expected, init);
 }

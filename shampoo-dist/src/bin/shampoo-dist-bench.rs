@@ -54,7 +54,8 @@ enum Cmd {
         /// max_preconditioner_dim.
         #[arg(long, default_value_t = 256)]
         max_dim: usize,
-        /// Timed steps without root inverse per rank (median reported).
+        /// Timed preconditioned steps without root inverse per rank (median
+        /// reported).
         #[arg(long, default_value_t = 2)]
         steps: usize,
     },
@@ -118,18 +119,18 @@ fn time_rank(
     let gv: Vec<Option<HostView<'_>>> = grads.iter().map(|g| Some(HostView::F32(g))).collect();
     let mut plain = Vec::new();
     let mut root = Duration::ZERO;
-    // Steps 1..: the config recomputes roots every `precondition_frequency`.
-    let mut step = 0;
+    // The config recomputes roots every `precondition_frequency` steps,
+    // starting at that step.
     while plain.len() < steps || root.is_zero() {
         let has_root = opt.next_step_has_root_inverse();
         let t = Instant::now();
         opt.compute_directions(&pv, &gv)?;
         let dt = t.elapsed();
-        step += 1;
         if has_root {
             root = dt.max(Duration::from_nanos(1));
-        } else if step > 1 {
-            // Step 1 pays first-touch page faults; not timed.
+        } else if !root.is_zero() {
+            // Preconditioned steps only: those before the first root inverse
+            // are grafting alone.
             plain.push(dt);
         }
     }

@@ -3,7 +3,7 @@
 //! - [`in_process`]: ranks are threads of one process (tests).
 //! - [`tcp`]: CPU ranks in separate processes or machines, connected in a
 //!   full mesh after a rendezvous through a key-value [`store`].
-//! - `nccl` (feature `nccl`): GPUs, on device pointers.
+//! - `nccl` (feature `nccl`): GPUs, on raw device pointers.
 //! - [`SingleProcess`]: a world of one; every collective is a no-op.
 //!
 //! Every transport sums in rank order (`((x_0 + x_1) + x_2) + ...`, then
@@ -13,6 +13,8 @@
 
 mod env;
 mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod store;
 pub mod tcp;
 
@@ -97,6 +99,35 @@ pub trait Communicator: Send + Sync {
     /// rank sends the same number of bytes; `recv` holds `world_size` times
     /// that).
     fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<()>;
+    /// All-gather within `group`, a range of consecutive ranks holding this
+    /// one: `recv` = the group's sends in rank order (`group.len()` times
+    /// `send.len()` bytes). Every rank of the world calls it at the same
+    /// time, each with its own group; the groups partition the world.
+    ///
+    /// The provided implementation all-gathers over the whole world and
+    /// keeps the group's part; transports override it to move only the
+    /// group's bytes.
+    fn all_gather_group_bytes(
+        &self,
+        send: &[u8],
+        recv: &mut [u8],
+        group: std::ops::Range<usize>,
+    ) -> Result<()> {
+        check_group(
+            self.rank(),
+            self.world_size(),
+            &group,
+            send.len(),
+            recv.len(),
+        )?;
+        if group.len() == self.world_size() {
+            return self.all_gather_bytes(send, recv);
+        }
+        let mut all = vec![0u8; send.len() * self.world_size()];
+        self.all_gather_bytes(send, &mut all)?;
+        recv.copy_from_slice(&all[group.start * send.len()..group.end * send.len()]);
+        Ok(())
+    }
     /// Copies `root`'s `buf` into every other rank's `buf` (same sizes).
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
@@ -127,6 +158,22 @@ pub(crate) fn check_gather(world: usize, send: usize, recv: usize) -> Result<()>
         )));
     }
     Ok(())
+}
+
+/// Checks a group all-gather's arguments.
+pub(crate) fn check_group(
+    rank: usize,
+    world: usize,
+    group: &std::ops::Range<usize>,
+    send: usize,
+    recv: usize,
+) -> Result<()> {
+    if !group.contains(&rank) || group.end > world {
+        return Err(crate::Error::invalid(format!(
+            "group {group:?} of a world of {world} does not hold rank {rank}"
+        )));
+    }
+    check_gather(group.len(), send, recv)
 }
 
 /// Checks a broadcast root.

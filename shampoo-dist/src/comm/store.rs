@@ -295,6 +295,17 @@ impl StoreClient {
 
     /// The value of `key`, waiting up to the timeout for it to be set.
     pub fn get(&mut self, key: &str) -> Result<Vec<u8>> {
+        match self.wait(key)? {
+            Some(v) => Ok(v),
+            None => Err(Error::Rendezvous {
+                addr: self.addr.clone(),
+                reason: format!("key {key:?} was not set within {:?}", self.timeout),
+            }),
+        }
+    }
+
+    /// The value of `key`, or `None` when it is not set within the timeout.
+    pub fn wait(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
         let timeout = self.timeout;
         // The server answers within `timeout`; allow some slack for the reply.
         let _ = self
@@ -314,14 +325,7 @@ impl StoreClient {
                 Ok(None)
             }
         })();
-        match r {
-            Ok(Some(v)) => Ok(v),
-            Ok(None) => Err(Error::Rendezvous {
-                addr: self.addr.clone(),
-                reason: format!("key {key:?} was not set within {timeout:?}"),
-            }),
-            Err(e) => Err(self.io(e)),
-        }
+        r.map_err(|e| self.io(e))
     }
 }
 

@@ -30,7 +30,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::store::{StoreClient, StoreServer};
-use super::{CommOptions, Communicator, ReduceElem, check_gather, check_root, reduce_chunks};
+use super::{
+    CommOptions, Communicator, ReduceElem, check_gather, check_group, check_root, reduce_chunks,
+};
 use crate::{Error, Result};
 
 const MAGIC: u32 = 0x5348_4d50; // "SHMP"
@@ -155,7 +157,14 @@ impl TcpCommunicator {
         };
         // Connect to every lower rank.
         for (q, slot) in peers.iter_mut().enumerate().take(rank) {
-            let v = client.get(&format!("rank/{q}"))?;
+            let v = client
+                .wait(&format!("rank/{q}"))?
+                .ok_or_else(|| Error::Timeout {
+                    rank,
+                    peer: q,
+                    op: "rendezvous (it never published its address)".into(),
+                    timeout,
+                })?;
             let v = String::from_utf8_lossy(&v).into_owned();
             let (their_world, addr) = v
                 .split_once(' ')
@@ -359,6 +368,37 @@ impl TcpCommunicator {
         })
     }
 
+    /// All-gather among the ranks of `group` only.
+    fn gather_among(
+        &self,
+        send: &[u8],
+        recv: &mut [u8],
+        group: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = Self::next_seq(&mut st);
+        let n = send.len();
+        let me = self.rank - group.start;
+        let mut parts: Vec<&mut [u8]> = if n == 0 {
+            (0..group.len()).map(|_| Default::default()).collect()
+        } else {
+            recv.chunks_mut(n).collect()
+        };
+        parts[me].copy_from_slice(send);
+        let sends: Vec<(usize, &[u8])> = group
+            .clone()
+            .filter(|&p| p != self.rank)
+            .map(|p| (p, send))
+            .collect();
+        let recvs: Vec<(usize, &mut [u8])> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, part)| (group.start + i, part))
+            .filter(|(p, _)| *p != self.rank)
+            .collect();
+        self.exchange(Op::AllGather, seq, sends, recvs)
+    }
+
     fn next_seq(state: &mut (u64, Vec<u64>)) -> u64 {
         state.0 += 1;
         state.0
@@ -443,25 +483,16 @@ impl Communicator for TcpCommunicator {
     }
     fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
         check_gather(self.world, send.len(), recv.len())?;
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = Self::next_seq(&mut st);
-        let n = send.len();
-        let mut parts: Vec<&mut [u8]> = if n == 0 {
-            (0..self.world).map(|_| Default::default()).collect()
-        } else {
-            recv.chunks_mut(n).collect()
-        };
-        parts[self.rank].copy_from_slice(send);
-        let sends: Vec<(usize, &[u8])> = (0..self.world)
-            .filter(|&p| p != self.rank)
-            .map(|p| (p, send))
-            .collect();
-        let recvs: Vec<(usize, &mut [u8])> = parts
-            .into_iter()
-            .enumerate()
-            .filter(|(p, _)| *p != self.rank)
-            .collect();
-        self.exchange(Op::AllGather, seq, sends, recvs)
+        self.gather_among(send, recv, 0..self.world)
+    }
+    fn all_gather_group_bytes(
+        &self,
+        send: &[u8],
+        recv: &mut [u8],
+        group: std::ops::Range<usize>,
+    ) -> Result<()> {
+        check_group(self.rank, self.world, &group, send.len(), recv.len())?;
+        self.gather_among(send, recv, group)
     }
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
         check_root(self.world, root)?;

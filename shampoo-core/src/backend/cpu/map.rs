@@ -313,6 +313,29 @@ fn split<'a, T>(data: &'a mut [T], per: usize, keep: &[bool]) -> Vec<Option<&'a 
         .collect()
 }
 
+/// Pushes one task per selected chunk of `data` (`count` chunks of `per`
+/// elements): `make(i, chunk)` builds chunk `i`'s task, which costs `per`.
+fn per_chunk<'a, T>(
+    tasks: &mut Vec<(u64, Task<'a, T>)>,
+    data: &'a mut [T],
+    per: usize,
+    select: Option<&[u32]>,
+    count: usize,
+    mut make: impl FnMut(usize, &'a mut [T]) -> Task<'a, T>,
+) {
+    let keep = mask(select, count);
+    for (i, c) in split(data, per, &keep).into_iter().enumerate() {
+        if let Some(c) = c {
+            tasks.push((per as u64, make(i, c)));
+        }
+    }
+}
+
+/// Chunk `i` of `per` elements.
+fn chunk<T>(data: &[T], i: usize, per: usize) -> &[T] {
+    &data[i * per..(i + 1) * per]
+}
+
 fn opt_split<'a, T>(
     data: Option<&'a mut [T]>,
     per: usize,
@@ -361,21 +384,16 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let f = tr::<T>(*factors, "factors", count, n * n)?;
             let out = tm::<T>(take_mut(out), "out", count, n * n)?;
-            let keep = mask(*select, count);
-            for (i, o) in split(out, n * n, &keep).into_iter().enumerate() {
-                if let Some(o) = o {
-                    tasks.push((
-                        (n * n) as u64,
-                        Task::RootInput {
-                            f: &f[i * n * n..(i + 1) * n * n],
-                            out: o,
-                            n,
-                            divisor: T::from_f64(*divisor),
-                            eps: T::from_f64(*eps),
-                        },
-                    ));
+            let (divisor, eps) = (T::from_f64(*divisor), T::from_f64(*eps));
+            per_chunk(tasks, out, n * n, *select, count, |i, out| {
+                Task::RootInput {
+                    f: chunk(f, i, n * n),
+                    out,
+                    n,
+                    divisor,
+                    eps,
                 }
-            }
+            });
         }
         Map::EigenPower {
             values,
@@ -389,18 +407,15 @@ fn map_job<'a, T: CpuFloat>(
             let (n, count) = (*n, *count);
             check_select(OP, *select, count)?;
             let values = tm::<T>(take_mut(values), "values", count, n)?;
-            let keep = mask(*select, count);
             let e = if *half { *exponent / 2.0 } else { *exponent };
-            for v in split(values, n, &keep).into_iter().flatten() {
-                tasks.push((
-                    n as u64,
-                    Task::EigenPower {
-                        values: v,
-                        eps: T::from_f64(*eps),
-                        exponent: T::from_f64(e),
-                    },
-                ));
-            }
+            let (eps, exponent) = (T::from_f64(*eps), T::from_f64(e));
+            per_chunk(tasks, values, n, *select, count, |_, values| {
+                Task::EigenPower {
+                    values,
+                    eps,
+                    exponent,
+                }
+            });
         }
         Map::ScaleRows {
             x,
@@ -413,19 +428,11 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let x = tm::<T>(take_mut(x), "x", count, n * n)?;
             let d = tr::<T>(*d, "d", count, n)?;
-            let keep = mask(*select, count);
-            for (i, x) in split(x, n * n, &keep).into_iter().enumerate() {
-                if let Some(x) = x {
-                    tasks.push((
-                        (n * n) as u64,
-                        Task::ScaleRows {
-                            x,
-                            d: &d[i * n..(i + 1) * n],
-                            n,
-                        },
-                    ));
-                }
-            }
+            per_chunk(tasks, x, n * n, *select, count, |i, x| Task::ScaleRows {
+                x,
+                d: chunk(d, i, n),
+                n,
+            });
         }
         Map::Symmetrize {
             x,
@@ -436,10 +443,10 @@ fn map_job<'a, T: CpuFloat>(
             let (n, count) = (*n, *count);
             check_select(OP, *select, count)?;
             let x = tm::<T>(take_mut(x), "x", count, n * n)?;
-            let keep = mask(*select, count);
-            for x in split(x, n * n, &keep).into_iter().flatten() {
-                tasks.push(((n * n) as u64, Task::Symmetrize { x, n }));
-            }
+            per_chunk(tasks, x, n * n, *select, count, |_, x| Task::Symmetrize {
+                x,
+                n,
+            });
         }
         Map::Copy {
             src,
@@ -452,18 +459,11 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
             check_len(OP, "src", src.len(), count, numel)?;
-            let keep = mask(*select, count);
-            for (i, d) in split(dst, numel, &keep).into_iter().enumerate() {
-                if let Some(d) = d {
-                    tasks.push((
-                        numel as u64,
-                        Task::Copy {
-                            src: src.slice(i * numel, numel),
-                            dst: d,
-                        },
-                    ));
-                }
-            }
+            let src = *src;
+            per_chunk(tasks, dst, numel, *select, count, |i, dst| Task::Copy {
+                src: src.slice(i * numel, numel),
+                dst,
+            });
         }
         Map::Fill {
             dst,
@@ -475,16 +475,11 @@ fn map_job<'a, T: CpuFloat>(
             let (numel, count) = (*numel, *count);
             check_select(OP, *select, count)?;
             let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
-            let keep = mask(*select, count);
-            for d in split(dst, numel, &keep).into_iter().flatten() {
-                tasks.push((
-                    numel as u64,
-                    Task::Fill {
-                        dst: d,
-                        value: T::from_f64(*value),
-                    },
-                ));
-            }
+            let value = T::from_f64(*value);
+            per_chunk(tasks, dst, numel, *select, count, |_, dst| Task::Fill {
+                dst,
+                value,
+            });
         }
         Map::NewtonInit {
             a,
@@ -513,7 +508,7 @@ fn map_job<'a, T: CpuFloat>(
                     tasks.push((
                         (n * n) as u64,
                         Task::NewtonInit {
-                            a: &a[i * n * n..(i + 1) * n * n],
+                            a: chunk(a, i, n * n),
                             norm: norms[i],
                             x,
                             m,
@@ -536,20 +531,15 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let m = tr::<T>(*m, "m", count, n * n)?;
             let out = tm::<T>(take_mut(out), "out", count, n * n)?;
-            let keep = mask(*select, count);
-            for (i, o) in split(out, n * n, &keep).into_iter().enumerate() {
-                if let Some(o) = o {
-                    tasks.push((
-                        (n * n) as u64,
-                        Task::NewtonCoefficient {
-                            m: &m[i * n * n..(i + 1) * n * n],
-                            out: o,
-                            p: *p,
-                            n,
-                        },
-                    ));
+            let p = *p;
+            per_chunk(tasks, out, n * n, *select, count, |i, out| {
+                Task::NewtonCoefficient {
+                    m: chunk(m, i, n * n),
+                    out,
+                    p,
+                    n,
                 }
-            }
+            });
         }
         Map::GradientStatistics {
             g,
@@ -609,7 +599,7 @@ fn map_job<'a, T: CpuFloat>(
                 tasks.push((
                     numel as u64,
                     Task::GradientStatistics {
-                        g: &g[i * numel..(i + 1) * numel],
+                        g: chunk(g, i, numel),
                         v,
                         graft: *graft,
                         filtered: filt,
@@ -730,19 +720,14 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let r = tr::<T>(*r, "r", count, numel)?;
             let d = tm::<T>(take_mut(d), "d", count, numel)?;
-            let keep = mask(*select, count);
-            for (i, d) in split(d, numel, &keep).into_iter().enumerate() {
-                if let Some(d) = d {
-                    tasks.push((
-                        numel as u64,
-                        Task::EigenvalueUpdate {
-                            r: &r[i * numel..(i + 1) * numel],
-                            d,
-                            beta2: *beta2,
-                        },
-                    ));
+            let beta2 = *beta2;
+            per_chunk(tasks, d, numel, *select, count, |i, d| {
+                Task::EigenvalueUpdate {
+                    r: chunk(r, i, numel),
+                    d,
+                    beta2,
                 }
-            }
+            });
         }
         Map::EigenvalueScale {
             r,
@@ -757,20 +742,15 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let d = tr::<T>(*d, "d", count, numel)?;
             let r = tm::<T>(take_mut(r), "r", count, numel)?;
-            let keep = mask(*select, count);
-            for (i, r) in split(r, numel, &keep).into_iter().enumerate() {
-                if let Some(r) = r {
-                    tasks.push((
-                        numel as u64,
-                        Task::EigenvalueScale {
-                            r,
-                            d: &d[i * numel..(i + 1) * numel],
-                            bc2: T::from_f64(*bc2),
-                            eps: T::from_f64(*eps),
-                        },
-                    ));
+            let (bc2, eps) = (T::from_f64(*bc2), T::from_f64(*eps));
+            per_chunk(tasks, r, numel, *select, count, |i, r| {
+                Task::EigenvalueScale {
+                    r,
+                    d: chunk(d, i, numel),
+                    bc2,
+                    eps,
                 }
-            }
+            });
         }
     }
     Ok(())
