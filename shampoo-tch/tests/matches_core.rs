@@ -276,3 +276,39 @@ fn scalar_variables_update_like_shampoo_core() {
         reference.assert_equal(&vs, &format!("step {step}"));
     }
 }
+
+#[test]
+fn a_variable_that_changes_shape_restarts_its_group_with_fresh_state() {
+    let vs = VarStore::new(Device::Cpu);
+    let a = vs.root().var("a", &[2, 3], Init::Const(0.25));
+    let mut w = vs.root().var("w", &[3], Init::Const(0.5));
+    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+        .threads(1)
+        .build()
+        .unwrap();
+    for step in 0..3 {
+        opt.zero_grad();
+        (a.matmul(&w).sum(Kind::Float) - step as f64)
+            .square()
+            .backward();
+        opt.step().unwrap();
+    }
+    assert_eq!(opt.step_count(0), Some(3));
+    // `w` grows to 4 elements and `a` follows: both restart.
+    tch::no_grad(|| {
+        w.set_data(&Tensor::full([4], 0.5, (Kind::Float, Device::Cpu)));
+        let mut a2 = a.shallow_clone();
+        a2.set_data(&Tensor::full([2, 4], 0.25, (Kind::Float, Device::Cpu)));
+    });
+    let mut reference = Reference::new(&vs, shampoo_config(0.01), &["a", "w"]);
+    for step in 0..3 {
+        opt.zero_grad();
+        (a.matmul(&w).sum(Kind::Float) - step as f64)
+            .square()
+            .backward();
+        reference.step(&vs);
+        opt.step().unwrap();
+        reference.assert_equal(&vs, &format!("after the change, step {step}"));
+    }
+    assert_eq!(opt.step_count(0), Some(3));
+}
