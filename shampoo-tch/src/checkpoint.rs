@@ -82,15 +82,17 @@ impl Shampoo {
         let root = comm.rank() == 0;
         let prepared = if root { prepare_dir(&tmp) } else { Ok(()) };
         agree_root(comm, prepared, path, "prepare the temporary directory")?;
+        // Every rank takes part in every collective below, errors or not, so
+        // that no rank waits for one that gave up.
         let written = self.write_segments(&tmp, path);
-        // Every rank took part in every collective save (they agree on errors).
-        written?;
-        let done = if root {
-            replace_dir(&tmp, path)
+        let what = "write the manifest and move the checkpoint into place";
+        if root {
+            let done = written.and_then(|()| replace_dir(&tmp, path));
+            agree_root(comm, done, path, what)
         } else {
-            Ok(())
-        };
-        agree_root(comm, done, path, "move the checkpoint into place")
+            let agreed = agree_root(comm, Ok(()), path, what);
+            written.and(agreed)
+        }
     }
 
     /// Writes every segment's state and (on rank 0) the manifest into `tmp`.

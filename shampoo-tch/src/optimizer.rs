@@ -85,6 +85,8 @@ pub struct Shampoo {
     pub(crate) dist_opts: DistOptions,
     /// The gradients were averaged already (by `clip_grad_norm`).
     grads_reduced: bool,
+    /// An error of `clip_grad_norm`, returned by the next `step`.
+    pending_error: Option<Error>,
     zeroer: COptimizer,
     zeroer_vars: usize,
     timings: StepTimings,
@@ -154,6 +156,7 @@ impl ShampooBuilder {
             comm: self.comm,
             dist_opts: self.dist_opts,
             grads_reduced: false,
+            pending_error: None,
             zeroer,
             zeroer_vars: 0,
             timings: StepTimings::default(),
@@ -265,14 +268,16 @@ impl Shampoo {
     /// averaged gradients, as one process would.
     ///
     /// The norm is accumulated in `f64`; the factor is applied in the
-    /// gradients' dtype. Variables that cannot be used (see
-    /// [`Shampoo::step`]) make it return NaN and leave the gradients as they
-    /// are; the next step reports the error.
+    /// gradients' dtype. On an error (a variable that cannot be used, see
+    /// [`Shampoo::step`]; a failed all-reduce) it returns NaN, leaves the
+    /// gradients unscaled, and the next [`Shampoo::step`] returns the error
+    /// without updating anything.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         match self.clip_grad_norm_checked(max_norm) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!("clip_grad_norm: {e}");
+                self.pending_error = Some(e);
                 f64::NAN
             }
         }
@@ -449,9 +454,14 @@ impl Shampoo {
     /// Every trainable variable and gradient must be a CPU tensor of
     /// `f32` or `f64`, contiguous, not sharing memory with another one;
     /// otherwise this is an [`Error::Variable`] naming it, and nothing is
-    /// updated.
+    /// updated. A numerical error of one group (`shampoo_core`'s
+    /// `NonFinite`, ...) is returned as soon as it happens; groups stepped
+    /// before it keep their update.
     pub fn step(&mut self) -> Result<()> {
         let reduced = std::mem::take(&mut self.grads_reduced);
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
         self.step_inner(reduced)
     }
 

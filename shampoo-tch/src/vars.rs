@@ -111,7 +111,7 @@ pub(crate) fn check_tensor(name: &str, t: &Tensor, what: &str) -> Result<DType> 
     if !t.is_contiguous() {
         return Err(Error::variable(
             name,
-            format!("{what}is not contiguous; call .contiguous() when creating it"),
+            format!("{what}is not contiguous (a view, or channels-last); create it contiguous"),
         ));
     }
     Ok(dtype)

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Reference, TwoLayer, adam_only_config, bits, host, init_fixed, loss, shampoo_config};
-use shampoo_dist::{CommOptions, Communicator, in_process, mean_in_rank_order};
+use shampoo_dist::{
+    CommDType, CommOptions, Communicator, DistOptions, in_process, mean_in_rank_order,
+};
 use shampoo_tch::{Shampoo, all_reduce_gradients};
 use tch::nn::VarStore;
 use tch::{Device, Kind};
@@ -31,6 +33,25 @@ fn batch_id(step: i64, rank: i64) -> i64 {
 
 /// One rank's training loop; returns its final weights.
 fn run_rank(comm: Arc<dyn Communicator>) -> Vec<(String, Vec<u32>)> {
+    run_rank_with(comm, DistOptions::default())
+}
+
+/// Two ranks of `run_rank_with`; returns each rank's final weights.
+fn run_two(opts: DistOptions) -> Vec<Vec<(String, Vec<u32>)>> {
+    let comms = in_process(2, &comm_options());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let opts = opts.clone();
+                s.spawn(move || run_rank_with(c, opts))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn run_rank_with(comm: Arc<dyn Communicator>, opts: DistOptions) -> Vec<(String, Vec<u32>)> {
     let vs = VarStore::new(Device::Cpu);
     let m = TwoLayer::new(&vs);
     init_fixed(&vs);
@@ -39,6 +60,7 @@ fn run_rank(comm: Arc<dyn Communicator>) -> Vec<(String, Vec<u32>)> {
         .group(1, adam_only_config(0.02))
         .threads(1)
         .communicator(comm)
+        .dist_options(opts)
         .build()
         .unwrap();
     for step in 0..STEPS {
@@ -214,6 +236,15 @@ fn a_distributed_run_resumes_bit_for_bit_from_its_checkpoint() {
     }
     assert_eq!(results[0].0, results[1].0);
 
+    // Another world size: shampoo_dist re-shards the blocks on load.
+    let one = in_process(1, &comm_options()).pop().unwrap();
+    let vs1 = VarStore::new(Device::Cpu);
+    let _m1 = TwoLayer::new(&vs1);
+    let mut opt1 = dist_optimizer(&vs1, one);
+    opt1.load(&ckpt).unwrap();
+    assert_eq!(opt1.step_count(0), Some(3));
+    assert_eq!(opt1.step_count(1), Some(3));
+
     // A one-process optimizer refuses the distributed checkpoint.
     let vs = VarStore::new(Device::Cpu);
     let _m = TwoLayer::new(&vs);
@@ -228,4 +259,17 @@ fn a_distributed_run_resumes_bit_for_bit_from_its_checkpoint() {
             ckpt.display()
         )
     );
+}
+
+#[test]
+fn dist_options_reach_the_distributed_optimizer() {
+    let f32_run = run_two(DistOptions::default());
+    let bf16_run = run_two(DistOptions {
+        comm_dtype: CommDType::Bf16,
+        ..DistOptions::default()
+    });
+    // Every rank applies the same (rounded) directions...
+    assert_eq!(bf16_run[0], bf16_run[1]);
+    // ... which are not the f32 ones.
+    assert_ne!(bf16_run[0], f32_run[0]);
 }

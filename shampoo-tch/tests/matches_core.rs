@@ -208,3 +208,107 @@ fn clip_grad_norm_returns_the_norm_and_scales_like_torch() {
         .collect();
     assert_eq!(after, want);
 }
+
+#[test]
+fn double_precision_variables_update_like_shampoo_core_in_f64() {
+    use shampoo_core::{CpuBackend, DType, HostView, HostViewMut};
+    let vs = VarStore::new(Device::Cpu);
+    let w = vs.root().add(
+        "w",
+        Tensor::arange(12, (Kind::Double, Device::Cpu))
+            .reshape([3, 4])
+            .sin(),
+        true,
+    );
+    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+        .threads(1)
+        .build()
+        .unwrap();
+    let mut reference = shampoo_core::Shampoo::new(
+        shampoo_config(0.01),
+        &[vec![3, 4]],
+        DType::F64,
+        CpuBackend::new(1).unwrap(),
+    )
+    .unwrap();
+    let mut want = common::host64(&w);
+    for step in 0..5 {
+        opt.zero_grad();
+        let target = Tensor::from(step as f64 * 0.1);
+        (&w - target).square().sum(Kind::Double).backward();
+        let g = common::host64(&w.grad());
+        reference
+            .step(
+                &mut [HostViewMut::F64(&mut want)],
+                &[Some(HostView::F64(&g))],
+            )
+            .unwrap();
+        opt.step().unwrap();
+        let got = common::host64(&w);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "step {step}");
+    }
+}
+
+#[test]
+fn the_optimizer_can_move_to_another_thread() {
+    fn is_send<T: Send>() {}
+    is_send::<Shampoo>();
+}
+
+#[test]
+fn scalar_variables_update_like_shampoo_core() {
+    let vs = VarStore::new(Device::Cpu);
+    let s = vs.root().var("s", &[], Init::Const(0.75));
+    let w = vs.root().var("w", &[4], Init::Const(0.5));
+    let mut reference = Reference::new(&vs, shampoo_config(0.01), &["s", "w"]);
+    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+        .threads(1)
+        .build()
+        .unwrap();
+    for step in 0..4 {
+        opt.zero_grad();
+        ((&w * &s).sum(Kind::Float) - step as f64)
+            .square()
+            .backward();
+        reference.step(&vs);
+        opt.step().unwrap();
+        reference.assert_equal(&vs, &format!("step {step}"));
+    }
+}
+
+#[test]
+fn a_variable_that_changes_shape_restarts_its_group_with_fresh_state() {
+    let vs = VarStore::new(Device::Cpu);
+    let a = vs.root().var("a", &[2, 3], Init::Const(0.25));
+    let mut w = vs.root().var("w", &[3], Init::Const(0.5));
+    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+        .threads(1)
+        .build()
+        .unwrap();
+    for step in 0..3 {
+        opt.zero_grad();
+        (a.matmul(&w).sum(Kind::Float) - step as f64)
+            .square()
+            .backward();
+        opt.step().unwrap();
+    }
+    assert_eq!(opt.step_count(0), Some(3));
+    // `w` grows to 4 elements and `a` follows: both restart.
+    tch::no_grad(|| {
+        w.set_data(&Tensor::full([4], 0.5, (Kind::Float, Device::Cpu)));
+        let mut a2 = a.shallow_clone();
+        a2.set_data(&Tensor::full([2, 4], 0.25, (Kind::Float, Device::Cpu)));
+    });
+    let mut reference = Reference::new(&vs, shampoo_config(0.01), &["a", "w"]);
+    for step in 0..3 {
+        opt.zero_grad();
+        (a.matmul(&w).sum(Kind::Float) - step as f64)
+            .square()
+            .backward();
+        reference.step(&vs);
+        opt.step().unwrap();
+        reference.assert_equal(&vs, &format!("after the change, step {step}"));
+    }
+    assert_eq!(opt.step_count(0), Some(3));
+}
