@@ -154,23 +154,29 @@ fn without_a_driver_or_gpu_the_backend_says_what_is_missing() {
         Err(err) => {
             let msg = err.to_string();
             assert!(matches!(err, Error::BackendUnavailable(_)), "{err:?}");
-            match probe::probe_library(DRIVER_LIBRARY, &probe::lib_dirs_from_env(), true) {
-                Err(Error::BackendUnavailable(driver)) => {
-                    assert_eq!(
-                        msg,
-                        format!(
-                            "backend unavailable: {driver}; the CUDA driver comes with the \
-                             NVIDIA driver installation, which this machine lacks (no GPU, or \
-                             no driver)"
-                        )
-                    );
-                }
+            let driver_missing = format!(
+                "backend unavailable: CUDA library {DRIVER_LIBRARY} not found; looked in: "
+            );
+            if probe::probe_library(DRIVER_LIBRARY, &probe::lib_dirs_from_env(), true).is_err() {
+                assert!(msg.starts_with(&driver_missing), "{msg}");
+                assert!(
+                    msg.contains("the dynamic loader's search path (libcuda.so.1: cannot open"),
+                    "{msg}"
+                );
+                assert!(
+                    msg.ends_with(
+                        ". It comes with the NVIDIA driver, which this machine lacks (no GPU, \
+                         or no driver installed)"
+                    ),
+                    "{msg}"
+                );
+            } else {
                 // A driver without a usable device (or a missing toolkit
                 // library): the message names the device or the library.
-                _ => assert!(
+                assert!(
                     msg.contains("device") || msg.contains("CUDA library"),
                     "{msg}"
-                ),
+                );
             }
         }
     }

@@ -67,10 +67,22 @@ fn open(path: &Path) -> std::result::Result<libloading::Library, String> {
     })
 }
 
+/// What to do about a missing toolkit library.
+const TOOLKIT_HINT: &str = "Set SHAMPOO_CUDA_LIB_DIRS or LD_LIBRARY_PATH to the directory that \
+     holds it (for PyTorch's wheels: site-packages/nvidia/cu13/lib)";
+
+/// What a missing driver library means.
+const DRIVER_HINT: &str = "It comes with the NVIDIA driver, which this machine lacks (no GPU, or \
+     no driver installed)";
+
 /// Loads `name` from the first of `dirs` that has it, else (when
 /// `loader_path`) through the dynamic loader. On failure the error names
 /// the library, every place looked in and why each failed.
 pub fn probe_library(name: &str, dirs: &[PathBuf], loader_path: bool) -> Result<Found> {
+    probe_with_hint(name, dirs, loader_path, TOOLKIT_HINT)
+}
+
+fn probe_with_hint(name: &str, dirs: &[PathBuf], loader_path: bool, hint: &str) -> Result<Found> {
     let mut cache = loaded().lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, found, _)) = cache.iter().find(|(n, _, _)| n == name) {
         return Ok(found.clone());
@@ -100,8 +112,7 @@ pub fn probe_library(name: &str, dirs: &[PathBuf], loader_path: bool) -> Result<
         }
     }
     Err(Error::BackendUnavailable(format!(
-        "CUDA library {name} not found; looked in: {}. Set {LIB_DIRS_VAR} or LD_LIBRARY_PATH \
-         to the directory that holds it (for PyTorch's wheels: site-packages/nvidia/cu13/lib)",
+        "CUDA library {name} not found; looked in: {}. {hint}",
         if tried.is_empty() {
             "nowhere".to_string()
         } else {
@@ -118,13 +129,7 @@ pub fn probe_nvrtc() -> Result<()> {
 /// Probes the driver and every toolkit library the backend uses.
 pub fn probe_all() -> Result<()> {
     let dirs = lib_dirs_from_env();
-    probe_library(DRIVER_LIBRARY, &dirs, true).map_err(|e| match e {
-        Error::BackendUnavailable(m) => Error::BackendUnavailable(format!(
-            "{m}; the CUDA driver comes with the NVIDIA driver installation, which this machine \
-             lacks (no GPU, or no driver)"
-        )),
-        other => other,
-    })?;
+    probe_with_hint(DRIVER_LIBRARY, &dirs, true, DRIVER_HINT)?;
     for name in TOOLKIT_LIBRARIES {
         probe_library(name, &dirs, true)?;
     }
