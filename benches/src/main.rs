@@ -94,8 +94,8 @@ enum Command {
         /// Parameter dtype.
         #[arg(long, default_value = "f32")]
         dtype: DType,
-        /// Steps per problem (root inverses every 2 steps from step 2).
-        #[arg(long, default_value_t = 8)]
+        /// Steps per problem (root inverses every 2 steps from step 8).
+        #[arg(long, default_value_t = 12)]
         steps: usize,
         /// Largest difference that passes (default: 5e-3 for f32, 1e-9 for
         /// f64).

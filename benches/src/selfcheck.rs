@@ -27,12 +27,16 @@ pub struct Problem {
 }
 
 /// The shape classes: 1-D, 2-D, 3-D, blocked (split into several blocks)
-/// and merged (dimensions merged before blocking).
+/// and merged (dimensions merged before blocking). Each factor has seen at
+/// least as many gradient columns as its size by step 8, when
+/// preconditioning starts, so the statistics are full rank and moderately
+/// conditioned: the comparison measures the backends, not the amplification
+/// of rounding noise in a null space (see docs/cuda-backend.md).
 pub fn problems() -> Vec<Problem> {
     vec![
         Problem {
             class: "1-D",
-            shapes: vec![vec![37]],
+            shapes: vec![vec![5]],
             max_dim: 64,
         },
         Problem {
@@ -47,12 +51,12 @@ pub fn problems() -> Vec<Problem> {
         },
         Problem {
             class: "blocked",
-            shapes: vec![vec![150, 70]],
+            shapes: vec![vec![192, 128]],
             max_dim: 64,
         },
         Problem {
             class: "merged",
-            shapes: vec![vec![4, 5, 6, 7], vec![3, 1, 9]],
+            shapes: vec![vec![4, 5, 6, 7], vec![1, 4]],
             max_dim: 64,
         },
     ]
@@ -62,13 +66,18 @@ pub fn problems() -> Vec<Problem> {
 /// kernel: eigh root inverse with Adam grafting, Nesterov momentum and
 /// decoupled weight decay; the coupled Newton iteration with AdaGrad
 /// grafting and L2 weight decay; eigenvalue-corrected Shampoo with RMSprop
-/// grafting and momentum.
+/// grafting and momentum. The damping of the last two is larger: the
+/// coupled Newton iteration in float32 needs a moderate condition number,
+/// and eigenvalue-corrected Shampoo divides by square roots of corrected
+/// eigenvalues, which a small damping leaves at the mercy of rounding
+/// (float32 against float64 on the CPU differs by 0.19 with 1e-6, by 4e-4
+/// with 0.1; docs/cuda-backend.md).
 pub fn variants() -> Vec<(&'static str, &'static str)> {
     vec![
         (
             "eigh+adam",
             r#"{"lr": 0.01, "betas": [0.9, 0.99], "epsilon": 1e-6, "weight_decay": 0.01,
-                "precondition_frequency": 2, "start_preconditioning_step": 2,
+                "precondition_frequency": 2, "start_preconditioning_step": 8,
                 "grafting": {"type": "adam", "beta2": 0.99, "epsilon": 1e-8},
                 "momentum": {"momentum": 0.5, "dampening": 0.1, "nesterov": true}}"#,
         ),
@@ -76,15 +85,15 @@ pub fn variants() -> Vec<(&'static str, &'static str)> {
             "newton+adagrad",
             r#"{"lr": 0.01, "betas": [0.0, 1.0], "epsilon": 1e-3, "weight_decay": 0.01,
                 "weight_decay_type": "l2",
-                "precondition_frequency": 2, "start_preconditioning_step": 2,
+                "precondition_frequency": 2, "start_preconditioning_step": 8,
                 "grafting": {"type": "adagrad", "epsilon": 1e-8},
                 "preconditioner": {"type": "root_inv",
                     "root_inverse": {"method": "coupled_newton"}}}"#,
         ),
         (
             "eigenvalue-corrected+rmsprop",
-            r#"{"lr": 0.01, "betas": [0.9, 0.99], "epsilon": 1e-6,
-                "precondition_frequency": 2, "start_preconditioning_step": 2,
+            r#"{"lr": 0.01, "betas": [0.9, 0.99], "epsilon": 0.1,
+                "precondition_frequency": 2, "start_preconditioning_step": 8,
                 "grafting": {"type": "rmsprop", "beta2": 0.99, "epsilon": 1e-8},
                 "momentum": {"momentum": 0.5, "dampening": 0.0, "nesterov": false},
                 "preconditioner": {"type": "eigenvalue_corrected"}}"#,
@@ -255,7 +264,7 @@ mod tests {
                 || Ok(CpuBackend::new(1)?),
                 || Ok(CpuBackend::new(2)?),
                 dtype,
-                8,
+                12,
                 0.0,
             )
             .unwrap();
@@ -263,7 +272,7 @@ mod tests {
             for c in &r {
                 assert_eq!(c.max_difference, 0.0, "{c:?}");
                 assert!(c.pass);
-                assert_eq!(c.steps, 8);
+                assert_eq!(c.steps, 12);
             }
         }
     }
