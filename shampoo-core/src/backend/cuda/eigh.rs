@@ -24,7 +24,7 @@ use cudarc::driver::result as drv;
 
 use super::blas::solver_ok;
 use super::kernels::{Args, grid_for, grid_matrices, launch};
-use super::{CudaBackend, at, runs};
+use super::{CudaBackend, Stream, at, runs};
 use crate::backend::cpu::{check_len, check_select};
 use crate::backend::{EighJob, EighStatus, ViewMutOps};
 use crate::{DType, Error, Result};
@@ -105,6 +105,7 @@ const UPLO: ssys::cublasFillMode_t = ssys::cublasFillMode_t::CUBLAS_FILL_MODE_UP
 /// in one batched call when possible, else one by one.
 #[allow(clippy::too_many_arguments)]
 fn solve(
+    stream: Stream,
     scratch: &mut Scratch,
     solver: ssys::cusolverDnHandle_t,
     params: ssys::cusolverDnParams_t,
@@ -114,6 +115,7 @@ fn solve(
     a: u64,
     w: u64,
     info: u64,
+    backup: u64,
 ) -> Result<()> {
     let t = data_type(dt);
     let ni = n as i64;
@@ -176,6 +178,9 @@ fn solve(
                 batch,
                 "batched eigensolver refused; solving one by one"
             );
+            // It may have written before refusing: start again from the
+            // input.
+            copy_bytes(stream, a, backup, batch * n * n * dt.size())?;
         }
     }
     let (mut dev, mut host) = (0usize, 0usize);
@@ -229,10 +234,9 @@ fn solve(
     Ok(())
 }
 
-fn copy_bytes(be: &CudaBackend, dst: u64, src: u64, bytes: usize) -> Result<()> {
+fn copy_bytes(stream: Stream, dst: u64, src: u64, bytes: usize) -> Result<()> {
     // SAFETY: both ranges are device memory of at least `bytes` bytes.
-    unsafe { drv::memcpy_dtod_async(dst, src, bytes, be.stream.0) }
-        .map_err(|e| Error::backend(OP, e))
+    unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream.0) }.map_err(|e| Error::backend(OP, e))
 }
 
 fn cast(be: &CudaBackend, name: &str, dst: u64, src: u64, n: usize) -> Result<()> {
@@ -284,8 +288,10 @@ pub(super) fn eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> R
                     .u(l as u64),
                 "all_finite",
             )?;
-            copy_bytes(be, backup, a, l * nn * sz)?;
-            solve(scratch, solver, params, dt, n, l, a, w, info)?;
+            copy_bytes(be.stream, backup, a, l * nn * sz)?;
+            solve(
+                be.stream, scratch, solver, params, dt, n, l, a, w, info, backup,
+            )?;
             let mut infos = vec![0i32; l];
             let mut finite = vec![0u8; l * sz];
             // SAFETY: `info` holds `l` ints and `flags` `l` elements; the
@@ -309,12 +315,12 @@ pub(super) fn eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> R
                 let (aj, bj) = (at(a, dt, j * nn), at(backup, dt, j * nn));
                 if !is_finite(j) {
                     *st = EighStatus::Failed;
-                    copy_bytes(be, aj, bj, nn * sz)?;
+                    copy_bytes(be.stream, aj, bj, nn * sz)?;
                 } else if info_j == 0 {
                     *st = EighStatus::Ok;
                 } else if dt == DType::F64 {
                     *st = EighStatus::Failed;
-                    copy_bytes(be, aj, bj, nn * sz)?;
+                    copy_bytes(be.stream, aj, bj, nn * sz)?;
                 } else {
                     *st = retry_f64(be, scratch, solver, params, n, aj, at(w, dt, j * n), bj)?;
                 }
@@ -345,7 +351,19 @@ fn retry_f64(
     let base = scratch.retry.ensure(8 * (nn + n) + 8)?;
     let (a64, w64, info) = (base, base + 8 * nn as u64, base + 8 * (nn + n) as u64);
     cast(be, "cast_f32_f64", a64, src, nn)?;
-    solve(scratch, solver, params, DType::F64, n, 1, a64, w64, info)?;
+    solve(
+        be.stream,
+        scratch,
+        solver,
+        params,
+        DType::F64,
+        n,
+        1,
+        a64,
+        w64,
+        info,
+        a64,
+    )?;
     let mut ok = [0i32; 1];
     // SAFETY: `info` is one int of the retry scratch; synchronised below.
     unsafe {
@@ -358,7 +376,7 @@ fn retry_f64(
         cast(be, "cast_f64_f32", w, w64, n)?;
         Ok(EighStatus::RetriedF64)
     } else {
-        copy_bytes(be, a, src, nn * 4)?;
+        copy_bytes(be.stream, a, src, nn * 4)?;
         Ok(EighStatus::Failed)
     }
 }

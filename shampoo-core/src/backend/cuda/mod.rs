@@ -213,12 +213,25 @@ unsafe impl Sync for Stream {}
 
 /// The CUDA backend (one device, one stream).
 pub struct CudaBackend {
-    ctx: Arc<CudaContext>,
-    stream: Stream,
-    kernels: kernels::Loaded,
+    // Dropped in this order: the library handles and the kernels while the
+    // context (last) is still alive.
     libs: Mutex<blas::Libs>,
+    kernels: kernels::Loaded,
+    stream: Stream,
     device: String,
     arch: String,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Handles and modules are destroyed with the context current, after
+        // the work queued with them.
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: the stream is valid for the backend's life.
+            let _ = unsafe { drv::stream::synchronize(self.stream.0) };
+        }
+    }
 }
 
 impl CudaBackend {
