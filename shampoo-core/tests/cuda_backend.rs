@@ -568,3 +568,39 @@ fn whole_runs_match_the_cpu_backend_in_float64() {
         assert!(e < 1e-9, "{json}: relative difference {e:e}");
     }
 }
+
+/// The cases above, on the CPU backend alone (one thread against two), so
+/// that the harness itself is exercised on machines without a GPU.
+#[test]
+fn the_comparison_cases_run_on_the_cpu_backend() {
+    let (one, two) = (CpuBackend::new(1).unwrap(), CpuBackend::new(2).unwrap());
+    assert_eq!(
+        gram_and_products(&one).unwrap(),
+        gram_and_products(&two).unwrap()
+    );
+    let bits = |v: Vec<Vec<f64>>| -> Vec<Vec<u64>> {
+        v.into_iter()
+            .map(|x| x.into_iter().map(f64::to_bits).collect())
+            .collect()
+    };
+    assert_eq!(
+        bits(maps_and_reductions(&one).unwrap()),
+        bits(maps_and_reductions(&two).unwrap())
+    );
+    assert_eq!(gather_scatter(&one).unwrap(), gather_scatter(&two).unwrap());
+    let (_, _, status) = eigh_case(&one, 9).unwrap();
+    assert_eq!(
+        status,
+        vec![
+            EighStatus::Ok,
+            EighStatus::Ok,
+            EighStatus::Skipped,
+            EighStatus::Failed
+        ]
+    );
+    let json = r#"{"lr": 0.01, "max_preconditioner_dim": 8, "precondition_frequency": 2,
+        "grafting": {"type": "adam", "beta2": 0.99, "epsilon": 1e-8}}"#;
+    let a = run(CpuBackend::new(1).unwrap(), json).unwrap();
+    assert!(a.iter().all(|x| x.is_finite()));
+    assert_eq!(a, run(CpuBackend::new(2).unwrap(), json).unwrap());
+}
