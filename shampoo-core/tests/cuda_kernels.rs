@@ -181,3 +181,17 @@ fn without_a_driver_or_gpu_the_backend_says_what_is_missing() {
         }
     }
 }
+
+#[test]
+fn every_toolkit_library_is_found_where_nvrtc_is() {
+    if !nvrtc_available() {
+        return;
+    }
+    // PyTorch's CUDA 13 wheels bring all of them (scripts/env.sh); loading
+    // them needs no GPU.
+    for name in probe::TOOLKIT_LIBRARIES {
+        if let Err(e) = probe::probe_library(name, &probe::lib_dirs_from_env(), true) {
+            panic!("{e}");
+        }
+    }
+}
