@@ -604,3 +604,102 @@ fn the_comparison_cases_run_on_the_cpu_backend() {
     assert!(a.iter().all(|x| x.is_finite()));
     assert_eq!(a, run(CpuBackend::new(2).unwrap(), json).unwrap());
 }
+
+/// Parameters downloaded to the host.
+type Params = Vec<Vec<f64>>;
+
+const SHAPES: [&[usize]; 3] = [&[12, 9], &[5], &[3, 4, 6]];
+
+/// Steps `from..to` of a run (gradients depend on the step only).
+fn steps<B: Backend>(
+    opt: &mut Shampoo<B>,
+    params: &mut [B::Buffer],
+    from: u64,
+    to: u64,
+) -> Res<()> {
+    for step in from..to {
+        let b = opt.backend();
+        let grads: Vec<B::Buffer> = SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, s)| up(b, &values(500 + 10 * step + i as u64, s.iter().product())))
+            .collect::<Res<_>>()?;
+        let gv: Vec<Option<B::View<'_>>> = grads.iter().map(|g| Some(b.view(g))).collect();
+        let mut pv: Vec<B::ViewMut<'_>> = params.iter_mut().map(|p| b.view_mut(p)).collect();
+        opt.step(&mut pv, &gv)?;
+    }
+    Ok(())
+}
+
+/// A run of 4 steps saved to `save`, then (optionally from the checkpoint
+/// `load` and the parameters `start`) 3 more steps: the final parameters.
+fn resumed<B: Backend>(
+    b: B,
+    save: Option<&std::path::Path>,
+    load: Option<(&std::path::Path, &[Vec<f64>])>,
+) -> Res<(Params, Params)> {
+    let json = r#"{"lr": 0.01, "max_preconditioner_dim": 8, "precondition_frequency": 2,
+        "grafting": {"type": "adam", "beta2": 0.99, "epsilon": 1e-8},
+        "momentum": {"momentum": 0.5, "dampening": 0.0, "nesterov": false}}"#;
+    let shapes: Vec<Vec<usize>> = SHAPES.iter().map(|s| s.to_vec()).collect();
+    let mut opt = Shampoo::new(ShampooConfig::from_json(json)?, &shapes, DType::F64, b)?;
+    let mut params: Vec<B::Buffer> = match load {
+        Some((_, start)) => start
+            .iter()
+            .map(|p| up(opt.backend(), p))
+            .collect::<Res<_>>()?,
+        None => SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, s)| up(opt.backend(), &values(400 + i as u64, s.iter().product())))
+            .collect::<Res<_>>()?,
+    };
+    match load {
+        Some((path, _)) => opt.load(path)?,
+        None => steps(&mut opt, &mut params, 0, 4)?,
+    }
+    let at4: Vec<Vec<f64>> = params
+        .iter()
+        .map(|p| down(opt.backend(), p))
+        .collect::<Res<_>>()?;
+    if let Some(path) = save {
+        opt.save(path)?;
+    }
+    steps(&mut opt, &mut params, 4, 7)?;
+    let end = params
+        .iter()
+        .map(|p| down(opt.backend(), p))
+        .collect::<Res<_>>()?;
+    Ok((at4, end))
+}
+
+#[test]
+fn checkpoints_move_between_the_cuda_and_cpu_backends() {
+    let Some(_) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (from_gpu, from_cpu) = (
+        dir.path().join("gpu.safetensors"),
+        dir.path().join("cpu.safetensors"),
+    );
+    let cpu = || CpuBackend::new(1).unwrap();
+    let gpu = || CudaBackend::new(0).unwrap();
+    let (cpu4, cpu_end) = resumed(cpu(), Some(&from_cpu), None).unwrap();
+    let (gpu4, _) = resumed(gpu(), Some(&from_gpu), None).unwrap();
+    // Saved on the GPU, resumed on the CPU, and the reverse.
+    let (_, g2c) = resumed(cpu(), None, Some((&from_gpu, &gpu4))).unwrap();
+    let (_, c2g) = resumed(gpu(), None, Some((&from_cpu, &cpu4))).unwrap();
+    for (name, end) in [("gpu -> cpu", &g2c), ("cpu -> gpu", &c2g)] {
+        let flat = |v: &Vec<Vec<f64>>| v.concat();
+        let e = max_rel(&flat(&cpu_end), &flat(end));
+        assert!(e < 1e-9, "{name}: relative difference {e:e}");
+    }
+}
+
+#[test]
+fn checkpoint_resume_case_runs_on_the_cpu_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cpu.safetensors");
+    let (at4, end) = resumed(CpuBackend::new(1).unwrap(), Some(&path), None).unwrap();
+    let (_, again) = resumed(CpuBackend::new(2).unwrap(), None, Some((&path, &at4))).unwrap();
+    assert_eq!(end, again);
+}
