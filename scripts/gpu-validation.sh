@@ -4,10 +4,14 @@
 # Run on a machine with an NVIDIA GPU (H100/H200), a driver, and a Python
 # with PyTorch 2.11 (CUDA 13 wheels), from a checkout of this repository:
 #
-#   scripts/gpu-validation.sh [--bin PATH] [--python PATH] [--out DIR]
+#   scripts/gpu-validation.sh [--bin PATH] [--tests PATH] [--python PATH] [--out DIR]
 #
 #   --bin     shampoo-bench built with `cargo build --release -p shampoo-bench
 #             --features cuda` (default: target/release/shampoo-bench)
+#   --tests   the CUDA-versus-CPU test executable (shampoo-core's
+#             tests/cuda_backend.rs), built with `cargo test --release -p
+#             shampoo-core --features cuda --test cuda_backend --no-run`
+#             (optional; skipped when not given)
 #   --python  the Python whose site-packages hold torch and nvidia/*
 #             (default: .venv/bin/python if present, else python3)
 #   --out     where the logs go (default: gpu-validation-<UTC time>)
@@ -19,14 +23,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=target/release/shampoo-bench
+TESTS=""
 PY=""
 OUT="gpu-validation-$(date -u +%Y%m%dT%H%M%SZ)"
 while [ $# -gt 0 ]; do
     case "$1" in
         --bin) BIN="$2"; shift 2 ;;
+        --tests) TESTS="$2"; shift 2 ;;
         --python) PY="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "gpu-validation: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -37,6 +43,7 @@ fi
 log() { printf '\033[1m[gpu-validation]\033[0m %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 2; }
 
+[ -z "$TESTS" ] || [ -x "$TESTS" ] || die "no executable $TESTS (see --tests)"
 [ -x "$BIN" ] || die "no executable $BIN; build it with: cargo build --release -p shampoo-bench --features cuda"
 command -v "$PY" >/dev/null 2>&1 || die "no Python at $PY (pass --python)"
 SITE="$("$PY" -c 'import site; print(site.getsitepackages()[0])')" || die "$PY cannot name its site-packages"
@@ -89,6 +96,17 @@ if [ ${#CASES[@]} -eq 0 ]; then
     FAILED=1
 else
     check parity 1200 "$BIN" parity --backend cuda "${CASES[@]}"
+fi
+if [ -n "$TESTS" ]; then
+    # Primitive by primitive and whole runs against the CPU backend; a test
+    # that finds no GPU prints "skipping", which counts as a failure here.
+    check cuda_tests 1800 "$TESTS" --test-threads 1 --nocapture
+    if grep -q 'skipping: no usable CUDA device' "$OUT/cuda_tests.txt"; then
+        echo "FAILED  cuda_tests skipped a test: no usable GPU ($OUT/cuda_tests.txt)" >>"$SUMMARY"
+        FAILED=1
+    fi
+else
+    echo "skipped cuda_tests (no --tests)" >>"$SUMMARY"
 fi
 check selfcheck_f32 1200 "$BIN" selfcheck --dtype f32
 check selfcheck_f64 1200 "$BIN" selfcheck --dtype f64
