@@ -94,7 +94,10 @@ fn int(op: &'static str, x: usize) -> Result<i32> {
 }
 
 /// One strided-batched GEMM, column-major:
-/// `C_i = alpha op(A_i) op(B_i) + beta C_i`, `i < batch`.
+/// `C_i = alpha op(A_i) op(B_i) + beta C_i`, `i < batch`. Operands are
+/// `(address, leading dimension, stride between matrices)`, the last two in
+/// elements.
+#[derive(Debug, Clone)]
 struct Gemm {
     ta: bool,
     tb: bool,
@@ -209,6 +212,143 @@ fn elementwise(be: &CudaBackend, name: &str, dt: DType, n: usize, args: &mut Arg
     launch(f, grid_for(n), be.stream.0, args, name)
 }
 
+/// The GEMMs of `mode_gram` for a run of `batch` tensors of shape
+/// `(a, d, b)` (see [`split_dims`]) at `input`, accumulating into the
+/// factors at `out`; `size` is the element size in bytes.
+#[allow(clippy::too_many_arguments)]
+fn gram_plan(
+    (a, d, b): (usize, usize, usize),
+    alpha: f64,
+    first_beta: f64,
+    input: u64,
+    out: u64,
+    size: usize,
+    batch: usize,
+) -> Vec<Gemm> {
+    let numel = a * d * b;
+    if b == 1 {
+        // The block is a row-major A x d matrix, i.e. the column-major
+        // d x A matrix X = T^T (ld d). Gram = X X^T.
+        return vec![Gemm {
+            ta: false,
+            tb: true,
+            m: d,
+            n: d,
+            k: a,
+            alpha,
+            a: (input, d, numel),
+            b: (input, d, numel),
+            beta: first_beta,
+            c: (out, d, d * d),
+            batch,
+        }];
+    }
+    // Slab i is a row-major d x B matrix S_i, i.e. the column-major B x d
+    // matrix Y = S_i^T (ld B). Gram += S_i S_i^T = Y^T Y, over the A slabs.
+    (0..a)
+        .map(|i| {
+            let slab = input + (i * d * b * size) as u64;
+            Gemm {
+                ta: true,
+                tb: false,
+                m: d,
+                n: d,
+                k: b,
+                alpha,
+                a: (slab, b, numel),
+                b: (slab, b, numel),
+                beta: if i == 0 { first_beta } else { 1.0 },
+                c: (out, d, d * d),
+                batch,
+            }
+        })
+        .collect()
+}
+
+/// The GEMMs of `mode_product` for a run of `batch` tensors of shape
+/// `(a, d, b)` at `input`, matrices at `mats`, results at `out`.
+#[allow(clippy::too_many_arguments)]
+fn product_plan(
+    (a, d, b): (usize, usize, usize),
+    transpose: bool,
+    input: u64,
+    mats: u64,
+    out: u64,
+    size: usize,
+    batch: usize,
+) -> Vec<Gemm> {
+    let numel = a * d * b;
+    // The row-major matrix M read column-major is Mc = M^T.
+    if b == 1 {
+        // Row-major A x d blocks: out = in M^T (or in M). Column-major,
+        // with X = in^T (d x A, ld d): out^T = M X = Mc^T X (or Mc X).
+        return vec![Gemm {
+            ta: !transpose,
+            tb: false,
+            m: d,
+            n: a,
+            k: d,
+            alpha: 1.0,
+            a: (mats, d, d * d),
+            b: (input, d, numel),
+            beta: 0.0,
+            c: (out, d, numel),
+            batch,
+        }];
+    }
+    // Slab i, row-major d x B: out_i = M S_i. Column-major, Y = S_i^T
+    // (B x d, ld B): out_i^T = Y M^T = Y Mc (or Y M = Y Mc^T).
+    (0..a)
+        .map(|i| {
+            let off = (i * d * b * size) as u64;
+            Gemm {
+                ta: false,
+                tb: transpose,
+                m: b,
+                n: d,
+                k: d,
+                alpha: 1.0,
+                a: (input + off, b, numel),
+                b: (mats, d, d * d),
+                beta: 0.0,
+                c: (out + off, b, numel),
+                batch,
+            }
+        })
+        .collect()
+}
+
+/// The GEMM of `matmul` for a run of `batch` products of `n x n` matrices.
+/// Row-major `C = op(A) op(B)`; column-major (everything read as its
+/// transpose): `C^T = op(B)^T op(A)^T = op(Bc) op(Ac)`, with the same
+/// transposition flags.
+#[allow(clippy::too_many_arguments)]
+fn matmul_plan(
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f64,
+    accumulate: bool,
+    a: u64,
+    b: u64,
+    c: u64,
+    batch: usize,
+) -> Gemm {
+    Gemm {
+        ta: trans_b,
+        tb: trans_a,
+        m: n,
+        n,
+        k: n,
+        alpha,
+        a: (b, n, n * n),
+        b: (a, n, n * n),
+        beta: if accumulate { 1.0 } else { 0.0 },
+        c: (c, n, n * n),
+        batch,
+    }
+}
+
 pub(super) fn mode_gram(be: &CudaBackend, jobs: &mut [GramJob<'_, CudaBackend>]) -> Result<()> {
     const OP: &str = "mode_gram";
     for job in jobs.iter_mut() {
@@ -235,49 +375,8 @@ pub(super) fn mode_gram(be: &CudaBackend, jobs: &mut [GramJob<'_, CudaBackend>])
                 )?;
             }
             let first_beta = if job.beta == 0.0 { 0.0 } else { 1.0 };
-            if b == 1 {
-                // The block is a row-major A x d matrix, i.e. the
-                // column-major d x A matrix X = T^T (ld d). Gram = X X^T.
-                gemm(
-                    libs.blas,
-                    dt,
-                    &Gemm {
-                        ta: false,
-                        tb: true,
-                        m: d,
-                        n: d,
-                        k: a,
-                        alpha: job.alpha,
-                        a: (input, d, numel),
-                        b: (input, d, numel),
-                        beta: first_beta,
-                        c: (out, d, d * d),
-                        batch: l,
-                    },
-                )?;
-            } else {
-                // Slab i is a row-major d x B matrix S_i, i.e. the
-                // column-major B x d matrix Y = S_i^T (ld B).
-                // Gram += S_i S_i^T = Y^T Y, summed over the A slabs.
-                for i in 0..a {
-                    gemm(
-                        libs.blas,
-                        dt,
-                        &Gemm {
-                            ta: true,
-                            tb: false,
-                            m: d,
-                            n: d,
-                            k: b,
-                            alpha: job.alpha,
-                            a: (at(input, dt, i * d * b), b, numel),
-                            b: (at(input, dt, i * d * b), b, numel),
-                            beta: if i == 0 { first_beta } else { 1.0 },
-                            c: (out, d, d * d),
-                            batch: l,
-                        },
-                    )?;
-                }
+            for g in gram_plan((a, d, b), job.alpha, first_beta, input, out, dt.size(), l) {
+                gemm(libs.blas, dt, &g)?;
             }
             // The product is symmetric up to rounding, so the column-major
             // result read row-major is the Gram matrix; its lower triangle
@@ -323,51 +422,8 @@ pub(super) fn mode_product(
             let input = at(job.input.ptr, dt, s * numel);
             let mats = at(job.matrices.ptr, dt, s * d * d);
             let out = at(job.out.ptr, dt, s * numel);
-            // The row-major matrix M read column-major is Mc = M^T.
-            if b == 1 {
-                // Row-major A x d blocks: out = in M^T (or in M). Column-
-                // major, with X = in^T (d x A, ld d): out^T = M X = Mc^T X
-                // (or M^T X = Mc X).
-                gemm(
-                    libs.blas,
-                    dt,
-                    &Gemm {
-                        ta: !job.transpose,
-                        tb: false,
-                        m: d,
-                        n: a,
-                        k: d,
-                        alpha: 1.0,
-                        a: (mats, d, d * d),
-                        b: (input, d, numel),
-                        beta: 0.0,
-                        c: (out, d, numel),
-                        batch: l,
-                    },
-                )?;
-            } else {
-                // Slab i, row-major d x B: out_i = M S_i. Column-major,
-                // Y = S_i^T (B x d, ld B): out_i^T = Y M^T = Y Mc
-                // (or Y M = Y Mc^T).
-                for i in 0..a {
-                    gemm(
-                        libs.blas,
-                        dt,
-                        &Gemm {
-                            ta: false,
-                            tb: job.transpose,
-                            m: b,
-                            n: d,
-                            k: d,
-                            alpha: 1.0,
-                            a: (at(input, dt, i * d * b), b, numel),
-                            b: (mats, d, d * d),
-                            beta: 0.0,
-                            c: (at(out, dt, i * d * b), b, numel),
-                            batch: l,
-                        },
-                    )?;
-                }
+            for g in product_plan((a, d, b), job.transpose, input, mats, out, dt.size(), l) {
+                gemm(libs.blas, dt, &g)?;
             }
         }
     }
@@ -387,27 +443,208 @@ pub(super) fn matmul(be: &CudaBackend, jobs: &mut [MatmulJob<'_, CudaBackend>]) 
         let libs = be.libs();
         set_math(libs.blas, dt, job.tf32)?;
         for (s, l) in runs(job.select, job.count) {
-            // Row-major C = op(A) op(B); column-major (everything read as
-            // its transpose): C^T = op(B)^T op(A)^T = op(Bc) op(Ac), with
-            // the same transposition flags.
-            gemm(
-                libs.blas,
-                dt,
-                &Gemm {
-                    ta: job.trans_b,
-                    tb: job.trans_a,
-                    m: n,
-                    n,
-                    k: n,
-                    alpha: job.alpha,
-                    a: (at(job.b.ptr, dt, s * nn), n, nn),
-                    b: (at(job.a.ptr, dt, s * nn), n, nn),
-                    beta: if job.accumulate { 1.0 } else { 0.0 },
-                    c: (at(job.c.ptr, dt, s * nn), n, nn),
-                    batch: l,
-                },
-            )?;
+            let g = matmul_plan(
+                n,
+                job.trans_a,
+                job.trans_b,
+                job.alpha,
+                job.accumulate,
+                at(job.a.ptr, dt, s * nn),
+                at(job.b.ptr, dt, s * nn),
+                at(job.c.ptr, dt, s * nn),
+                l,
+            );
+            gemm(libs.blas, dt, &g)?;
         }
     }
     Ok(())
+}
+
+/// The GEMM plans executed on the host with cuBLAS's column-major
+/// semantics, against the CPU backend's row-major definitions: checks the
+/// transposition flags, leading dimensions, strides and offsets without a
+/// GPU.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use crate::{CpuBackend, HostView, HostViewMut};
+
+    /// Operand addresses: `(operand << 40) + element offset` (size 1).
+    const X: u64 = 0;
+    const M: u64 = 1 << 40;
+    const OUT: u64 = 2 << 40;
+
+    fn decode(addr: u64) -> (usize, usize) {
+        ((addr >> 40) as usize, (addr & ((1 << 40) - 1)) as usize)
+    }
+
+    /// `C_t = alpha op(A_t) op(B_t) + beta C_t`, column-major, as cuBLAS
+    /// defines it (`beta = 0` ignores C's old values).
+    fn host_gemm(g: &Gemm, mem: &mut [Vec<f64>; 3]) {
+        let ((ia, oa), (ib, ob), (ic, oc)) = (decode(g.a.0), decode(g.b.0), decode(g.c.0));
+        let (a, b) = (mem[ia].clone(), mem[ib].clone());
+        let c = &mut mem[ic];
+        for t in 0..g.batch {
+            let (ba, bb, bc) = (oa + t * g.a.2, ob + t * g.b.2, oc + t * g.c.2);
+            // op(A)[i, l] and op(B)[l, j] of column-major storage.
+            let ea = |i: usize, l: usize| a[ba + if g.ta { l + i * g.a.1 } else { i + l * g.a.1 }];
+            let eb = |l: usize, j: usize| b[bb + if g.tb { j + l * g.b.1 } else { l + j * g.b.1 }];
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let s: f64 = (0..g.k).map(|l| ea(i, l) * eb(l, j)).sum();
+                    let idx = bc + i + j * g.c.1;
+                    c[idx] = if g.beta == 0.0 {
+                        g.alpha * s
+                    } else {
+                        g.alpha * s + g.beta * c[idx]
+                    };
+                }
+            }
+        }
+    }
+
+    fn values(seed: u64, n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|i| ((i as f64 + 1.0) * (seed as f64 * 0.37 + 1.3)).sin())
+            .collect()
+    }
+
+    fn assert_close(what: &str, a: &[f64], b: &[f64]) {
+        let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-12 * scale,
+                "{what}: element {i}: cpu {x} vs plan {y}"
+            );
+        }
+    }
+
+    const SHAPES: [&[usize]; 4] = [&[6, 5, 4], &[7], &[5, 3], &[2, 3, 4, 5]];
+
+    #[test]
+    fn gram_plans_compute_the_cpu_backends_statistics() {
+        let cpu = CpuBackend::new(1).unwrap();
+        let count = 3;
+        for dims in SHAPES {
+            let numel: usize = dims.iter().product();
+            for mode in 0..dims.len() {
+                let (a, d, b) = split_dims("test", dims, mode).unwrap();
+                for beta in [0.0, 1.0, 0.5] {
+                    let x = values(1, count * numel);
+                    let f0 = values(2, count * d * d);
+                    let mut want = f0.clone();
+                    cpu.mode_gram(&mut [GramJob {
+                        input: HostView::F64(&x),
+                        dims,
+                        count,
+                        mode,
+                        out: HostViewMut::F64(&mut want),
+                        beta,
+                        alpha: 0.25,
+                        full: false,
+                        tf32: false,
+                        select: None,
+                    }])
+                    .unwrap();
+                    let scaled: Vec<f64> = if beta != 0.0 && beta != 1.0 {
+                        f0.iter().map(|v| v * beta).collect()
+                    } else {
+                        f0.clone()
+                    };
+                    let mut mem = [x, Vec::new(), scaled];
+                    let first = if beta == 0.0 { 0.0 } else { 1.0 };
+                    for g in gram_plan((a, d, b), 0.25, first, X, OUT, 1, count) {
+                        host_gemm(&g, &mut mem);
+                    }
+                    // Only the row-major lower triangle is defined.
+                    let lower = |v: &[f64]| -> Vec<f64> {
+                        (0..count * d * d)
+                            .filter(|k| (k % (d * d)) / d >= k % d)
+                            .map(|k| v[k])
+                            .collect()
+                    };
+                    assert_close(
+                        &format!("gram {dims:?} mode {mode} beta {beta}"),
+                        &lower(&want),
+                        &lower(&mem[2]),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn product_plans_compute_the_cpu_backends_mode_products() {
+        let cpu = CpuBackend::new(1).unwrap();
+        let count = 3;
+        for dims in SHAPES {
+            let numel: usize = dims.iter().product();
+            for mode in 0..dims.len() {
+                let (a, d, b) = split_dims("test", dims, mode).unwrap();
+                for transpose in [false, true] {
+                    let x = values(3, count * numel);
+                    let m = values(4, count * d * d);
+                    let mut want = vec![0.0; count * numel];
+                    cpu.mode_product(&mut [ModeProductJob {
+                        input: HostView::F64(&x),
+                        dims,
+                        count,
+                        mode,
+                        matrices: HostView::F64(&m),
+                        transpose,
+                        out: HostViewMut::F64(&mut want),
+                        tf32: false,
+                        select: None,
+                    }])
+                    .unwrap();
+                    let mut mem = [x, m, vec![f64::NAN; count * numel]];
+                    for g in product_plan((a, d, b), transpose, X, M, OUT, 1, count) {
+                        host_gemm(&g, &mut mem);
+                    }
+                    assert_close(
+                        &format!("product {dims:?} mode {mode} transpose {transpose}"),
+                        &want,
+                        &mem[2],
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_plans_compute_the_cpu_backends_products() {
+        let cpu = CpuBackend::new(1).unwrap();
+        let (n, count) = (5, 3);
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            for accumulate in [false, true] {
+                let (a, b, c0) = (
+                    values(5, count * n * n),
+                    values(6, count * n * n),
+                    values(7, count * n * n),
+                );
+                let mut want = c0.clone();
+                cpu.matmul(&mut [MatmulJob {
+                    a: HostView::F64(&a),
+                    b: HostView::F64(&b),
+                    c: HostViewMut::F64(&mut want),
+                    n,
+                    count,
+                    trans_a: ta,
+                    trans_b: tb,
+                    alpha: -0.75,
+                    accumulate,
+                    tf32: false,
+                    select: None,
+                }])
+                .unwrap();
+                let mut mem = [a, b, c0];
+                host_gemm(
+                    &matmul_plan(n, ta, tb, -0.75, accumulate, X, M, OUT, count),
+                    &mut mem,
+                );
+                assert_close(&format!("matmul {ta} {tb} {accumulate}"), &want, &mem[2]);
+            }
+        }
+    }
 }
