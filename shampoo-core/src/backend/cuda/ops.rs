@@ -34,7 +34,11 @@ pub struct CudaBlockTable {
 }
 
 impl CudaBlockTable {
-    pub(super) fn new(table: Vec<TableEntry>) -> Result<Self> {
+    /// Checks and prepares block geometry (what [`Backend::block_table`]
+    /// returns).
+    ///
+    /// [`Backend::block_table`]: crate::backend::Backend::block_table
+    pub fn new(table: Vec<TableEntry>) -> Result<Self> {
         const OP: &str = "block_table";
         let mut entries = Vec::with_capacity(table.len());
         let mut extent: Vec<usize> = Vec::new();
@@ -102,6 +106,15 @@ impl CudaBlockTable {
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Block `i` as the kernels see it: its `Geometry` words (order, base
+    /// offset, dims, strides), element count and packed offset. For tests
+    /// that run the kernels on the host.
+    #[doc(hidden)]
+    pub fn kernel_geometry(&self, i: usize) -> ([u64; 2 + 2 * MAX_ORDER], usize, usize) {
+        let e = &self.entries[i];
+        (e.geometry, e.numel, e.packed_offset)
     }
 }
 
