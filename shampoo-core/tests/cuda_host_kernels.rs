@@ -33,8 +33,82 @@ using std::isfinite;
 using std::isnan;
 "#;
 
+/// The reductions with a block of REDUCE_THREADS host threads: threadIdx is
+/// per thread, __syncthreads a barrier, __shared__ memory shared.
+const THREADED: &str = r#"#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <math.h>
+#include <thread>
+#include <vector>
+struct ShimDim { unsigned long long x; };
+static const ShimDim blockIdx{0}, gridDim{1};
+static thread_local ShimDim threadIdx{0};
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+void __syncthreads();
+int __syncthreads_and(int p);
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+using std::isfinite;
+using std::isnan;
+// An unnamed namespace keeps the templates' static locals (the __shared__
+// arrays) out of the dynamic symbol table: otherwise they would be unified
+// with those of the one-thread library, which are one element long.
+namespace {
+#include "KERNELS/common.cuh"
+}
+static const ShimDim blockDim{REDUCE_THREADS};
+static std::barrier<> g_bar(REDUCE_THREADS);
+static std::atomic<int> g_and;
+void __syncthreads() { g_bar.arrive_and_wait(); }
+int __syncthreads_and(int p) {
+    g_bar.arrive_and_wait();
+    if (threadIdx.x == 0) g_and = 1;
+    g_bar.arrive_and_wait();
+    if (!p) g_and = 0;
+    g_bar.arrive_and_wait();
+    int r = g_and;
+    g_bar.arrive_and_wait();
+    return r;
+}
+namespace {
+#include "KERNELS/reduce.cu"
+}
+template <class F> static void run_block(F f) {
+    std::vector<std::thread> ts;
+    for (int i = 0; i < REDUCE_THREADS; ++i) ts.emplace_back([&f, i] { threadIdx.x = i; f(); });
+    for (auto& t : ts) t.join();
+}
+extern "C" void threaded_sum_squares_f64(const double* x, const double* v, u64 kind, double bc,
+                                         double eps, double* out, u64 numel, u64 count, u64 root) {
+    run_block([=] { sum_squares_f64(x, v, kind, bc, eps, out, numel, count, root); });
+}
+extern "C" void threaded_max_abs_dev_identity_f64(const double* x, double* out, u64 n, u64 count) {
+    run_block([=] { max_abs_dev_identity_f64(x, out, n, count); });
+}
+extern "C" void threaded_all_finite_f64(const double* x, double* out, u64 numel, u64 n, u64 lower,
+                                        u64 count) {
+    run_block([=] { all_finite_f64(x, out, numel, n, lower, count); });
+}
+extern "C" void threaded_eigen_power_f64(double* v, u64 n, u64 count, double eps, double e) {
+    run_block([=] { eigen_power_f64(v, n, count, eps, e); });
+}
+"#;
+
 /// The kernels as a host library, or `None` (printed) without a compiler.
-fn host_kernels() -> Option<(tempfile::TempDir, libloading::Library)> {
+/// Built once per test process.
+type HostKernels = (tempfile::TempDir, libloading::Library, libloading::Library);
+
+fn host_kernels() -> Option<&'static HostKernels> {
+    static KERNELS: std::sync::OnceLock<Option<HostKernels>> = std::sync::OnceLock::new();
+    KERNELS.get_or_init(build_host_kernels).as_ref()
+}
+
+fn build_host_kernels() -> Option<HostKernels> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let dir = tempfile::tempdir().unwrap();
     let kernels = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kernels");
@@ -51,32 +125,44 @@ fn host_kernels() -> Option<(tempfile::TempDir, libloading::Library)> {
         std::fs::write(&path, text).unwrap();
         sources.push(path);
     }
-    let lib = dir.path().join("libkernels.so");
-    let out = Command::new(&cxx)
-        .args([
-            "-shared",
-            "-fPIC",
-            "-O1",
-            "-ffp-contract=off",
-            "-std=c++17",
-            "-o",
-        ])
-        .arg(&lib)
-        .args(&sources)
-        .output();
-    match out {
-        Err(e) => {
-            println!("skipping: no C++ compiler ({cxx}: {e})");
-            None
+    let threaded = dir.path().join("threaded.cpp");
+    std::fs::write(
+        &threaded,
+        THREADED.replace("KERNELS", &kernels.display().to_string()),
+    )
+    .unwrap();
+    let build = |srcs: &[PathBuf], name: &str| -> Option<libloading::Library> {
+        let lib = dir.path().join(name);
+        let out = Command::new(&cxx)
+            .args([
+                "-shared",
+                "-fPIC",
+                "-O1",
+                "-ffp-contract=off",
+                "-std=c++20",
+                "-pthread",
+                "-o",
+            ])
+            .arg(&lib)
+            .args(srcs)
+            .output();
+        match out {
+            Err(e) => {
+                println!("skipping: no C++ compiler ({cxx}: {e})");
+                None
+            }
+            Ok(o) if !o.status.success() => panic!(
+                "the kernels do not compile for the host:\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            // SAFETY: the library was just built from the project's kernels
+            // and the shim; its initialisers are the C++ runtime's.
+            Ok(_) => Some(unsafe { libloading::Library::new(&lib) }.unwrap()),
         }
-        Ok(o) if !o.status.success() => panic!(
-            "the kernels do not compile for the host:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        // SAFETY: the library was just built from the project's kernels and
-        // the shim; its initialisers are the C++ runtime's.
-        Ok(_) => Some((dir, unsafe { libloading::Library::new(&lib) }.unwrap())),
-    }
+    };
+    let one = build(&sources, "libkernels.so")?;
+    let threads = build(&[threaded], "libthreaded.so")?;
+    Some((dir, one, threads))
 }
 
 fn values(seed: u64, n: usize) -> Vec<f64> {
@@ -104,7 +190,7 @@ macro_rules! kernel {
 
 #[test]
 fn matrix_maps_give_the_cpu_backends_bits() {
-    let Some((_dir, lib)) = host_kernels() else {
+    let Some((_, lib, _)) = host_kernels() else {
         return;
     };
     let cpu = CpuBackend::new(1).unwrap();
@@ -246,7 +332,7 @@ fn matrix_maps_give_the_cpu_backends_bits() {
 
 #[test]
 fn step_maps_and_reductions_give_the_cpu_backends_bits() {
-    let Some((_dir, lib)) = host_kernels() else {
+    let Some((_, lib, _)) = host_kernels() else {
         return;
     };
     let cpu = CpuBackend::new(1).unwrap();
@@ -482,7 +568,7 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
 
 #[test]
 fn gathers_and_scatters_give_the_cpu_backends_bits() {
-    let Some((_dir, lib)) = host_kernels() else {
+    let Some((_, lib, _)) = host_kernels() else {
         return;
     };
     let cpu = CpuBackend::new(1).unwrap();
@@ -553,4 +639,109 @@ fn gathers_and_scatters_give_the_cpu_backends_bits() {
         };
     }
     assert_eq!(bits(&wdst), bits(&gdst), "scatter");
+}
+
+#[test]
+fn reductions_with_a_block_of_threads_give_the_cpu_backends_bits() {
+    let Some((_, _, lib)) = host_kernels() else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    // Three 300 x 300 matrices: 352 chunks of 256, two rounds of the block.
+    let (n, count) = (300usize, 3usize);
+    let nn = n * n;
+    let mut x = values(30, count * nn);
+    x[2 * nn + 5] = f64::NAN;
+    let ss = kernel!(
+        lib,
+        "threaded_sum_squares_f64",
+        fn(C, C, u64, f64, f64, P, u64, u64, u64)
+    );
+    for (kind, root) in [(Reduction::SumSquares, 0u64), (Reduction::FrobeniusNorm, 1)] {
+        let mut want = vec![0.0; count];
+        cpu.reduce(&mut [ReduceJob {
+            input: HostView::F64(&x),
+            numel: nn,
+            count,
+            kind,
+            out: HostViewMut::F64(&mut want),
+            select: None,
+        }])
+        .unwrap();
+        let mut got = vec![0.0; count];
+        // SAFETY: count x nn inputs, count outputs.
+        unsafe {
+            ss(
+                x.as_ptr(),
+                std::ptr::null(),
+                0,
+                1.0,
+                0.0,
+                got.as_mut_ptr(),
+                nn as u64,
+                count as u64,
+                root,
+            )
+        };
+        assert_eq!(bits(&want[..2]), bits(&got[..2]), "{kind:?}");
+        assert!(got[2].is_nan());
+    }
+    let mut want = vec![0.0; count];
+    cpu.reduce(&mut [ReduceJob {
+        input: HostView::F64(&x),
+        numel: nn,
+        count,
+        kind: Reduction::MaxAbsDevIdentity,
+        out: HostViewMut::F64(&mut want),
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; count];
+    let k = kernel!(lib, "threaded_max_abs_dev_identity_f64", fn(C, P, u64, u64));
+    // SAFETY: as above.
+    unsafe { k(x.as_ptr(), got.as_mut_ptr(), n as u64, count as u64) };
+    assert_eq!(bits(&want[..2]), bits(&got[..2]), "max_abs_dev_identity");
+    assert!(got[2].is_nan());
+    let k = kernel!(lib, "threaded_all_finite_f64", fn(C, P, u64, u64, u64, u64));
+    // SAFETY: as above.
+    unsafe {
+        k(
+            x.as_ptr(),
+            got.as_mut_ptr(),
+            nn as u64,
+            n as u64,
+            0,
+            count as u64,
+        )
+    };
+    assert_eq!(got, vec![1.0, 1.0, 0.0]);
+    // SAFETY: as above.
+    unsafe {
+        k(
+            x.as_ptr(),
+            got.as_mut_ptr(),
+            nn as u64,
+            n as u64,
+            1,
+            count as u64,
+        )
+    };
+    assert_eq!(got, vec![1.0, 1.0, 1.0], "the NaN is above the diagonal");
+    let v = values(31, count * 700);
+    let mut want = v.clone();
+    cpu.map(&mut [Map::EigenPower {
+        values: HostViewMut::F64(&mut want),
+        n: 700,
+        count,
+        eps: 1e-2,
+        exponent: 0.25,
+        half: false,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = v.clone();
+    let k = kernel!(lib, "threaded_eigen_power_f64", fn(P, u64, u64, f64, f64));
+    // SAFETY: count x 700 values.
+    unsafe { k(got.as_mut_ptr(), 700, count as u64, 1e-2, 0.25) };
+    assert_eq!(bits(&want), bits(&got), "eigen_power");
 }
