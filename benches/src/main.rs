@@ -1,6 +1,8 @@
-//! `shampoo-bench`: reference parity and optimizer step timings.
+//! `shampoo-bench`: reference parity, optimizer step timings, and the
+//! CPU-versus-CUDA self-check.
 //!
-//! Exit codes: 0 success; 1 a parity case over its tolerance; 2 usage or
+//! Exit codes: 0 success; 1 a parity case over its tolerance (or a
+//! self-check problem over its bound); 2 usage or
 //! input error (bad file, unknown shape set, invalid config, unavailable
 //! backend).
 
@@ -9,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use shampoo_bench::{parity, shapes, step};
+use shampoo_bench::{parity, selfcheck, shapes, step};
 use shampoo_core::{CpuBackend, DType, ShampooConfig};
 
 #[derive(Parser)]
@@ -85,8 +87,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the CPU and CUDA backends side by side on random problems of
+    /// every shape class and report the largest difference of a step
+    /// (bounds and their justification: docs/cuda-backend.md).
+    Selfcheck {
+        /// Parameter dtype.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+        /// Steps per problem (root inverses every 2 steps from step 8).
+        #[arg(long, default_value_t = 12)]
+        steps: usize,
+        /// Largest difference that passes (default: 5e-3 for f32, 1e-9 for
+        /// f64).
+        #[arg(long)]
+        bound: Option<f64>,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// CPU threads (0: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
+/// The documented selfcheck bound of a dtype (docs/cuda-backend.md).
+fn default_bound(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 5e-3,
+        DType::F64 => 1e-9,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
 fn cuda_unavailable() -> anyhow::Error {
     anyhow::anyhow!(
         "backend cuda: this binary was built without CUDA support; rebuild with `--features cuda`"
@@ -128,6 +163,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for f in &files {
                 let r = match backend {
                     BackendKind::Cpu => parity::run_case(f, tolerance, CpuBackend::new(threads)?),
+                    #[cfg(feature = "cuda")]
+                    BackendKind::Cuda => {
+                        parity::run_case(f, tolerance, shampoo_core::CudaBackend::new(0)?)
+                    }
+                    #[cfg(not(feature = "cuda"))]
                     BackendKind::Cuda => Err(cuda_unavailable()),
                 }
                 .with_context(|| format!("case {}", f.display()))?;
@@ -189,6 +229,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let report = match backend {
                 BackendKind::Cpu => step::run(&bench, || Ok(CpuBackend::new(threads)?))?,
+                #[cfg(feature = "cuda")]
+                BackendKind::Cuda => step::run(&bench, || Ok(shampoo_core::CudaBackend::new(0)?))?,
+                #[cfg(not(feature = "cuda"))]
                 BackendKind::Cuda => return Err(cuda_unavailable()),
             };
             if json {
@@ -198,5 +241,86 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Selfcheck {
+            dtype,
+            steps,
+            bound,
+            device,
+            threads,
+            json,
+        } => {
+            let bound = bound.unwrap_or_else(|| default_bound(dtype));
+            if steps == 0 {
+                bail!("--steps must be >= 1");
+            }
+            #[cfg(feature = "cuda")]
+            {
+                let results = selfcheck::run(
+                    || Ok(CpuBackend::new(threads)?),
+                    || Ok(shampoo_core::CudaBackend::new(device)?),
+                    dtype,
+                    steps,
+                    bound,
+                )?;
+                report_selfcheck(&results, dtype, bound, json)
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = (device, threads, json, bound);
+                Err(cuda_unavailable())
+            }
+        }
     }
+}
+
+/// Prints selfcheck results; exit code 1 when one is over the bound.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn report_selfcheck(
+    results: &[selfcheck::CheckResult],
+    dtype: DType,
+    bound: f64,
+    json: bool,
+) -> Result<ExitCode> {
+    let failed = results.iter().filter(|r| !r.pass).count();
+    if json {
+        for r in results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        println!(
+            "{:<10} {:<30} {:>6} {:>12}  {:<6} worst at",
+            "class", "variant", "steps", "max diff", "result"
+        );
+        for r in results {
+            println!(
+                "{:<10} {:<30} {:>6} {:>12.3e}  {:<6} step {}",
+                r.class,
+                r.variant,
+                r.steps,
+                r.max_difference,
+                if r.pass { "ok" } else { "FAIL" },
+                r.worst_step
+            );
+        }
+        let worst = results
+            .iter()
+            .map(|r| r.max_difference)
+            .fold(0.0f64, |m, x| {
+                if x.is_nan() || m.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(x)
+                }
+            });
+        println!(
+            "largest difference {worst:.3e} ({dtype}); {} of {} within {bound:e}",
+            results.len() - failed,
+            results.len()
+        );
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -40,6 +40,8 @@ pub mod schedule;
 
 pub use algorithm::{PhaseTimes, Shampoo};
 pub use backend::cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use backend::cuda::CudaBackend;
 pub use config::ShampooConfig;
 pub use dtype::{DType, Float, HostView, HostViewMut};
 pub use error::{Error, MatrixKind, Result};

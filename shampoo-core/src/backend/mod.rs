@@ -31,6 +31,8 @@
 //! by reinterpretation.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::blocking::BlockSpec;
 use crate::{DType, HostView, HostViewMut, Result};

@@ -1,0 +1,170 @@
+// Data movement and the elementwise maps on whole matrices: gathering
+// blocks out of parameters, scattering directions back, casts, fills,
+// scaling, symmetrization, the damped root input and the coupled Newton
+// iteration's elementwise steps.
+
+// Offset in the parameter of element `i` (row-major within the block).
+__device__ __forceinline__ u64 block_offset(const Geometry& g, u64 i) {
+    u64 off = g.base;
+    for (int k = (int)g.order - 1; k >= 0; --k) {
+        u64 d = g.dims[k];
+        off += (i % d) * g.strides[k];
+        i /= d;
+    }
+    return off;
+}
+
+// out[i] = src[block(i)] (+ coef * add[block(i)])
+template <typename T>
+__device__ void gather(T* out, const T* src, const T* add, double coef, Geometry g, u64 numel) {
+    T c = (T)coef;
+    GRID_LOOP(i, numel) {
+        u64 o = block_offset(g, i);
+        T x = src[o];
+        if (add != 0) {
+            x = x + c * add[o];
+        }
+        out[i] = x;
+    }
+}
+
+// dst[block(i)] (+)= src[i]
+template <typename T>
+__device__ void scatter(T* dst, const T* src, Geometry g, u64 numel, u64 accumulate) {
+    GRID_LOOP(i, numel) {
+        u64 o = block_offset(g, i);
+        if (accumulate) {
+            dst[o] += src[i];
+        } else {
+            dst[o] = src[i];
+        }
+    }
+}
+
+template <typename S, typename D>
+__device__ void cast(D* dst, const S* src, u64 n) {
+    GRID_LOOP(i, n) { dst[i] = (D)src[i]; }
+}
+
+template <typename T>
+__device__ void fill(T* dst, double value, u64 n) {
+    T v = (T)value;
+    GRID_LOOP(i, n) { dst[i] = v; }
+}
+
+// x *= s
+template <typename T>
+__device__ void scale(T* x, double s, u64 n) {
+    T c = (T)s;
+    GRID_LOOP(i, n) { x[i] = x[i] * c; }
+}
+
+// Copies the lower triangle onto the upper one (reads only the lower
+// triangle, writes only the upper one).
+template <typename T>
+__device__ void symmetrize(T* x, u64 n, u64 count) {
+    u64 nn = n * n;
+    GRID_LOOP(i, nn * count) {
+        u64 b = i / nn, e = i % nn, r = e / n, c = e % n;
+        if (c > r) {
+            x[b * nn + e] = x[b * nn + c * n + r];
+        }
+    }
+}
+
+// out = sym(lower(F)) / divisor + eps I, rounded as the CPU backend does:
+// the division first, then eps added on the diagonal.
+template <typename T>
+__device__ void root_input(const T* f, T* out, u64 n, u64 count, double divisor, double eps) {
+    T dv = (T)divisor, ep = (T)eps;
+    u64 nn = n * n;
+    GRID_LOOP(i, nn * count) {
+        u64 b = i / nn, e = i % nn, r = e / n, c = e % n;
+        u64 lo = r >= c ? e : c * n + r;
+        T v = f[b * nn + lo] / dv;
+        if (r == c) {
+            v += ep;
+        }
+        out[i] = v;
+    }
+}
+
+// x[b][r, :] *= d[b][r]
+template <typename T>
+__device__ void scale_rows(T* x, const T* d, u64 n, u64 count) {
+    u64 nn = n * n;
+    GRID_LOOP(i, nn * count) {
+        u64 b = i / nn, r = (i % nn) / n;
+        x[i] = x[i] * d[b * n + r];
+    }
+}
+
+// z = (p + 1) / (2 norm); X = z^(1/p) I; M = z A
+template <typename T>
+__device__ void newton_init(const T* a, const T* norms, T* x, T* m, double p_plus_1,
+                            double inv_p, u64 n, u64 count) {
+    u64 nn = n * n;
+    GRID_LOOP(i, nn * count) {
+        u64 b = i / nn, e = i % nn;
+        T z = (T)p_plus_1 / ((T)2.0 * norms[b]);
+        T zp = sh_pow(z, (T)inv_p);
+        x[i] = (e / n == e % n) ? zp : (T)0.0;
+        m[i] = z * a[i];
+    }
+}
+
+// out = M * coef; out += diag I (two roundings on the diagonal)
+template <typename T>
+__device__ void newton_coefficient(const T* m, T* out, double coef, double diag, u64 n, u64 count) {
+    T a = (T)coef, d = (T)diag;
+    u64 nn = n * n;
+    GRID_LOOP(i, nn * count) {
+        u64 e = i % nn;
+        T o = m[i] * a;
+        if (e / n == e % n) {
+            o += d;
+        }
+        out[i] = o;
+    }
+}
+
+#define INSTANTIATE(T, S)                                                                        \
+    extern "C" __global__ void gather_##S(T* out, const T* src, const T* add, double coef,       \
+                                          Geometry g, u64 numel) {                               \
+        gather<T>(out, src, add, coef, g, numel);                                                \
+    }                                                                                            \
+    extern "C" __global__ void scatter_##S(T* dst, const T* src, Geometry g, u64 numel,          \
+                                           u64 accumulate) {                                     \
+        scatter<T>(dst, src, g, numel, accumulate);                                              \
+    }                                                                                            \
+    extern "C" __global__ void copy_##S(T* dst, const T* src, u64 n) { cast<T, T>(dst, src, n); } \
+    extern "C" __global__ void fill_##S(T* dst, double value, u64 n) { fill<T>(dst, value, n); } \
+    extern "C" __global__ void scale_##S(T* x, double s, u64 n) { scale<T>(x, s, n); }          \
+    extern "C" __global__ void symmetrize_##S(T* x, u64 n, u64 count) {                          \
+        symmetrize<T>(x, n, count);                                                              \
+    }                                                                                            \
+    extern "C" __global__ void root_input_##S(const T* f, T* out, u64 n, u64 count,              \
+                                              double divisor, double eps) {                      \
+        root_input<T>(f, out, n, count, divisor, eps);                                           \
+    }                                                                                            \
+    extern "C" __global__ void scale_rows_##S(T* x, const T* d, u64 n, u64 count) {              \
+        scale_rows<T>(x, d, n, count);                                                           \
+    }                                                                                            \
+    extern "C" __global__ void newton_init_##S(const T* a, const T* norms, T* x, T* m,           \
+                                               double p_plus_1, double inv_p, u64 n, u64 count) { \
+        newton_init<T>(a, norms, x, m, p_plus_1, inv_p, n, count);                               \
+    }                                                                                            \
+    extern "C" __global__ void newton_coefficient_##S(const T* m, T* out, double coef,           \
+                                                      double diag, u64 n, u64 count) {           \
+        newton_coefficient<T>(m, out, coef, diag, n, count);                                     \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(double, f64)
+
+extern "C" __global__ void cast_f32_f64(double* dst, const float* src, u64 n) {
+    cast<float, double>(dst, src, n);
+}
+extern "C" __global__ void cast_f64_f32(float* dst, const double* src, u64 n) {
+    cast<double, float>(dst, src, n);
+}

@@ -1,0 +1,135 @@
+// The fused elementwise kernels of the optimizer step: grafting
+// accumulators, the filtered gradient, the final direction (grafting,
+// weight decay, momentum, learning rate) and the eigenvalue-corrected
+// statistics. Each follows the CPU backend's order of operations.
+
+// Grafting methods, as numbered by the backend.
+#define GRAFT_NONE 0
+#define GRAFT_SGD 1
+#define GRAFT_ADAGRAD 2
+#define GRAFT_EMA 3
+
+// graft(g): g / (sqrt(v) + eps) (Adagrad), g / (sqrt(v / bc) + eps) (EMA), g.
+template <typename T>
+__device__ __forceinline__ T graft(u64 kind, T g, T v, T bc, T eps) {
+    if (kind == GRAFT_ADAGRAD) {
+        return g / (sh_sqrt(v) + eps);
+    }
+    if (kind == GRAFT_EMA) {
+        return g / (sh_sqrt(v / bc) + eps);
+    }
+    return g;
+}
+
+// v update (Adagrad: v += g g; EMA: v = v b2; v += (c2 g) g), then
+// m1 = m1 b1; m1 += c1 g; gf = m1 / bc1 (when m1 is given).
+template <typename T>
+__device__ void gradient_statistics(const T* g, T* v, u64 kind, double beta2, double c2, T* m1,
+                                    T* gf, double beta1, double c1, double bc1, u64 n) {
+    T b2 = (T)beta2, k2 = (T)c2, b1 = (T)beta1, k1 = (T)c1, d1 = (T)bc1;
+    GRID_LOOP(i, n) {
+        T x = g[i];
+        if (v != 0) {
+            if (kind == GRAFT_ADAGRAD) {
+                v[i] += x * x;
+            } else if (kind == GRAFT_EMA) {
+                T t = v[i] * b2;
+                t += k2 * x * x;
+                v[i] = t;
+            }
+        }
+        if (m1 != 0) {
+            T t = m1[i] * b1;
+            t += k1 * x;
+            m1[i] = t;
+            gf[i] = t / d1;
+        }
+    }
+}
+
+// Direction sources, as numbered by the backend.
+#define SOURCE_GRAFT 0
+#define SOURCE_GRAFTED_SHAMPOO 1
+#define SOURCE_SHAMPOO 2
+
+// out = -lr * momentum(P + wd W) for `count` blocks of `numel` elements,
+// blocks `first..first + count` of a batch of `total` (per-block norms are
+// indexed in the batch: graft norms at [b], Shampoo norms at [total + b]).
+template <typename T>
+__device__ void direction(u64 source, const T* gf, const T* v, u64 kind, double bc, double eps,
+                          const T* p_sh, const T* sq_norms, u64 first, u64 total, const T* w,
+                          double wd, T* mom, double mu, double keep, u64 nesterov, double neg_lr,
+                          T* out, u64 numel, u64 count) {
+    T bcT = (T)bc, epsT = (T)eps, wdT = (T)wd, muT = (T)mu, keepT = (T)keep, lrT = (T)neg_lr;
+    GRID_LOOP(i, numel * count) {
+        T p;
+        if (source == SOURCE_GRAFT) {
+            p = graft<T>(kind, gf[i], v != 0 ? v[i] : (T)0.0, bcT, epsT);
+        } else if (source == SOURCE_GRAFTED_SHAMPOO) {
+            u64 b = first + i / numel;
+            T g2 = sq_norms[b], s2 = sq_norms[total + b];
+            T ratio = sh_sqrt(g2) / (sh_sqrt(s2) + (T)1e-16);
+            p = p_sh[i] * ratio;
+        } else {
+            p = p_sh[i];
+        }
+        if (w != 0) {
+            p += wdT * w[i];
+        }
+        if (mom != 0) {
+            T nb = mom[i] * muT;
+            nb += keepT * p;
+            mom[i] = nb;
+            p = nesterov ? keepT * p + muT * nb : nb;
+        }
+        out[i] = p * lrT;
+    }
+}
+
+// d = b2 d; d += (c2 r) r   (d += r r when b2 == 1)
+template <typename T>
+__device__ void eigenvalue_update(const T* r, T* d, double beta2, double c2, u64 n) {
+    T b = (T)beta2, c = (T)c2;
+    GRID_LOOP(i, n) {
+        T x = r[i];
+        if (beta2 == 1.0) {
+            d[i] += x * x;
+        } else {
+            T t = d[i] * b;
+            t += c * x * x;
+            d[i] = t;
+        }
+    }
+}
+
+// r /= sqrt(d / bc2) + eps
+template <typename T>
+__device__ void eigenvalue_scale(T* r, const T* d, double bc2, double eps, u64 n) {
+    T b = (T)bc2, e = (T)eps;
+    GRID_LOOP(i, n) { r[i] /= sh_sqrt(d[i] / b) + e; }
+}
+
+#define INSTANTIATE(T, S)                                                                         \
+    extern "C" __global__ void gradient_statistics_##S(const T* g, T* v, u64 kind, double beta2,  \
+                                                       double c2, T* m1, T* gf, double beta1,     \
+                                                       double c1, double bc1, u64 n) {            \
+        gradient_statistics<T>(g, v, kind, beta2, c2, m1, gf, beta1, c1, bc1, n);                 \
+    }                                                                                             \
+    extern "C" __global__ void direction_##S(                                                     \
+        u64 source, const T* gf, const T* v, u64 kind, double bc, double eps, const T* p_sh,      \
+        const T* sq_norms, u64 first, u64 total, const T* w, double wd, T* mom, double mu,        \
+        double keep, u64 nesterov, double neg_lr, T* out, u64 numel, u64 count) {                 \
+        direction<T>(source, gf, v, kind, bc, eps, p_sh, sq_norms, first, total, w, wd, mom, mu,  \
+                     keep, nesterov, neg_lr, out, numel, count);                                  \
+    }                                                                                             \
+    extern "C" __global__ void eigenvalue_update_##S(const T* r, T* d, double beta2, double c2,   \
+                                                     u64 n) {                                     \
+        eigenvalue_update<T>(r, d, beta2, c2, n);                                                 \
+    }                                                                                             \
+    extern "C" __global__ void eigenvalue_scale_##S(T* r, const T* d, double bc2, double eps,     \
+                                                    u64 n) {                                      \
+        eigenvalue_scale<T>(r, d, bc2, eps, n);                                                   \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(double, f64)

@@ -1,0 +1,192 @@
+// Per-matrix reductions and the per-vector eigenvalue map. One thread block
+// of REDUCE_THREADS threads per matrix.
+//
+// Sums of squares add in exactly the CPU backend's order
+// (shampoo-core/src/backend/cpu/kernels.rs, chunked_sum_squares): chunks of
+// 256 elements; within a chunk, sixteen lanes in T (lane = index % 16,
+// ascending); the lanes folded pairwise in double; the chunk sums added in
+// double, in chunk order. Each thread computes one chunk; thread 0 adds the
+// chunk sums of a round in order.
+
+#define SUM_CHUNK 256
+#define SUM_LANES 16
+
+#define GRAFT_ADAGRAD 2
+#define GRAFT_EMA 3
+
+template <typename T>
+__device__ __forceinline__ T grafted(u64 kind, T g, const T* v, u64 i, T bc, T eps) {
+    if (kind == GRAFT_ADAGRAD) {
+        return g / (sh_sqrt(v[i]) + eps);
+    }
+    if (kind == GRAFT_EMA) {
+        return g / (sh_sqrt(v[i] / bc) + eps);
+    }
+    return g;
+}
+
+// out[b] = sum_i graft(x[b][i])^2 (its square root when `root`), rounded to T.
+template <typename T>
+__device__ void sum_squares(const T* x, const T* v, u64 kind, double bc, double eps, T* out,
+                            u64 numel, u64 count, u64 root) {
+    __shared__ double chunk_sums[REDUCE_THREADS];
+    T bcT = (T)bc, epsT = (T)eps;
+    u64 chunks = (numel + SUM_CHUNK - 1) / SUM_CHUNK;
+    MATRIX_LOOP(b, count) {
+        const T* xb = x + b * numel;
+        const T* vb = v != 0 ? v + b * numel : 0;
+        double total = 0.0;
+        for (u64 round = 0; round < chunks; round += REDUCE_THREADS) {
+            u64 c = round + threadIdx.x;
+            if (c < chunks) {
+                T acc[SUM_LANES];
+                for (int l = 0; l < SUM_LANES; ++l) {
+                    acc[l] = (T)0.0;
+                }
+                u64 end = (c + 1) * SUM_CHUNK < numel ? (c + 1) * SUM_CHUNK : numel;
+                for (u64 i = c * SUM_CHUNK; i < end; ++i) {
+                    T q = grafted<T>(vb != 0 ? kind : 0, xb[i], vb, i, bcT, epsT);
+                    acc[(i - c * SUM_CHUNK) % SUM_LANES] += q * q;
+                }
+                double w[SUM_LANES];
+                for (int l = 0; l < SUM_LANES; ++l) {
+                    w[l] = (double)acc[l];
+                }
+                for (int width = SUM_LANES / 2; width >= 1; width /= 2) {
+                    for (int l = 0; l < width; ++l) {
+                        w[l] += w[l + width];
+                    }
+                }
+                chunk_sums[threadIdx.x] = w[0];
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                u64 valid = chunks - round < REDUCE_THREADS ? chunks - round : REDUCE_THREADS;
+                for (u64 k = 0; k < valid; ++k) {
+                    total += chunk_sums[k];
+                }
+            }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            out[b] = (T)(root ? sqrt(total) : total);
+        }
+    }
+}
+
+// out[b] = max |M - I| (NaN if any element is NaN) of an n x n matrix.
+template <typename T>
+__device__ void max_abs_dev_identity(const T* x, T* out, u64 n, u64 count) {
+    __shared__ T maxima[REDUCE_THREADS];
+    __shared__ int nans[REDUCE_THREADS];
+    u64 nn = n * n;
+    MATRIX_LOOP(b, count) {
+        T m = (T)0.0;
+        int nan = 0;
+        for (u64 k = threadIdx.x; k < nn; k += REDUCE_THREADS) {
+            T y = x[b * nn + k];
+            T e = sh_abs(k / n == k % n ? y - (T)1.0 : y);
+            nan |= sh_isnan(e) ? 1 : 0;
+            if (e > m) {
+                m = e;
+            }
+        }
+        maxima[threadIdx.x] = m;
+        nans[threadIdx.x] = nan;
+        __syncthreads();
+        for (int width = REDUCE_THREADS / 2; width >= 1; width /= 2) {
+            if (threadIdx.x < width) {
+                T o = maxima[threadIdx.x + width];
+                if (o > maxima[threadIdx.x]) {
+                    maxima[threadIdx.x] = o;
+                }
+                nans[threadIdx.x] |= nans[threadIdx.x + width];
+            }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            out[b] = nans[0] ? sh_nan((T)0.0) : maxima[0];
+        }
+        __syncthreads();
+    }
+}
+
+// out[b] = 1 if every element (of the lower triangle when `lower`, n x n)
+// is finite, else 0.
+template <typename T>
+__device__ void all_finite(const T* x, T* out, u64 numel, u64 n, u64 lower, u64 count) {
+    MATRIX_LOOP(b, count) {
+        int ok = 1;
+        for (u64 k = threadIdx.x; k < numel; k += REDUCE_THREADS) {
+            if (lower && k % n > k / n) {
+                continue;
+            }
+            if (!sh_finite(x[b * numel + k])) {
+                ok = 0;
+            }
+        }
+        ok = __syncthreads_and(ok);
+        if (threadIdx.x == 0) {
+            out[b] = ok ? (T)1.0 : (T)0.0;
+        }
+    }
+}
+
+// Per vector, with m = min(values): if m < eps then v = (v + (-m)) + eps;
+// then v = v^(-exponent).
+template <typename T>
+__device__ void eigen_power(T* values, u64 n, u64 count, double eps, double exponent) {
+    __shared__ T minima[REDUCE_THREADS];
+    T epsT = (T)eps, e = -(T)exponent;
+    MATRIX_LOOP(b, count) {
+        T* vb = values + b * n;
+        T m = sh_inf((T)0.0);
+        for (u64 k = threadIdx.x; k < n; k += REDUCE_THREADS) {
+            T y = vb[k];
+            if (y < m) {
+                m = y;
+            }
+        }
+        minima[threadIdx.x] = m;
+        __syncthreads();
+        for (int width = REDUCE_THREADS / 2; width >= 1; width /= 2) {
+            if (threadIdx.x < width) {
+                T o = minima[threadIdx.x + width];
+                if (o < minima[threadIdx.x]) {
+                    minima[threadIdx.x] = o;
+                }
+            }
+            __syncthreads();
+        }
+        T mn = minima[0];
+        for (u64 k = threadIdx.x; k < n; k += REDUCE_THREADS) {
+            T y = vb[k];
+            if (mn < epsT) {
+                y = (y + (-mn)) + epsT;
+            }
+            vb[k] = sh_pow(y, e);
+        }
+        __syncthreads();
+    }
+}
+
+#define INSTANTIATE(T, S)                                                                         \
+    extern "C" __global__ void sum_squares_##S(const T* x, const T* v, u64 kind, double bc,       \
+                                               double eps, T* out, u64 numel, u64 count,          \
+                                               u64 root) {                                        \
+        sum_squares<T>(x, v, kind, bc, eps, out, numel, count, root);                             \
+    }                                                                                             \
+    extern "C" __global__ void max_abs_dev_identity_##S(const T* x, T* out, u64 n, u64 count) {   \
+        max_abs_dev_identity<T>(x, out, n, count);                                                \
+    }                                                                                             \
+    extern "C" __global__ void all_finite_##S(const T* x, T* out, u64 numel, u64 n, u64 lower,    \
+                                              u64 count) {                                        \
+        all_finite<T>(x, out, numel, n, lower, count);                                            \
+    }                                                                                             \
+    extern "C" __global__ void eigen_power_##S(T* values, u64 n, u64 count, double eps,           \
+                                               double exponent) {                                 \
+        eigen_power<T>(values, n, count, eps, exponent);                                          \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(double, f64)

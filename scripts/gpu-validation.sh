@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# GPU validation of the CUDA backend, in one go (docs/gpu-validation.md).
+#
+# Run on a machine with an NVIDIA GPU (H100/H200), a driver, and a Python
+# with PyTorch 2.11 (CUDA 13 wheels), from a checkout of this repository:
+#
+#   scripts/gpu-validation.sh [--bin PATH] [--tests PATH] [--python PATH] [--out DIR]
+#
+#   --bin     shampoo-bench built with `cargo build --release -p shampoo-bench
+#             --features cuda` (default: target/release/shampoo-bench)
+#   --tests   the CUDA-versus-CPU test executable (shampoo-core's
+#             tests/cuda_backend.rs), built with `cargo test --release -p
+#             shampoo-core --features cuda --test cuda_backend --no-run`
+#             (optional; skipped when not given)
+#   --python  the Python whose site-packages hold torch and nvidia/*
+#             (default: .venv/bin/python if present, else python3)
+#   --out     where the logs go (default: gpu-validation-<UTC time>)
+#
+# Every check runs even if an earlier one fails; the summary at the end
+# (also in OUT/summary.txt) lists each check's exit status. Exit status:
+# 0 if every check passed, 1 otherwise, 2 on a setup problem.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=target/release/shampoo-bench
+TESTS=""
+PY=""
+OUT="gpu-validation-$(date -u +%Y%m%dT%H%M%SZ)"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bin) BIN="$2"; shift 2 ;;
+        --tests) TESTS="$2"; shift 2 ;;
+        --python) PY="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "gpu-validation: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+log() { printf '\033[1m[gpu-validation]\033[0m %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 2; }
+
+[ -z "$TESTS" ] || [ -x "$TESTS" ] || die "no executable $TESTS (see --tests)"
+[ -x "$BIN" ] || die "no executable $BIN; build it with: cargo build --release -p shampoo-bench --features cuda"
+command -v "$PY" >/dev/null 2>&1 || die "no Python at $PY (pass --python)"
+SITE="$("$PY" -c 'import site; print(site.getsitepackages()[0])')" || die "$PY cannot name its site-packages"
+[ -d "$SITE/torch/lib" ] || die "no PyTorch in $SITE (expected $SITE/torch/lib)"
+[ -d "$SITE/nvidia/cu13/lib" ] || die "no CUDA 13 libraries in $SITE (expected $SITE/nvidia/cu13/lib)"
+
+export LD_LIBRARY_PATH="$SITE/torch/lib:$SITE/nvidia/cu13/lib:$SITE/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export SHAMPOO_CUDA_LIB_DIRS="$SITE/nvidia/cu13/lib:$SITE/nvidia/nccl/lib"
+mkdir -p "$OUT" || die "cannot create $OUT"
+log "logs in $OUT"
+
+# The machine, for the record.
+{
+    date -u
+    uname -a
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    else
+        echo "nvidia-smi: not found"
+    fi
+    "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no device")'
+    "$BIN" --version
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt" >&2
+
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+FAILED=0
+# check NAME TIMEOUT_S COMMAND...: runs the command, output to OUT/NAME.txt.
+check() {
+    local name="$1" limit="$2"
+    shift 2
+    log "$name: $*"
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.txt" >&2
+    if [ "$rc" -eq 0 ]; then
+        echo "ok      $name" >>"$SUMMARY"
+    else
+        echo "FAILED  $name (exit $rc; $OUT/$name.txt)" >>"$SUMMARY"
+        FAILED=1
+    fi
+}
+
+shopt -s nullglob
+CASES=(testdata/reference/*.safetensors)
+shopt -u nullglob
+if [ ${#CASES[@]} -eq 0 ]; then
+    echo "FAILED  parity (no testdata/reference/*.safetensors)" >>"$SUMMARY"
+    FAILED=1
+else
+    check parity 1200 "$BIN" parity --backend cuda "${CASES[@]}"
+fi
+if [ -n "$TESTS" ]; then
+    # Primitive by primitive and whole runs against the CPU backend; a test
+    # that finds no GPU prints "skipping", which counts as a failure here.
+    check cuda_tests 1800 "$TESTS" --test-threads 1 --nocapture
+    if grep -q 'skipping: no usable CUDA device' "$OUT/cuda_tests.txt"; then
+        echo "FAILED  cuda_tests skipped a test: no usable GPU ($OUT/cuda_tests.txt)" >>"$SUMMARY"
+        FAILED=1
+    fi
+else
+    echo "skipped cuda_tests (no --tests)" >>"$SUMMARY"
+fi
+check selfcheck_f32 1200 "$BIN" selfcheck --dtype f32
+check selfcheck_f64 1200 "$BIN" selfcheck --dtype f64
+for set in resnet50 gpt2_small; do
+    check "step_cuda_$set" 1800 "$BIN" step --backend cuda --shapes "$set" \
+        --config benches/configs/gpu.json --json
+    check "yardstick_$set" 1800 "$PY" benches/python/published_step.py \
+        --device cuda --shapes "$set" --max-dim 1024 --json
+done
+
+log "summary:"
+cat "$SUMMARY" >&2
+log "record the figures of $OUT/step_cuda_*.txt and $OUT/yardstick_*.txt in docs/benchmarks.md (see docs/gpu-validation.md)"
+exit "$FAILED"

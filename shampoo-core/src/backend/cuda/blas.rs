@@ -1,0 +1,650 @@
+//! cuBLAS: statistics (`mode_gram`), preconditioning (`mode_product`) and
+//! the Newton iteration's products (`matmul`), as strided-batched GEMMs
+//! over runs of same-shape blocks.
+//!
+//! cuBLAS is column-major; the backend's matrices are row-major. A
+//! row-major `r x c` matrix is the column-major `c x r` matrix of its
+//! transpose, with the same leading dimension `c`. Each call below states
+//! the column-major product it computes and why that equals the row-major
+//! definition in `backend/mod.rs`.
+
+use cudarc::cublas::sys as bsys;
+use cudarc::cusolver::sys as ssys;
+use cudarc::driver::sys as dsys;
+
+use super::kernels::{Args, grid_for, launch};
+use super::{CudaBackend, at, runs, same_dtype};
+use crate::backend::cpu::{check_len, check_select};
+use crate::backend::{GramJob, MatmulJob, ModeProductJob, ViewMutOps, ViewOps};
+use crate::{DType, Error, Result};
+
+/// The library handles of one backend (used under its mutex).
+pub(super) struct Libs {
+    pub(super) blas: bsys::cublasHandle_t,
+    pub(super) solver: ssys::cusolverDnHandle_t,
+    pub(super) params: ssys::cusolverDnParams_t,
+    /// Scratch of the eigensolver, grown on demand.
+    pub(super) scratch: super::eigh::Scratch,
+}
+
+// SAFETY: the handles are only used while the backend's mutex is held, so
+// never from two threads at once; cuBLAS and cuSOLVER handles may move
+// between threads.
+unsafe impl Send for Libs {}
+
+impl Libs {
+    pub(super) fn new(stream: dsys::CUstream) -> Result<Self> {
+        let mut blas = std::ptr::null_mut();
+        // SAFETY: plain handle creation; the context is current.
+        let s = unsafe { bsys::cublasCreate_v2(&mut blas) };
+        blas_ok("cublasCreate", s)?;
+        // SAFETY: `blas` was just created; the stream is the backend's.
+        let s = unsafe { bsys::cublasSetStream_v2(blas, stream as bsys::cudaStream_t) };
+        blas_ok("cublasSetStream", s)?;
+        let mut solver = std::ptr::null_mut();
+        // SAFETY: as above, for cuSOLVER.
+        let s = unsafe { ssys::cusolverDnCreate(&mut solver) };
+        solver_ok("cusolverDnCreate", s)?;
+        // SAFETY: `solver` was just created.
+        let s = unsafe { ssys::cusolverDnSetStream(solver, stream as ssys::cudaStream_t) };
+        solver_ok("cusolverDnSetStream", s)?;
+        let mut params = std::ptr::null_mut();
+        // SAFETY: plain creation.
+        let s = unsafe { ssys::cusolverDnCreateParams(&mut params) };
+        solver_ok("cusolverDnCreateParams", s)?;
+        Ok(Libs {
+            blas,
+            solver,
+            params,
+            scratch: super::eigh::Scratch::default(),
+        })
+    }
+}
+
+impl Drop for Libs {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created once in `new` and is destroyed
+        // once here.
+        unsafe {
+            let _ = ssys::cusolverDnDestroyParams(self.params);
+            let _ = ssys::cusolverDnDestroy(self.solver);
+            let _ = bsys::cublasDestroy_v2(self.blas);
+        }
+    }
+}
+
+pub(super) fn blas_ok(what: &str, s: bsys::cublasStatus_t) -> Result<()> {
+    if s == bsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::backend("cublas", format!("{what}: {s:?}")))
+    }
+}
+
+pub(super) fn solver_ok(what: &str, s: ssys::cusolverStatus_t) -> Result<()> {
+    if s == ssys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::backend("cusolver", format!("{what}: {s:?}")))
+    }
+}
+
+fn int(op: &'static str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::backend(op, format!("dimension {x} exceeds cuBLAS's int")))
+}
+
+/// One strided-batched GEMM, column-major:
+/// `C_i = alpha op(A_i) op(B_i) + beta C_i`, `i < batch`. Operands are
+/// `(address, leading dimension, stride between matrices)`, the last two in
+/// elements.
+#[derive(Debug, Clone)]
+struct Gemm {
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f64,
+    a: (u64, usize, usize),
+    b: (u64, usize, usize),
+    beta: f64,
+    c: (u64, usize, usize),
+    batch: usize,
+}
+
+fn op(t: bool) -> bsys::cublasOperation_t {
+    if t {
+        bsys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        bsys::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+fn set_math(h: bsys::cublasHandle_t, dt: DType, tf32: bool) -> Result<()> {
+    let mode = if tf32 && dt == DType::F32 {
+        bsys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+    } else {
+        bsys::cublasMath_t::CUBLAS_DEFAULT_MATH
+    };
+    // SAFETY: a valid handle.
+    blas_ok("cublasSetMathMode", unsafe {
+        bsys::cublasSetMathMode(h, mode)
+    })
+}
+
+fn gemm(h: bsys::cublasHandle_t, dt: DType, g: &Gemm) -> Result<()> {
+    const OP: &str = "gemm";
+    if g.batch == 0 || g.m == 0 || g.n == 0 {
+        return Ok(());
+    }
+    let (m, n, k) = (int(OP, g.m)?, int(OP, g.n)?, int(OP, g.k)?);
+    let (lda, ldb, ldc) = (int(OP, g.a.1)?, int(OP, g.b.1)?, int(OP, g.c.1)?);
+    let batch = int(OP, g.batch)?;
+    let (sa, sb, sc) = (g.a.2 as i64, g.b.2 as i64, g.c.2 as i64);
+    // SAFETY: the callers checked every operand's length against the
+    // extents the GEMM reads and writes (count x matrix size), and the
+    // pointers are device addresses of this context.
+    let s = unsafe {
+        match dt {
+            DType::F32 => {
+                let (al, be) = (g.alpha as f32, g.beta as f32);
+                bsys::cublasSgemmStridedBatched(
+                    h,
+                    op(g.ta),
+                    op(g.tb),
+                    m,
+                    n,
+                    k,
+                    &al,
+                    g.a.0 as *const f32,
+                    lda,
+                    sa,
+                    g.b.0 as *const f32,
+                    ldb,
+                    sb,
+                    &be,
+                    g.c.0 as *mut f32,
+                    ldc,
+                    sc,
+                    batch,
+                )
+            }
+            DType::F64 => bsys::cublasDgemmStridedBatched(
+                h,
+                op(g.ta),
+                op(g.tb),
+                m,
+                n,
+                k,
+                &g.alpha,
+                g.a.0 as *const f64,
+                lda,
+                sa,
+                g.b.0 as *const f64,
+                ldb,
+                sb,
+                &g.beta,
+                g.c.0 as *mut f64,
+                ldc,
+                sc,
+                batch,
+            ),
+        }
+    };
+    blas_ok("gemm", s)
+}
+
+/// `(A, d, B)` of a shape along `mode`.
+fn split_dims(op: &'static str, dims: &[usize], mode: usize) -> Result<(usize, usize, usize)> {
+    if mode >= dims.len() {
+        return Err(Error::backend(
+            op,
+            format!("mode {mode} of a tensor of order {}", dims.len()),
+        ));
+    }
+    let a = dims[..mode].iter().product();
+    let b = dims[mode + 1..].iter().product();
+    Ok((a, dims[mode], b))
+}
+
+fn elementwise(be: &CudaBackend, name: &str, dt: DType, n: usize, args: &mut Args) -> Result<()> {
+    let f = be.kernel(name, dt)?;
+    launch(f, grid_for(n), be.stream.0, args, name)
+}
+
+/// The GEMMs of `mode_gram` for a run of `batch` tensors of shape
+/// `(a, d, b)` (see [`split_dims`]) at `input`, accumulating into the
+/// factors at `out`; `size` is the element size in bytes.
+#[allow(clippy::too_many_arguments)]
+fn gram_plan(
+    (a, d, b): (usize, usize, usize),
+    alpha: f64,
+    first_beta: f64,
+    input: u64,
+    out: u64,
+    size: usize,
+    batch: usize,
+) -> Vec<Gemm> {
+    let numel = a * d * b;
+    if b == 1 {
+        // The block is a row-major A x d matrix, i.e. the column-major
+        // d x A matrix X = T^T (ld d). Gram = X X^T.
+        return vec![Gemm {
+            ta: false,
+            tb: true,
+            m: d,
+            n: d,
+            k: a,
+            alpha,
+            a: (input, d, numel),
+            b: (input, d, numel),
+            beta: first_beta,
+            c: (out, d, d * d),
+            batch,
+        }];
+    }
+    // Slab i is a row-major d x B matrix S_i, i.e. the column-major B x d
+    // matrix Y = S_i^T (ld B). Gram += S_i S_i^T = Y^T Y, over the A slabs.
+    (0..a)
+        .map(|i| {
+            let slab = input + (i * d * b * size) as u64;
+            Gemm {
+                ta: true,
+                tb: false,
+                m: d,
+                n: d,
+                k: b,
+                alpha,
+                a: (slab, b, numel),
+                b: (slab, b, numel),
+                beta: if i == 0 { first_beta } else { 1.0 },
+                c: (out, d, d * d),
+                batch,
+            }
+        })
+        .collect()
+}
+
+/// The GEMMs of `mode_product` for a run of `batch` tensors of shape
+/// `(a, d, b)` at `input`, matrices at `mats`, results at `out`.
+#[allow(clippy::too_many_arguments)]
+fn product_plan(
+    (a, d, b): (usize, usize, usize),
+    transpose: bool,
+    input: u64,
+    mats: u64,
+    out: u64,
+    size: usize,
+    batch: usize,
+) -> Vec<Gemm> {
+    let numel = a * d * b;
+    // The row-major matrix M read column-major is Mc = M^T.
+    if b == 1 {
+        // Row-major A x d blocks: out = in M^T (or in M). Column-major,
+        // with X = in^T (d x A, ld d): out^T = M X = Mc^T X (or Mc X).
+        return vec![Gemm {
+            ta: !transpose,
+            tb: false,
+            m: d,
+            n: a,
+            k: d,
+            alpha: 1.0,
+            a: (mats, d, d * d),
+            b: (input, d, numel),
+            beta: 0.0,
+            c: (out, d, numel),
+            batch,
+        }];
+    }
+    // Slab i, row-major d x B: out_i = M S_i. Column-major, Y = S_i^T
+    // (B x d, ld B): out_i^T = Y M^T = Y Mc (or Y M = Y Mc^T).
+    (0..a)
+        .map(|i| {
+            let off = (i * d * b * size) as u64;
+            Gemm {
+                ta: false,
+                tb: transpose,
+                m: b,
+                n: d,
+                k: d,
+                alpha: 1.0,
+                a: (input + off, b, numel),
+                b: (mats, d, d * d),
+                beta: 0.0,
+                c: (out + off, b, numel),
+                batch,
+            }
+        })
+        .collect()
+}
+
+/// The GEMM of `matmul` for a run of `batch` products of `n x n` matrices.
+/// Row-major `C = op(A) op(B)`; column-major (everything read as its
+/// transpose): `C^T = op(B)^T op(A)^T = op(Bc) op(Ac)`, with the same
+/// transposition flags.
+#[allow(clippy::too_many_arguments)]
+fn matmul_plan(
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f64,
+    accumulate: bool,
+    a: u64,
+    b: u64,
+    c: u64,
+    batch: usize,
+) -> Gemm {
+    Gemm {
+        ta: trans_b,
+        tb: trans_a,
+        m: n,
+        n,
+        k: n,
+        alpha,
+        a: (b, n, n * n),
+        b: (a, n, n * n),
+        beta: if accumulate { 1.0 } else { 0.0 },
+        c: (c, n, n * n),
+        batch,
+    }
+}
+
+pub(super) fn mode_gram(be: &CudaBackend, jobs: &mut [GramJob<'_, CudaBackend>]) -> Result<()> {
+    const OP: &str = "mode_gram";
+    for job in jobs.iter_mut() {
+        let (a, d, b) = split_dims(OP, job.dims, job.mode)?;
+        check_select(OP, job.select, job.count)?;
+        let numel = a * d * b;
+        let dt = job.out.dtype();
+        same_dtype(OP, dt, &[("input", job.input.dtype())])?;
+        check_len(OP, "input", job.input.len(), job.count, numel)?;
+        check_len(OP, "output", job.out.len(), job.count, d * d)?;
+        let libs = be.libs();
+        set_math(libs.blas, dt, job.tf32)?;
+        for (s, l) in runs(job.select, job.count) {
+            let input = at(job.input.ptr, dt, s * numel);
+            let out = at(job.out.ptr, dt, s * d * d);
+            if job.beta != 0.0 && job.beta != 1.0 {
+                // F *= beta, rounded, before accumulating (two roundings).
+                elementwise(
+                    be,
+                    "scale",
+                    dt,
+                    l * d * d,
+                    Args::new().u(out).f(job.beta).u((l * d * d) as u64),
+                )?;
+            }
+            let first_beta = if job.beta == 0.0 { 0.0 } else { 1.0 };
+            for g in gram_plan((a, d, b), job.alpha, first_beta, input, out, dt.size(), l) {
+                gemm(libs.blas, dt, &g)?;
+            }
+            // The product is symmetric up to rounding, so the column-major
+            // result read row-major is the Gram matrix; its lower triangle
+            // is the defined part. Mirror it when the full matrix is wanted.
+            if job.full {
+                elementwise(
+                    be,
+                    "symmetrize",
+                    dt,
+                    l * d * d,
+                    Args::new().u(out).u(d as u64).u(l as u64),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn mode_product(
+    be: &CudaBackend,
+    jobs: &mut [ModeProductJob<'_, CudaBackend>],
+) -> Result<()> {
+    const OP: &str = "mode_product";
+    for job in jobs.iter_mut() {
+        let (a, d, b) = split_dims(OP, job.dims, job.mode)?;
+        check_select(OP, job.select, job.count)?;
+        let numel = a * d * b;
+        let dt = job.out.dtype();
+        same_dtype(
+            OP,
+            dt,
+            &[
+                ("input", job.input.dtype()),
+                ("matrices", job.matrices.dtype()),
+            ],
+        )?;
+        check_len(OP, "input", job.input.len(), job.count, numel)?;
+        check_len(OP, "matrices", job.matrices.len(), job.count, d * d)?;
+        check_len(OP, "output", job.out.len(), job.count, numel)?;
+        let libs = be.libs();
+        set_math(libs.blas, dt, job.tf32)?;
+        for (s, l) in runs(job.select, job.count) {
+            let input = at(job.input.ptr, dt, s * numel);
+            let mats = at(job.matrices.ptr, dt, s * d * d);
+            let out = at(job.out.ptr, dt, s * numel);
+            for g in product_plan((a, d, b), job.transpose, input, mats, out, dt.size(), l) {
+                gemm(libs.blas, dt, &g)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn matmul(be: &CudaBackend, jobs: &mut [MatmulJob<'_, CudaBackend>]) -> Result<()> {
+    const OP: &str = "matmul";
+    for job in jobs.iter_mut() {
+        check_select(OP, job.select, job.count)?;
+        let (n, nn) = (job.n, job.n * job.n);
+        let dt = job.c.dtype();
+        same_dtype(OP, dt, &[("a", job.a.dtype()), ("b", job.b.dtype())])?;
+        check_len(OP, "a", job.a.len(), job.count, nn)?;
+        check_len(OP, "b", job.b.len(), job.count, nn)?;
+        check_len(OP, "c", job.c.len(), job.count, nn)?;
+        let libs = be.libs();
+        set_math(libs.blas, dt, job.tf32)?;
+        for (s, l) in runs(job.select, job.count) {
+            let g = matmul_plan(
+                n,
+                job.trans_a,
+                job.trans_b,
+                job.alpha,
+                job.accumulate,
+                at(job.a.ptr, dt, s * nn),
+                at(job.b.ptr, dt, s * nn),
+                at(job.c.ptr, dt, s * nn),
+                l,
+            );
+            gemm(libs.blas, dt, &g)?;
+        }
+    }
+    Ok(())
+}
+
+/// The GEMM plans executed on the host with cuBLAS's column-major
+/// semantics, against the CPU backend's row-major definitions: checks the
+/// transposition flags, leading dimensions, strides and offsets without a
+/// GPU.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use crate::{CpuBackend, HostView, HostViewMut};
+
+    /// Operand addresses: `(operand << 40) + element offset` (size 1).
+    const X: u64 = 0;
+    const M: u64 = 1 << 40;
+    const OUT: u64 = 2 << 40;
+
+    fn decode(addr: u64) -> (usize, usize) {
+        ((addr >> 40) as usize, (addr & ((1 << 40) - 1)) as usize)
+    }
+
+    /// `C_t = alpha op(A_t) op(B_t) + beta C_t`, column-major, as cuBLAS
+    /// defines it (`beta = 0` ignores C's old values).
+    fn host_gemm(g: &Gemm, mem: &mut [Vec<f64>; 3]) {
+        let ((ia, oa), (ib, ob), (ic, oc)) = (decode(g.a.0), decode(g.b.0), decode(g.c.0));
+        let (a, b) = (mem[ia].clone(), mem[ib].clone());
+        let c = &mut mem[ic];
+        for t in 0..g.batch {
+            let (ba, bb, bc) = (oa + t * g.a.2, ob + t * g.b.2, oc + t * g.c.2);
+            // op(A)[i, l] and op(B)[l, j] of column-major storage.
+            let ea = |i: usize, l: usize| a[ba + if g.ta { l + i * g.a.1 } else { i + l * g.a.1 }];
+            let eb = |l: usize, j: usize| b[bb + if g.tb { j + l * g.b.1 } else { l + j * g.b.1 }];
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    let s: f64 = (0..g.k).map(|l| ea(i, l) * eb(l, j)).sum();
+                    let idx = bc + i + j * g.c.1;
+                    c[idx] = if g.beta == 0.0 {
+                        g.alpha * s
+                    } else {
+                        g.alpha * s + g.beta * c[idx]
+                    };
+                }
+            }
+        }
+    }
+
+    fn values(seed: u64, n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|i| ((i as f64 + 1.0) * (seed as f64 * 0.37 + 1.3)).sin())
+            .collect()
+    }
+
+    fn assert_close(what: &str, a: &[f64], b: &[f64]) {
+        let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-12 * scale,
+                "{what}: element {i}: cpu {x} vs plan {y}"
+            );
+        }
+    }
+
+    const SHAPES: [&[usize]; 4] = [&[6, 5, 4], &[7], &[5, 3], &[2, 3, 4, 5]];
+
+    #[test]
+    fn gram_plans_compute_the_cpu_backends_statistics() {
+        let cpu = CpuBackend::new(1).unwrap();
+        let count = 3;
+        for dims in SHAPES {
+            let numel: usize = dims.iter().product();
+            for mode in 0..dims.len() {
+                let (a, d, b) = split_dims("test", dims, mode).unwrap();
+                for beta in [0.0, 1.0, 0.5] {
+                    let x = values(1, count * numel);
+                    let f0 = values(2, count * d * d);
+                    let mut want = f0.clone();
+                    cpu.mode_gram(&mut [GramJob {
+                        input: HostView::F64(&x),
+                        dims,
+                        count,
+                        mode,
+                        out: HostViewMut::F64(&mut want),
+                        beta,
+                        alpha: 0.25,
+                        full: false,
+                        tf32: false,
+                        select: None,
+                    }])
+                    .unwrap();
+                    let scaled: Vec<f64> = if beta != 0.0 && beta != 1.0 {
+                        f0.iter().map(|v| v * beta).collect()
+                    } else {
+                        f0.clone()
+                    };
+                    let mut mem = [x, Vec::new(), scaled];
+                    let first = if beta == 0.0 { 0.0 } else { 1.0 };
+                    for g in gram_plan((a, d, b), 0.25, first, X, OUT, 1, count) {
+                        host_gemm(&g, &mut mem);
+                    }
+                    // Only the row-major lower triangle is defined.
+                    let lower = |v: &[f64]| -> Vec<f64> {
+                        (0..count * d * d)
+                            .filter(|k| (k % (d * d)) / d >= k % d)
+                            .map(|k| v[k])
+                            .collect()
+                    };
+                    assert_close(
+                        &format!("gram {dims:?} mode {mode} beta {beta}"),
+                        &lower(&want),
+                        &lower(&mem[2]),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn product_plans_compute_the_cpu_backends_mode_products() {
+        let cpu = CpuBackend::new(1).unwrap();
+        let count = 3;
+        for dims in SHAPES {
+            let numel: usize = dims.iter().product();
+            for mode in 0..dims.len() {
+                let (a, d, b) = split_dims("test", dims, mode).unwrap();
+                for transpose in [false, true] {
+                    let x = values(3, count * numel);
+                    let m = values(4, count * d * d);
+                    let mut want = vec![0.0; count * numel];
+                    cpu.mode_product(&mut [ModeProductJob {
+                        input: HostView::F64(&x),
+                        dims,
+                        count,
+                        mode,
+                        matrices: HostView::F64(&m),
+                        transpose,
+                        out: HostViewMut::F64(&mut want),
+                        tf32: false,
+                        select: None,
+                    }])
+                    .unwrap();
+                    let mut mem = [x, m, vec![f64::NAN; count * numel]];
+                    for g in product_plan((a, d, b), transpose, X, M, OUT, 1, count) {
+                        host_gemm(&g, &mut mem);
+                    }
+                    assert_close(
+                        &format!("product {dims:?} mode {mode} transpose {transpose}"),
+                        &want,
+                        &mem[2],
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_plans_compute_the_cpu_backends_products() {
+        let cpu = CpuBackend::new(1).unwrap();
+        let (n, count) = (5, 3);
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            for accumulate in [false, true] {
+                let (a, b, c0) = (
+                    values(5, count * n * n),
+                    values(6, count * n * n),
+                    values(7, count * n * n),
+                );
+                let mut want = c0.clone();
+                cpu.matmul(&mut [MatmulJob {
+                    a: HostView::F64(&a),
+                    b: HostView::F64(&b),
+                    c: HostViewMut::F64(&mut want),
+                    n,
+                    count,
+                    trans_a: ta,
+                    trans_b: tb,
+                    alpha: -0.75,
+                    accumulate,
+                    tf32: false,
+                    select: None,
+                }])
+                .unwrap();
+                let mut mem = [a, b, c0];
+                host_gemm(
+                    &matmul_plan(n, ta, tb, -0.75, accumulate, X, M, OUT, count),
+                    &mut mem,
+                );
+                assert_close(&format!("matmul {ta} {tb} {accumulate}"), &want, &mem[2]);
+            }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Batched symmetric eigendecomposition with cuSOLVER.
+//!
+//! Row-major storage read column-major is the transpose, so the row-major
+//! lower triangle the trait defines is cuSOLVER's column-major *upper*
+//! triangle; cuSOLVER writes eigenvectors column-major (what the trait asks
+//! for) and eigenvalues ascending.
+//!
+//! Status semantics follow the CPU backend (`backend/cpu/eigh.rs`): a matrix
+//! whose lower triangle holds NaN or Inf is `Failed` without being solved;
+//! a float32 failure is retried in float64 (`RetriedF64` when that
+//! succeeds); a float64 failure is `Failed`. A failed matrix is left as it
+//! was given. The statuses are host memory, so this is the one primitive
+//! that waits for the device (it runs in amortized steps only).
+//!
+//! `cusolverDnXsyevBatched` solves a whole run of matrices in one call when
+//! the library has it (CUDA 12.6.2 and later) and accepts the size; else
+//! (or when it returns an error status) each matrix is solved with
+//! `cusolverDnXsyevd`.
+
+use std::ffi::c_void;
+
+use cudarc::cusolver::sys as ssys;
+use cudarc::driver::result as drv;
+
+use super::blas::solver_ok;
+use super::kernels::{Args, grid_for, grid_matrices, launch};
+use super::{CudaBackend, Stream, at, runs};
+use crate::backend::cpu::{check_len, check_select};
+use crate::backend::{EighJob, EighStatus, ViewMutOps};
+use crate::{DType, Error, Result};
+
+const OP: &str = "eigh";
+
+/// A device allocation that only grows.
+#[derive(Default)]
+pub(super) struct DeviceScratch {
+    ptr: u64,
+    bytes: usize,
+}
+
+impl DeviceScratch {
+    /// At least `bytes` bytes (reallocating, which waits for the device,
+    /// only when the request is larger than any before).
+    fn ensure(&mut self, bytes: usize) -> Result<u64> {
+        if bytes > self.bytes {
+            if self.ptr != 0 {
+                // SAFETY: allocated below, freed once; cuMemFree waits for
+                // work still using it.
+                unsafe { drv::free_sync(self.ptr) }.map_err(|e| Error::backend(OP, e))?;
+                self.ptr = 0;
+                self.bytes = 0;
+            }
+            // SAFETY: a plain device allocation.
+            self.ptr = unsafe { drv::malloc_sync(bytes) }
+                .map_err(|e| Error::backend(OP, format!("scratch of {bytes} bytes: {e}")))?;
+            self.bytes = bytes;
+        }
+        Ok(self.ptr)
+    }
+}
+
+impl Drop for DeviceScratch {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: freed once, by its owner.
+            let _ = unsafe { drv::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// The eigensolver's scratch: solver workspace (device and host), the
+/// input copy, per-matrix flags and infos, and the float64 retry buffers.
+#[derive(Default)]
+pub(super) struct Scratch {
+    work: DeviceScratch,
+    host: Vec<u8>,
+    backup: DeviceScratch,
+    flags: DeviceScratch,
+    info: DeviceScratch,
+    retry: DeviceScratch,
+}
+
+fn data_type(dt: DType) -> ssys::cudaDataType {
+    match dt {
+        DType::F32 => ssys::cudaDataType::CUDA_R_32F,
+        DType::F64 => ssys::cudaDataType::CUDA_R_64F,
+    }
+}
+
+/// Whether the loaded cuSOLVER exports the batched solver.
+fn has_batched() -> bool {
+    // SAFETY: the library was probed and loaded before the backend was
+    // built; looking a symbol up has no side effects.
+    unsafe {
+        ssys::culib()
+            .get::<unsafe extern "C" fn()>(b"cusolverDnXsyevBatched\0")
+            .is_ok()
+    }
+}
+
+const JOBZ: ssys::cusolverEigMode_t = ssys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR;
+const UPLO: ssys::cublasFillMode_t = ssys::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER;
+
+/// Solves `batch` matrices of `n` at `a` (values at `w`, infos at `info`),
+/// in one batched call when possible, else one by one.
+#[allow(clippy::too_many_arguments)]
+fn solve(
+    stream: Stream,
+    scratch: &mut Scratch,
+    solver: ssys::cusolverDnHandle_t,
+    params: ssys::cusolverDnParams_t,
+    dt: DType,
+    n: usize,
+    batch: usize,
+    a: u64,
+    w: u64,
+    info: u64,
+    backup: u64,
+) -> Result<()> {
+    let t = data_type(dt);
+    let ni = n as i64;
+    if batch > 1 && has_batched() {
+        let (mut dev, mut host) = (0usize, 0usize);
+        // SAFETY: a size query on valid handles; no memory is touched.
+        let s = unsafe {
+            ssys::cusolverDnXsyevBatched_bufferSize(
+                solver,
+                params,
+                JOBZ,
+                UPLO,
+                ni,
+                t,
+                a as *const c_void,
+                ni,
+                t,
+                w as *const c_void,
+                t,
+                &mut dev,
+                &mut host,
+                batch as i64,
+            )
+        };
+        if s == ssys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+            let work = scratch.work.ensure(dev.max(1))?;
+            if scratch.host.len() < host {
+                scratch.host.resize(host, 0);
+            }
+            // SAFETY: `a` holds `batch` column-major n x n matrices, `w`
+            // batch x n values, `info` batch ints (checked by the caller);
+            // the workspaces have the sizes the library asked for.
+            let s = unsafe {
+                ssys::cusolverDnXsyevBatched(
+                    solver,
+                    params,
+                    JOBZ,
+                    UPLO,
+                    ni,
+                    t,
+                    a as *mut c_void,
+                    ni,
+                    t,
+                    w as *mut c_void,
+                    t,
+                    work as *mut c_void,
+                    dev,
+                    scratch.host.as_mut_ptr() as *mut c_void,
+                    host,
+                    info as *mut i32,
+                    batch as i64,
+                )
+            };
+            if s == ssys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
+                return Ok(());
+            }
+            tracing::debug!(
+                ?s,
+                n,
+                batch,
+                "batched eigensolver refused; solving one by one"
+            );
+            // It may have written before refusing: start again from the
+            // input.
+            copy_bytes(stream, a, backup, batch * n * n * dt.size())?;
+        }
+    }
+    let (mut dev, mut host) = (0usize, 0usize);
+    // SAFETY: a size query.
+    let s = unsafe {
+        ssys::cusolverDnXsyevd_bufferSize(
+            solver,
+            params,
+            JOBZ,
+            UPLO,
+            ni,
+            t,
+            a as *const c_void,
+            ni,
+            t,
+            w as *const c_void,
+            t,
+            &mut dev,
+            &mut host,
+        )
+    };
+    solver_ok("cusolverDnXsyevd_bufferSize", s)?;
+    let work = scratch.work.ensure(dev.max(1))?;
+    if scratch.host.len() < host {
+        scratch.host.resize(host, 0);
+    }
+    for j in 0..batch {
+        // SAFETY: as above, for matrix j alone.
+        let s = unsafe {
+            ssys::cusolverDnXsyevd(
+                solver,
+                params,
+                JOBZ,
+                UPLO,
+                ni,
+                t,
+                at(a, dt, j * n * n) as *mut c_void,
+                ni,
+                t,
+                at(w, dt, j * n) as *mut c_void,
+                t,
+                work as *mut c_void,
+                dev,
+                scratch.host.as_mut_ptr() as *mut c_void,
+                host,
+                (info + 4 * j as u64) as *mut i32,
+            )
+        };
+        solver_ok("cusolverDnXsyevd", s)?;
+    }
+    Ok(())
+}
+
+fn copy_bytes(stream: Stream, dst: u64, src: u64, bytes: usize) -> Result<()> {
+    // SAFETY: both ranges are device memory of at least `bytes` bytes.
+    unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream.0) }.map_err(|e| Error::backend(OP, e))
+}
+
+fn cast(be: &CudaBackend, name: &str, dst: u64, src: u64, n: usize) -> Result<()> {
+    let f = be.kernels.get(name)?;
+    launch(
+        f,
+        grid_for(n),
+        be.stream.0,
+        Args::new().u(dst).u(src).u(n as u64),
+        name,
+    )
+}
+
+pub(super) fn eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> Result<()> {
+    let mut guard = be.libs();
+    let libs = &mut *guard;
+    let (solver, params) = (libs.solver, libs.params);
+    let scratch = &mut libs.scratch;
+    for job in jobs.iter_mut() {
+        let (n, count) = (job.n, job.count);
+        if n == 0 {
+            continue;
+        }
+        check_select(OP, job.select, count)?;
+        let dt = job.a.dtype();
+        super::same_dtype(OP, dt, &[("values", job.values.dtype())])?;
+        check_len(OP, "matrices", job.a.len(), count, n * n)?;
+        check_len(OP, "values", job.values.len(), count, n)?;
+        check_len(OP, "status", job.status.len(), count, 1)?;
+        let (nn, sz) = (n * n, dt.size());
+        for (s, l) in runs(job.select, count) {
+            let a = at(job.a.ptr, dt, s * nn);
+            let w = at(job.values.ptr, dt, s * n);
+            let backup = scratch.backup.ensure(l * nn * sz)?;
+            let flags = scratch.flags.ensure(l * sz)?;
+            let info = scratch.info.ensure(l * 4)?;
+            // Finite check of the lower triangles, and a copy of the input
+            // (restored into failed matrices, source of the float64 retry).
+            launch(
+                be.kernel("all_finite", dt)?,
+                grid_matrices(l),
+                be.stream.0,
+                Args::new()
+                    .u(a)
+                    .u(flags)
+                    .u(nn as u64)
+                    .u(n as u64)
+                    .u(1)
+                    .u(l as u64),
+                "all_finite",
+            )?;
+            copy_bytes(be.stream, backup, a, l * nn * sz)?;
+            solve(
+                be.stream, scratch, solver, params, dt, n, l, a, w, info, backup,
+            )?;
+            let mut infos = vec![0i32; l];
+            let mut finite = vec![0u8; l * sz];
+            // SAFETY: `info` holds `l` ints and `flags` `l` elements; the
+            // stream is synchronised before the host buffers are read.
+            unsafe {
+                drv::memcpy_dtoh_async(&mut infos, info, be.stream.0)
+                    .and_then(|_| drv::memcpy_dtoh_async(&mut finite, flags, be.stream.0))
+                    .and_then(|_| drv::stream::synchronize(be.stream.0))
+            }
+            .map_err(|e| Error::backend(OP, e))?;
+            let is_finite = |j: usize| match dt {
+                DType::F32 => {
+                    f32::from_ne_bytes(finite[4 * j..4 * j + 4].try_into().unwrap()) != 0.0
+                }
+                DType::F64 => {
+                    f64::from_ne_bytes(finite[8 * j..8 * j + 8].try_into().unwrap()) != 0.0
+                }
+            };
+            for (j, &info_j) in infos.iter().enumerate() {
+                let st = &mut job.status[s + j];
+                let (aj, bj) = (at(a, dt, j * nn), at(backup, dt, j * nn));
+                if !is_finite(j) {
+                    *st = EighStatus::Failed;
+                    copy_bytes(be.stream, aj, bj, nn * sz)?;
+                } else if info_j == 0 {
+                    *st = EighStatus::Ok;
+                } else if dt == DType::F64 {
+                    *st = EighStatus::Failed;
+                    copy_bytes(be.stream, aj, bj, nn * sz)?;
+                } else {
+                    *st = retry_f64(be, scratch, solver, params, n, aj, at(w, dt, j * n), bj)?;
+                }
+            }
+        }
+    }
+    // The restores and retries queued above complete before the backup
+    // can be overwritten by a later call (same stream).
+    Ok(())
+}
+
+/// Solves one float32 matrix (input copy at `src`) in float64 and writes the
+/// result back rounded to float32 (`RetriedF64`), or restores the input
+/// (`Failed`).
+#[allow(clippy::too_many_arguments)]
+fn retry_f64(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    solver: ssys::cusolverDnHandle_t,
+    params: ssys::cusolverDnParams_t,
+    n: usize,
+    a: u64,
+    w: u64,
+    src: u64,
+) -> Result<EighStatus> {
+    let nn = n * n;
+    // float64 matrix, float64 values, one info.
+    let base = scratch.retry.ensure(8 * (nn + n) + 8)?;
+    let (a64, w64, info) = (base, base + 8 * nn as u64, base + 8 * (nn + n) as u64);
+    cast(be, "cast_f32_f64", a64, src, nn)?;
+    solve(
+        be.stream,
+        scratch,
+        solver,
+        params,
+        DType::F64,
+        n,
+        1,
+        a64,
+        w64,
+        info,
+        a64,
+    )?;
+    let mut ok = [0i32; 1];
+    // SAFETY: `info` is one int of the retry scratch; synchronised below.
+    unsafe {
+        drv::memcpy_dtoh_async(&mut ok, info, be.stream.0)
+            .and_then(|_| drv::stream::synchronize(be.stream.0))
+    }
+    .map_err(|e| Error::backend(OP, e))?;
+    if ok[0] == 0 {
+        cast(be, "cast_f64_f32", a, a64, nn)?;
+        cast(be, "cast_f64_f32", w, w64, n)?;
+        Ok(EighStatus::RetriedF64)
+    } else {
+        copy_bytes(be.stream, a, src, nn * 4)?;
+        Ok(EighStatus::Failed)
+    }
+}

@@ -1,0 +1,304 @@
+//! The project's CUDA C kernels (`kernels/*.cu`), embedded in the binary,
+//! compiled with NVRTC for the device's compute capability on first use and
+//! cached for the life of the process.
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result as drv, sys as dsys};
+use cudarc::nvrtc::{CompileError, CompileOptions};
+
+use crate::{Error, Result};
+
+/// Header prepended to every source (NVRTC has no include path here).
+pub const COMMON: &str = include_str!("../../../../kernels/common.cuh");
+
+/// One kernel source file and the entry points it must define (each for
+/// `f32` and `f64` unless its name already says the types).
+pub struct KernelSource {
+    /// File name under `kernels/`.
+    pub file: &'static str,
+    /// The CUDA C source.
+    pub source: &'static str,
+    /// Entry-point names without their `_f32`/`_f64` suffix.
+    pub typed: &'static [&'static str],
+    /// Entry-point names used as they are.
+    pub untyped: &'static [&'static str],
+}
+
+/// Every file of `kernels/` (a test checks that none is missing).
+pub const SOURCES: [KernelSource; 3] = [
+    KernelSource {
+        file: "copy.cu",
+        source: include_str!("../../../../kernels/copy.cu"),
+        typed: &[
+            "gather",
+            "scatter",
+            "copy",
+            "fill",
+            "scale",
+            "symmetrize",
+            "root_input",
+            "scale_rows",
+            "newton_init",
+            "newton_coefficient",
+        ],
+        untyped: &["cast_f32_f64", "cast_f64_f32"],
+    },
+    KernelSource {
+        file: "map.cu",
+        source: include_str!("../../../../kernels/map.cu"),
+        typed: &[
+            "gradient_statistics",
+            "direction",
+            "eigenvalue_update",
+            "eigenvalue_scale",
+        ],
+        untyped: &[],
+    },
+    KernelSource {
+        file: "reduce.cu",
+        source: include_str!("../../../../kernels/reduce.cu"),
+        typed: &[
+            "sum_squares",
+            "max_abs_dev_identity",
+            "all_finite",
+            "eigen_power",
+        ],
+        untyped: &[],
+    },
+];
+
+impl KernelSource {
+    /// Every entry point of the file, with type suffixes.
+    pub fn entry_points(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .typed
+            .iter()
+            .flat_map(|n| [format!("{n}_f32"), format!("{n}_f64")])
+            .collect();
+        v.extend(self.untyped.iter().map(|s| s.to_string()));
+        v
+    }
+}
+
+/// NVRTC options: `arch` is e.g. `sm_90`. No FMA contraction, so that every
+/// kernel rounds where the CPU backend rounds.
+pub fn compile_options(arch: &str) -> CompileOptions {
+    CompileOptions {
+        fmad: Some(false),
+        ftz: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        ..Default::default()
+    }
+}
+
+/// Compiles one source for `arch` to PTX. Needs only NVRTC (no driver, no
+/// GPU); the caller probes it first ([`super::probe::probe_nvrtc`]).
+pub fn compile_source(src: &KernelSource, arch: &str) -> Result<String> {
+    let code = format!("{COMMON}\n#line 1 \"{}\"\n{}", src.file, src.source);
+    let mut opts = compile_options(arch);
+    opts.name = Some(src.file.to_string());
+    match cudarc::nvrtc::compile_ptx_with_opts(code, opts) {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(CompileError::CompileError { log, options, .. }) => Err(Error::backend(
+            "nvrtc",
+            format!(
+                "kernels/{} does not compile for {arch} (options {options:?}):\n{}",
+                src.file,
+                log.to_string_lossy()
+            ),
+        )),
+        Err(e) => Err(Error::backend(
+            "nvrtc",
+            format!("kernels/{} for {arch}: {e}", src.file),
+        )),
+    }
+}
+
+/// `(file, PTX)` of every source, in [`SOURCES`] order.
+pub type CompiledKernels = Arc<Vec<(&'static str, String)>>;
+
+/// Compiles every source for `arch` (cached per process and architecture).
+pub fn compile_all(arch: &str) -> Result<CompiledKernels> {
+    static CACHE: OnceLock<Mutex<HashMap<String, CompiledKernels>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(hit) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(arch) {
+        return Ok(hit.clone());
+    }
+    super::probe::probe_nvrtc()?;
+    let mut out = Vec::with_capacity(SOURCES.len());
+    for src in &SOURCES {
+        out.push((src.file, compile_source(src, arch)?));
+    }
+    let out = Arc::new(out);
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(arch.to_string(), out.clone());
+    Ok(out)
+}
+
+/// The kernels loaded into one context: entry-point name to function.
+pub(super) struct Loaded {
+    functions: HashMap<String, dsys::CUfunction>,
+    modules: Vec<dsys::CUmodule>,
+}
+
+// SAFETY: CUfunction and CUmodule are opaque driver handles, valid in every
+// thread that has their context current (the backend binds it before every
+// use); the driver API is thread-safe.
+unsafe impl Send for Loaded {}
+// SAFETY: as above; the map is never mutated after construction.
+unsafe impl Sync for Loaded {}
+
+impl Loaded {
+    /// Loads the PTX of every source into the current context.
+    pub(super) fn load(arch: &str) -> Result<Self> {
+        let ptx = compile_all(arch)?;
+        let mut functions = HashMap::new();
+        let mut modules = Vec::new();
+        for (src, (_, code)) in SOURCES.iter().zip(ptx.iter()) {
+            let image = CString::new(code.as_str())
+                .map_err(|_| Error::backend("load kernels", "PTX contains a NUL byte"))?;
+            // SAFETY: `image` is a NUL-terminated PTX string; the context is
+            // current (the caller bound it).
+            let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }
+                .map_err(|e| Error::backend("load kernels", format!("{}: {e}", src.file)))?;
+            modules.push(module);
+            for name in src.entry_points() {
+                let cname = CString::new(name.clone()).expect("kernel names have no NUL");
+                // SAFETY: `module` was just loaded and is alive.
+                let f = unsafe { drv::module::get_function(module, cname) }.map_err(|e| {
+                    Error::backend("load kernels", format!("{}: {name}: {e}", src.file))
+                })?;
+                functions.insert(name, f);
+            }
+        }
+        Ok(Loaded { functions, modules })
+    }
+
+    /// The function `name`.
+    pub(super) fn get(&self, name: &str) -> Result<dsys::CUfunction> {
+        self.functions
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::backend("launch", format!("no kernel named {name}")))
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        for &m in &self.modules {
+            // SAFETY: each module was loaded once and is unloaded once; no
+            // launch is in flight after the backend synchronised.
+            let _ = unsafe { drv::module::unload(m) };
+        }
+    }
+}
+
+/// Kernel arguments, each in an 8-byte aligned slot (structs take several),
+/// so that a launch needs no heap allocation.
+pub(super) struct Args {
+    slots: [u64; 96],
+    starts: [usize; 32],
+    used: usize,
+    count: usize,
+}
+
+impl Args {
+    pub(super) fn new() -> Self {
+        Args {
+            slots: [0; 96],
+            starts: [0; 32],
+            used: 0,
+            count: 0,
+        }
+    }
+
+    fn push_words(&mut self, words: &[u64]) -> &mut Self {
+        assert!(
+            self.count < 32 && self.used + words.len() <= 96,
+            "too many kernel arguments"
+        );
+        self.starts[self.count] = self.used;
+        self.slots[self.used..self.used + words.len()].copy_from_slice(words);
+        self.used += words.len();
+        self.count += 1;
+        self
+    }
+
+    /// A 64-bit integer (or a device address).
+    pub(super) fn u(&mut self, v: u64) -> &mut Self {
+        self.push_words(&[v])
+    }
+
+    /// A double.
+    pub(super) fn f(&mut self, v: f64) -> &mut Self {
+        self.push_words(&[v.to_bits()])
+    }
+
+    /// A plain-old-data struct passed by value (a whole number of words).
+    pub(super) fn words(&mut self, w: &[u64]) -> &mut Self {
+        self.push_words(w)
+    }
+
+    /// Pointers to the arguments, for `cuLaunchKernel`.
+    fn params(&mut self) -> [*mut c_void; 32] {
+        let mut p = [std::ptr::null_mut(); 32];
+        let base = self.slots.as_mut_ptr();
+        for (i, p) in p.iter_mut().enumerate().take(self.count) {
+            // SAFETY: every start is below `used` <= 96, inside `slots`.
+            *p = unsafe { base.add(self.starts[i]) } as *mut c_void;
+        }
+        p
+    }
+}
+
+/// Threads per block of elementwise kernels (and of the per-matrix ones:
+/// the kernels' REDUCE_THREADS).
+pub(super) const THREADS: u32 = 256;
+
+/// Launches `f` on `stream` with `grid` blocks of [`THREADS`].
+pub(super) fn launch(
+    f: dsys::CUfunction,
+    grid: u32,
+    stream: dsys::CUstream,
+    args: &mut Args,
+    what: &str,
+) -> Result<()> {
+    if grid == 0 {
+        return Ok(());
+    }
+    let mut params = args.params();
+    // SAFETY: `f` is a loaded kernel whose parameter list matches what the
+    // caller pushed (each launch site mirrors its kernel's signature), the
+    // argument storage outlives the call (the driver copies the values at
+    // launch), and every device address points at memory the backend owns
+    // or the caller vouched for.
+    unsafe {
+        drv::launch_kernel(
+            f,
+            (grid, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            stream,
+            &mut params[..args.count],
+        )
+    }
+    .map_err(|e| Error::backend("launch", format!("{what}: {e}")))
+}
+
+/// Blocks for an elementwise kernel over `n` elements (grid-stride loops
+/// cover the rest).
+pub(super) fn grid_for(n: usize) -> u32 {
+    n.div_ceil(THREADS as usize).min(65_535) as u32
+}
+
+/// Blocks for a per-matrix kernel over `count` matrices.
+pub(super) fn grid_matrices(count: usize) -> u32 {
+    count.min(65_535) as u32
+}

@@ -1,0 +1,846 @@
+//! Gathers, scatters, the fused maps and the reductions: argument checks on
+//! the host, one kernel launch per run of selected blocks.
+
+use super::kernels::{Args, grid_for, grid_matrices, launch};
+use super::{CudaBackend, CudaView, at, complement, runs, same_dtype};
+use crate::backend::cpu::{check_len, check_select};
+use crate::backend::{
+    DirectionSource, GatherJob, GraftKernel, Map, ReduceJob, Reduction, ScatterJob, TableEntry,
+    ViewMutOps, ViewOps,
+};
+use crate::{DType, Error, Result};
+
+/// Largest block order the kernels' `Geometry` holds.
+const MAX_ORDER: usize = 8;
+
+/// One block: where it lives in its parameter (the kernels' `Geometry`:
+/// order, base offset, dims, strides) and where its packed copy lives.
+#[derive(Debug, Clone)]
+struct Entry {
+    param: usize,
+    numel: usize,
+    packed_offset: usize,
+    geometry: [u64; 2 + 2 * MAX_ORDER],
+}
+
+/// Block geometry, checked once (no two blocks overlap, neither in their
+/// packed ranges nor in any parameter) and kept on the host: each gather or
+/// scatter passes a block's geometry to its kernel by value.
+#[derive(Debug, Clone)]
+pub struct CudaBlockTable {
+    entries: Vec<Entry>,
+    /// One past the largest element touched, per parameter index.
+    extent: Vec<usize>,
+}
+
+impl CudaBlockTable {
+    /// Checks and prepares block geometry (what [`Backend::block_table`]
+    /// returns).
+    ///
+    /// [`Backend::block_table`]: crate::backend::Backend::block_table
+    pub fn new(table: Vec<TableEntry>) -> Result<Self> {
+        const OP: &str = "block_table";
+        let mut entries = Vec::with_capacity(table.len());
+        let mut extent: Vec<usize> = Vec::new();
+        let mut touched: Vec<(usize, usize, usize)> = Vec::new();
+        let mut packed: Vec<(usize, usize)> = Vec::new();
+        for e in table {
+            let b = &e.block;
+            let k = b.dims.len();
+            if k == 0 || k > MAX_ORDER || b.merged.len() != k || b.start.len() != k {
+                return Err(Error::backend(
+                    OP,
+                    format!("block of order {k} (the CUDA kernels take 1 to {MAX_ORDER})"),
+                ));
+            }
+            let mut strides = vec![1usize; k];
+            for i in (0..k - 1).rev() {
+                strides[i] = strides[i + 1] * b.merged[i + 1];
+            }
+            let base: usize = b.start.iter().zip(&strides).map(|(s, st)| s * st).sum();
+            let mut geometry = [0u64; 2 + 2 * MAX_ORDER];
+            geometry[0] = k as u64;
+            geometry[1] = base as u64;
+            for i in 0..k {
+                geometry[2 + i] = b.dims[i] as u64;
+                geometry[2 + MAX_ORDER + i] = strides[i] as u64;
+            }
+            let p = b.param;
+            if extent.len() <= p {
+                extent.resize(p + 1, 0);
+            }
+            b.for_each_run(|src, _, len| {
+                extent[p] = extent[p].max(src + len);
+                touched.push((p, src, len));
+            });
+            packed.push((e.packed_offset, b.numel()));
+            entries.push(Entry {
+                param: p,
+                numel: b.numel(),
+                packed_offset: e.packed_offset,
+                geometry,
+            });
+        }
+        touched.sort_unstable();
+        for w in touched.windows(2) {
+            let ((p0, s0, l0), (p1, s1, _)) = (w[0], w[1]);
+            if p0 == p1 && s0 + l0 > s1 {
+                return Err(Error::backend(
+                    OP,
+                    format!("blocks overlap in parameter {p0}"),
+                ));
+            }
+        }
+        packed.sort_unstable();
+        if packed.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(Error::backend(OP, "packed blocks overlap"));
+        }
+        Ok(CudaBlockTable { entries, extent })
+    }
+
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Block `i` as the kernels see it: its `Geometry` words (order, base
+    /// offset, dims, strides), element count and packed offset. For tests
+    /// that run the kernels on the host.
+    #[doc(hidden)]
+    pub fn kernel_geometry(&self, i: usize) -> ([u64; 2 + 2 * MAX_ORDER], usize, usize) {
+        let e = &self.entries[i];
+        (e.geometry, e.numel, e.packed_offset)
+    }
+}
+
+fn param_view<'s>(sources: &[Option<CudaView<'s>>], p: usize, what: &str) -> Result<CudaView<'s>> {
+    sources
+        .get(p)
+        .copied()
+        .flatten()
+        .ok_or_else(|| Error::backend("gather", format!("{what} of parameter {p} is missing")))
+}
+
+pub(super) fn gather(be: &CudaBackend, jobs: &mut [GatherJob<'_, '_, CudaBackend>]) -> Result<()> {
+    const OP: &str = "gather";
+    for job in jobs.iter_mut() {
+        let table = job.table;
+        check_select(OP, job.select, table.entries.len())?;
+        let dt = job.out.dtype();
+        let f = be.kernel("gather", dt)?;
+        for (first, len) in runs(job.select, table.entries.len()) {
+            for e in &table.entries[first..first + len] {
+                if e.packed_offset + e.numel > job.out.len() {
+                    return Err(Error::backend(OP, "packed buffer too small for its table"));
+                }
+                let src = param_view(job.sources, e.param, "source")?;
+                same_dtype(OP, dt, &[("source", src.dtype())])?;
+                if src.len() < table.extent[e.param] {
+                    return Err(Error::backend(
+                        OP,
+                        format!("parameter {} is too short", e.param),
+                    ));
+                }
+                let (add, coef) = match job.add {
+                    Some((tensors, coef)) => {
+                        let a = param_view(tensors, e.param, "added tensor")?;
+                        same_dtype(OP, dt, &[("added tensor", a.dtype())])?;
+                        if a.len() < table.extent[e.param] {
+                            return Err(Error::backend(OP, "added tensor is too short"));
+                        }
+                        (a.ptr, coef)
+                    }
+                    None => (0, 0.0),
+                };
+                launch(
+                    f,
+                    grid_for(e.numel),
+                    be.stream.0,
+                    Args::new()
+                        .u(at(job.out.ptr, dt, e.packed_offset))
+                        .u(src.ptr)
+                        .u(add)
+                        .f(coef)
+                        .words(&e.geometry)
+                        .u(e.numel as u64),
+                    OP,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn scatter(be: &CudaBackend, jobs: &mut [ScatterJob<'_, CudaBackend>]) -> Result<()> {
+    const OP: &str = "scatter";
+    for job in jobs.iter_mut() {
+        let table = job.table;
+        let dt = job.source.dtype();
+        same_dtype(OP, dt, &[("parameter", job.dst.dtype())])?;
+        if table.extent.iter().any(|&e| e > job.dst.len()) {
+            return Err(Error::backend(OP, "parameter shorter than its blocks"));
+        }
+        if table
+            .entries
+            .iter()
+            .any(|e| e.packed_offset + e.numel > job.source.len())
+        {
+            return Err(Error::backend(
+                OP,
+                "packed directions shorter than the table",
+            ));
+        }
+        let f = be.kernel("scatter", dt)?;
+        for e in &table.entries {
+            launch(
+                f,
+                grid_for(e.numel),
+                be.stream.0,
+                Args::new()
+                    .u(job.dst.ptr)
+                    .u(at(job.source.ptr, dt, e.packed_offset))
+                    .words(&e.geometry)
+                    .u(e.numel as u64)
+                    .u(job.add as u64),
+                OP,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+const MAP: &str = "map";
+
+/// Kernel numbering of the grafting methods (kernels/map.cu, reduce.cu).
+fn graft_code(g: GraftKernel) -> (u64, f64, f64, f64) {
+    // (kind, beta2, eps, bias-correction divisor)
+    match g {
+        GraftKernel::None => (0, 0.0, 0.0, 1.0),
+        GraftKernel::Sgd => (1, 0.0, 0.0, 1.0),
+        GraftKernel::Adagrad { eps } => (2, 0.0, eps, 1.0),
+        GraftKernel::Ema { beta2, eps, bc } => (3, beta2, eps, bc),
+    }
+}
+
+/// Launches an elementwise kernel over runs of `per`-element chunks; `args`
+/// builds the arguments of one run from `(first, len)`.
+#[allow(clippy::too_many_arguments)]
+fn per_run(
+    be: &CudaBackend,
+    name: &str,
+    dt: DType,
+    select: crate::backend::Selection<'_>,
+    count: usize,
+    per: usize,
+    matrices: bool,
+    mut args: impl FnMut(usize, usize, &mut Args),
+) -> Result<()> {
+    let f = be.kernel(name, dt)?;
+    for (first, len) in runs(select, count) {
+        let mut a = Args::new();
+        args(first, len, &mut a);
+        let grid = if matrices {
+            grid_matrices(len)
+        } else {
+            grid_for(len * per)
+        };
+        if per > 0 {
+            launch(f, grid, be.stream.0, &mut a, name)?;
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_lines)]
+fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
+    match job {
+        Map::RootInput {
+            factors,
+            out,
+            n,
+            count,
+            divisor,
+            eps,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, out.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("factors", factors.dtype())])?;
+            check_len(MAP, "factors", factors.len(), count, n * n)?;
+            check_len(MAP, "out", out.len(), count, n * n)?;
+            let (f, o, d, e) = (factors.ptr, out.ptr, *divisor, *eps);
+            per_run(
+                be,
+                "root_input",
+                dt,
+                *select,
+                count,
+                n * n,
+                false,
+                |s, l, a| {
+                    a.u(at(f, dt, s * n * n))
+                        .u(at(o, dt, s * n * n))
+                        .u(n as u64)
+                        .u(l as u64)
+                        .f(d)
+                        .f(e);
+                },
+            )
+        }
+        Map::EigenPower {
+            values,
+            n,
+            count,
+            eps,
+            exponent,
+            half,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, values.dtype());
+            check_select(MAP, *select, count)?;
+            check_len(MAP, "values", values.len(), count, n)?;
+            let e = if *half { *exponent / 2.0 } else { *exponent };
+            let (v, eps) = (values.ptr, *eps);
+            per_run(be, "eigen_power", dt, *select, count, n, true, |s, l, a| {
+                a.u(at(v, dt, s * n)).u(n as u64).u(l as u64).f(eps).f(e);
+            })
+        }
+        Map::ScaleRows {
+            x,
+            d,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("d", d.dtype())])?;
+            check_len(MAP, "x", x.len(), count, n * n)?;
+            check_len(MAP, "d", d.len(), count, n)?;
+            let (xp, dp) = (x.ptr, d.ptr);
+            per_run(
+                be,
+                "scale_rows",
+                dt,
+                *select,
+                count,
+                n * n,
+                false,
+                |s, l, a| {
+                    a.u(at(xp, dt, s * n * n))
+                        .u(at(dp, dt, s * n))
+                        .u(n as u64)
+                        .u(l as u64);
+                },
+            )
+        }
+        Map::Symmetrize {
+            x,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            check_len(MAP, "x", x.len(), count, n * n)?;
+            let xp = x.ptr;
+            per_run(
+                be,
+                "symmetrize",
+                dt,
+                *select,
+                count,
+                n * n,
+                false,
+                |s, l, a| {
+                    a.u(at(xp, dt, s * n * n)).u(n as u64).u(l as u64);
+                },
+            )
+        }
+        Map::Copy {
+            src,
+            dst,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(MAP, *select, count)?;
+            check_len(MAP, "dst", dst.len(), count, numel)?;
+            check_len(MAP, "src", src.len(), count, numel)?;
+            let (sd, dd) = (src.dtype(), dst.dtype());
+            let f = match (sd, dd) {
+                (DType::F32, DType::F64) => be.kernels.get("cast_f32_f64")?,
+                (DType::F64, DType::F32) => be.kernels.get("cast_f64_f32")?,
+                _ => be.kernel("copy", dd)?,
+            };
+            for (s, l) in runs(*select, count) {
+                launch(
+                    f,
+                    grid_for(l * numel),
+                    be.stream.0,
+                    Args::new()
+                        .u(at(dst.ptr, dd, s * numel))
+                        .u(at(src.ptr, sd, s * numel))
+                        .u((l * numel) as u64),
+                    "copy",
+                )?;
+            }
+            Ok(())
+        }
+        Map::Fill {
+            dst,
+            value,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, dst.dtype());
+            check_select(MAP, *select, count)?;
+            check_len(MAP, "dst", dst.len(), count, numel)?;
+            let (dp, v) = (dst.ptr, *value);
+            per_run(be, "fill", dt, *select, count, numel, false, |s, l, a| {
+                a.u(at(dp, dt, s * numel)).f(v).u((l * numel) as u64);
+            })
+        }
+        Map::NewtonInit {
+            a,
+            norms,
+            x,
+            m,
+            p,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(
+                MAP,
+                dt,
+                &[("a", a.dtype()), ("norms", norms.dtype()), ("m", m.dtype())],
+            )?;
+            check_len(MAP, "a", a.len(), count, n * n)?;
+            if norms.len() < count {
+                return Err(Error::backend(MAP, "too few norms"));
+            }
+            check_len(MAP, "x", x.len(), count, n * n)?;
+            check_len(MAP, "m", m.len(), count, n * n)?;
+            let (ap, np, xp, mp) = (a.ptr, norms.ptr, x.ptr, m.ptr);
+            let (p1, inv) = (*p as f64 + 1.0, 1.0 / *p as f64);
+            per_run(
+                be,
+                "newton_init",
+                dt,
+                *select,
+                count,
+                n * n,
+                false,
+                |s, l, args| {
+                    let o = s * n * n;
+                    args.u(at(ap, dt, o))
+                        .u(at(np, dt, s))
+                        .u(at(xp, dt, o))
+                        .u(at(mp, dt, o))
+                        .f(p1)
+                        .f(inv)
+                        .u(n as u64)
+                        .u(l as u64);
+                },
+            )
+        }
+        Map::NewtonCoefficient {
+            m,
+            out,
+            p,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, out.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("m", m.dtype())])?;
+            check_len(MAP, "m", m.len(), count, n * n)?;
+            check_len(MAP, "out", out.len(), count, n * n)?;
+            let alpha = -1.0 / *p as f64;
+            let (mp, op) = (m.ptr, out.ptr);
+            per_run(
+                be,
+                "newton_coefficient",
+                dt,
+                *select,
+                count,
+                n * n,
+                false,
+                |s, l, a| {
+                    a.u(at(mp, dt, s * n * n))
+                        .u(at(op, dt, s * n * n))
+                        .f(alpha)
+                        .f(1.0 - alpha)
+                        .u(n as u64)
+                        .u(l as u64);
+                },
+            )
+        }
+        Map::GradientStatistics {
+            g,
+            v,
+            graft,
+            filtered,
+            beta1,
+            bc1,
+            graft_sq_norms,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, g.dtype());
+            check_select(MAP, *select, count)?;
+            check_len(MAP, "g", g.len(), count, numel)?;
+            let mut dts = Vec::new();
+            if let Some(v) = v.as_ref() {
+                check_len(MAP, "v", v.len(), count, numel)?;
+                dts.push(("v", v.dtype()));
+            }
+            if let Some((m1, gf)) = filtered.as_ref() {
+                check_len(MAP, "m1", m1.len(), count, numel)?;
+                check_len(MAP, "gf", gf.len(), count, numel)?;
+                dts.push(("m1", m1.dtype()));
+                dts.push(("gf", gf.dtype()));
+            }
+            if let Some(s) = graft_sq_norms.as_ref() {
+                check_len(MAP, "graft_sq_norms", s.len(), count, 1)?;
+                dts.push(("graft_sq_norms", s.dtype()));
+            }
+            same_dtype(MAP, dt, &dts)?;
+            let (kind, beta2, eps, bc) = graft_code(*graft);
+            let vp = v.as_ref().map_or(0, |v| v.ptr);
+            let (m1p, gfp) = filtered.as_ref().map_or((0, 0), |(m, f)| (m.ptr, f.ptr));
+            let (gp, b1, d1) = (g.ptr, *beta1, *bc1);
+            let off = |p: u64, s: usize| if p == 0 { 0 } else { at(p, dt, s * numel) };
+            per_run(
+                be,
+                "gradient_statistics",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(gp, dt, s * numel))
+                        .u(off(vp, s))
+                        .u(kind)
+                        .f(beta2)
+                        .f(1.0 - beta2)
+                        .u(off(m1p, s))
+                        .u(off(gfp, s))
+                        .f(b1)
+                        .f(1.0 - b1)
+                        .f(d1)
+                        .u((l * numel) as u64);
+                },
+            )?;
+            if let Some(norms) = graft_sq_norms.as_ref() {
+                let src = if gfp != 0 { gfp } else { gp };
+                // graft() reads the accumulator only for Adagrad and EMA.
+                let vk = if vp != 0 && kind >= 2 { vp } else { 0 };
+                let np = norms.ptr;
+                per_run(
+                    be,
+                    "sum_squares",
+                    dt,
+                    *select,
+                    count,
+                    numel,
+                    true,
+                    |s, l, a| {
+                        a.u(at(src, dt, s * numel))
+                            .u(off(vk, s))
+                            .u(if vk != 0 { kind } else { 0 })
+                            .f(bc)
+                            .f(eps)
+                            .u(at(np, dt, s))
+                            .u(numel as u64)
+                            .u(l as u64)
+                            .u(0);
+                    },
+                )?;
+            }
+            Ok(())
+        }
+        Map::Direction {
+            source,
+            gf,
+            v,
+            graft,
+            p_sh,
+            sq_norms,
+            weight_decay,
+            momentum,
+            lr,
+            out,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, out.dtype());
+            check_select(MAP, *select, count)?;
+            check_len(MAP, "gf", gf.len(), count, numel)?;
+            check_len(MAP, "out", out.len(), count, numel)?;
+            let mut dts = vec![("gf", gf.dtype())];
+            if let Some(v) = v {
+                check_len(MAP, "v", v.len(), count, numel)?;
+                dts.push(("v", v.dtype()));
+            }
+            if let Some(p) = p_sh {
+                check_len(MAP, "p_sh", p.len(), count, numel)?;
+                dts.push(("p_sh", p.dtype()));
+            }
+            if let Some(s) = sq_norms {
+                check_len(MAP, "sq_norms", s.len(), 2, count)?;
+                dts.push(("sq_norms", s.dtype()));
+            }
+            if let Some((w, _)) = weight_decay {
+                check_len(MAP, "weights", w.len(), count, numel)?;
+                dts.push(("weights", w.dtype()));
+            }
+            if let Some((b, _)) = momentum.as_ref() {
+                check_len(MAP, "momentum", b.len(), count, numel)?;
+                dts.push(("momentum", b.dtype()));
+            }
+            same_dtype(MAP, dt, &dts)?;
+            if *source == DirectionSource::Graft
+                && *graft != GraftKernel::Sgd
+                && *graft != GraftKernel::None
+                && v.is_none()
+            {
+                return Err(Error::backend(MAP, "grafting accumulator missing"));
+            }
+            if *source != DirectionSource::Graft && p_sh.is_none() {
+                return Err(Error::backend(MAP, "preconditioned gradient missing"));
+            }
+            if *source == DirectionSource::GraftedShampoo && sq_norms.is_none() {
+                return Err(Error::backend(MAP, "grafting norms missing"));
+            }
+            let src_code = match source {
+                DirectionSource::Graft => 0u64,
+                DirectionSource::GraftedShampoo => 1,
+                DirectionSource::Shampoo => 2,
+            };
+            let (kind, _, eps, bc) = graft_code(*graft);
+            let kind = if v.is_some() { kind } else { 0 };
+            let vp = v.map_or(0, |v| v.ptr);
+            let pp = p_sh.map_or(0, |p| p.ptr);
+            let sp = sq_norms.map_or(0, |s| s.ptr);
+            let (wp, wd) = weight_decay.map_or((0, 0.0), |(w, c)| (w.ptr, c));
+            let (bp, mu, keep, nesterov) =
+                momentum.as_ref().map_or((0, 0.0, 0.0, false), |(b, k)| {
+                    (b.ptr, k.mu, 1.0 - k.dampening, k.nesterov)
+                });
+            let (gp, op, neg_lr) = (gf.ptr, out.ptr, -*lr);
+            let off = |p: u64, s: usize| if p == 0 { 0 } else { at(p, dt, s * numel) };
+            let sel = runs(*select, count);
+            let f = be.kernel("direction", dt)?;
+            for &(s, l) in &sel {
+                if numel == 0 {
+                    break;
+                }
+                launch(
+                    f,
+                    grid_for(l * numel),
+                    be.stream.0,
+                    Args::new()
+                        .u(src_code)
+                        .u(off(gp, s))
+                        .u(off(vp, s))
+                        .u(kind)
+                        .f(bc)
+                        .f(eps)
+                        .u(off(pp, s))
+                        .u(sp)
+                        .u(s as u64)
+                        .u(count as u64)
+                        .u(off(wp, s))
+                        .f(wd)
+                        .u(off(bp, s))
+                        .f(mu)
+                        .f(keep)
+                        .u(nesterov as u64)
+                        .f(neg_lr)
+                        .u(off(op, s))
+                        .u(numel as u64)
+                        .u(l as u64),
+                    "direction",
+                )?;
+            }
+            // Blocks outside the selection get -0.0 and keep their state.
+            let fill = be.kernel("fill", dt)?;
+            for (s, l) in complement(&sel, count) {
+                launch(
+                    fill,
+                    grid_for(l * numel),
+                    be.stream.0,
+                    Args::new().u(off(op, s)).f(-0.0).u((l * numel) as u64),
+                    "direction",
+                )?;
+            }
+            Ok(())
+        }
+        Map::EigenvalueUpdate {
+            r,
+            d,
+            beta2,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, d.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("r", r.dtype())])?;
+            check_len(MAP, "r", r.len(), count, numel)?;
+            check_len(MAP, "d", d.len(), count, numel)?;
+            let (rp, dp, b2) = (r.ptr, d.ptr, *beta2);
+            per_run(
+                be,
+                "eigenvalue_update",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(rp, dt, s * numel))
+                        .u(at(dp, dt, s * numel))
+                        .f(b2)
+                        .f(1.0 - b2)
+                        .u((l * numel) as u64);
+                },
+            )
+        }
+        Map::EigenvalueScale {
+            r,
+            d,
+            bc2,
+            eps,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, r.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("d", d.dtype())])?;
+            check_len(MAP, "d", d.len(), count, numel)?;
+            check_len(MAP, "r", r.len(), count, numel)?;
+            let (rp, dp, b, e) = (r.ptr, d.ptr, *bc2, *eps);
+            per_run(
+                be,
+                "eigenvalue_scale",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(rp, dt, s * numel))
+                        .u(at(dp, dt, s * numel))
+                        .f(b)
+                        .f(e)
+                        .u((l * numel) as u64);
+                },
+            )
+        }
+    }
+}
+
+pub(super) fn map(be: &CudaBackend, jobs: &mut [Map<'_, CudaBackend>]) -> Result<()> {
+    for job in jobs.iter_mut() {
+        map_job(be, job)?;
+    }
+    Ok(())
+}
+
+pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) -> Result<()> {
+    const OP: &str = "reduce";
+    for job in jobs.iter_mut() {
+        let (numel, count, dt) = (job.numel, job.count, job.input.dtype());
+        check_select(OP, job.select, count)?;
+        same_dtype(OP, dt, &[("output", job.out.dtype())])?;
+        check_len(OP, "input", job.input.len(), count, numel)?;
+        check_len(OP, "output", job.out.len(), count, 1)?;
+        let (ip, op) = (job.input.ptr, job.out.ptr);
+        match job.kind {
+            Reduction::SumSquares | Reduction::FrobeniusNorm => {
+                let root = (job.kind == Reduction::FrobeniusNorm) as u64;
+                per_run(
+                    be,
+                    "sum_squares",
+                    dt,
+                    job.select,
+                    count,
+                    numel.max(1),
+                    true,
+                    |s, l, a| {
+                        a.u(at(ip, dt, s * numel))
+                            .u(0)
+                            .u(0)
+                            .f(1.0)
+                            .f(0.0)
+                            .u(at(op, dt, s))
+                            .u(numel as u64)
+                            .u(l as u64)
+                            .u(root);
+                    },
+                )?;
+            }
+            Reduction::MaxAbsDevIdentity => {
+                let n = (numel as f64).sqrt().round() as usize;
+                if n * n != numel {
+                    return Err(Error::backend(
+                        OP,
+                        format!("{numel} elements are not a square matrix"),
+                    ));
+                }
+                per_run(
+                    be,
+                    "max_abs_dev_identity",
+                    dt,
+                    job.select,
+                    count,
+                    numel.max(1),
+                    true,
+                    |s, l, a| {
+                        a.u(at(ip, dt, s * numel))
+                            .u(at(op, dt, s))
+                            .u(n as u64)
+                            .u(l as u64);
+                    },
+                )?;
+            }
+            Reduction::AllFinite => {
+                per_run(
+                    be,
+                    "all_finite",
+                    dt,
+                    job.select,
+                    count,
+                    numel.max(1),
+                    true,
+                    |s, l, a| {
+                        a.u(at(ip, dt, s * numel))
+                            .u(at(op, dt, s))
+                            .u(numel as u64)
+                            .u(1)
+                            .u(0)
+                            .u(l as u64);
+                    },
+                )?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,747 @@
+//! The CUDA kernels of `kernels/`, compiled for the host with a C++
+//! compiler (a shim maps the CUDA built-ins to one thread of one block) and
+//! run against the CPU backend: index arithmetic, operation order and
+//! rounding, bit for bit, without a GPU. Skipped (with a message) when no
+//! C++ compiler (`$CXX`, else `c++`) is found.
+#![cfg(feature = "cuda")]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use shampoo_core::backend::cuda::CudaBlockTable;
+use shampoo_core::backend::{
+    Backend, DirectionSource, GatherJob, GraftKernel, Map, MomentumKernel, ReduceJob, Reduction,
+    ScatterJob, TableEntry,
+};
+use shampoo_core::blocking::block_parameter;
+use shampoo_core::{CpuBackend, HostView, HostViewMut};
+
+const SHIM: &str = r#"#include <cmath>
+#include <cstring>
+#include <math.h>
+struct ShimDim { unsigned long long x; };
+static const ShimDim blockIdx{0}, blockDim{1}, gridDim{1}, threadIdx{0};
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+inline void __syncthreads() {}
+inline int __syncthreads_and(int p) { return p; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+using std::isfinite;
+using std::isnan;
+"#;
+
+/// The reductions with a block of REDUCE_THREADS host threads: threadIdx is
+/// per thread, __syncthreads a barrier, __shared__ memory shared.
+const THREADED: &str = r#"#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <math.h>
+#include <thread>
+#include <vector>
+struct ShimDim { unsigned long long x; };
+static const ShimDim blockIdx{0}, gridDim{1};
+static thread_local ShimDim threadIdx{0};
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+void __syncthreads();
+int __syncthreads_and(int p);
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+using std::isfinite;
+using std::isnan;
+// An unnamed namespace keeps the templates' static locals (the __shared__
+// arrays) out of the dynamic symbol table: otherwise they would be unified
+// with those of the one-thread library, which are one element long.
+namespace {
+#include "KERNELS/common.cuh"
+}
+static const ShimDim blockDim{REDUCE_THREADS};
+static std::barrier<> g_bar(REDUCE_THREADS);
+static std::atomic<int> g_and;
+void __syncthreads() { g_bar.arrive_and_wait(); }
+int __syncthreads_and(int p) {
+    g_bar.arrive_and_wait();
+    if (threadIdx.x == 0) g_and = 1;
+    g_bar.arrive_and_wait();
+    if (!p) g_and = 0;
+    g_bar.arrive_and_wait();
+    int r = g_and;
+    g_bar.arrive_and_wait();
+    return r;
+}
+namespace {
+#include "KERNELS/reduce.cu"
+}
+template <class F> static void run_block(F f) {
+    std::vector<std::thread> ts;
+    for (int i = 0; i < REDUCE_THREADS; ++i) ts.emplace_back([&f, i] { threadIdx.x = i; f(); });
+    for (auto& t : ts) t.join();
+}
+extern "C" void threaded_sum_squares_f64(const double* x, const double* v, u64 kind, double bc,
+                                         double eps, double* out, u64 numel, u64 count, u64 root) {
+    run_block([=] { sum_squares_f64(x, v, kind, bc, eps, out, numel, count, root); });
+}
+extern "C" void threaded_max_abs_dev_identity_f64(const double* x, double* out, u64 n, u64 count) {
+    run_block([=] { max_abs_dev_identity_f64(x, out, n, count); });
+}
+extern "C" void threaded_all_finite_f64(const double* x, double* out, u64 numel, u64 n, u64 lower,
+                                        u64 count) {
+    run_block([=] { all_finite_f64(x, out, numel, n, lower, count); });
+}
+extern "C" void threaded_eigen_power_f64(double* v, u64 n, u64 count, double eps, double e) {
+    run_block([=] { eigen_power_f64(v, n, count, eps, e); });
+}
+"#;
+
+/// The kernels as a host library, or `None` (printed) without a compiler.
+/// Built once per test process.
+type HostKernels = (tempfile::TempDir, libloading::Library, libloading::Library);
+
+fn host_kernels() -> Option<&'static HostKernels> {
+    static KERNELS: std::sync::OnceLock<Option<HostKernels>> = std::sync::OnceLock::new();
+    KERNELS.get_or_init(build_host_kernels).as_ref()
+}
+
+fn build_host_kernels() -> Option<HostKernels> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let dir = tempfile::tempdir().unwrap();
+    let kernels = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kernels");
+    std::fs::write(dir.path().join("shim.h"), SHIM).unwrap();
+    let mut sources = Vec::new();
+    for f in ["copy", "map", "reduce"] {
+        // One thread per block: the reductions' thread count is 1.
+        let text = format!(
+            "#include \"shim.h\"\n#include \"{k}/common.cuh\"\n#undef REDUCE_THREADS\n\
+             #define REDUCE_THREADS 1\n#include \"{k}/{f}.cu\"\n",
+            k = kernels.display()
+        );
+        let path = dir.path().join(format!("{f}.cpp"));
+        std::fs::write(&path, text).unwrap();
+        sources.push(path);
+    }
+    let threaded = dir.path().join("threaded.cpp");
+    std::fs::write(
+        &threaded,
+        THREADED.replace("KERNELS", &kernels.display().to_string()),
+    )
+    .unwrap();
+    let build = |srcs: &[PathBuf], name: &str| -> Option<libloading::Library> {
+        let lib = dir.path().join(name);
+        let out = Command::new(&cxx)
+            .args([
+                "-shared",
+                "-fPIC",
+                "-O1",
+                "-ffp-contract=off",
+                "-std=c++20",
+                "-pthread",
+                "-o",
+            ])
+            .arg(&lib)
+            .args(srcs)
+            .output();
+        match out {
+            Err(e) => {
+                println!("skipping: no C++ compiler ({cxx}: {e})");
+                None
+            }
+            Ok(o) if !o.status.success() => panic!(
+                "the kernels do not compile for the host:\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            // SAFETY: the library was just built from the project's kernels
+            // and the shim; its initialisers are the C++ runtime's.
+            Ok(_) => Some(unsafe { libloading::Library::new(&lib) }.unwrap()),
+        }
+    };
+    let one = build(&sources, "libkernels.so")?;
+    let threads = build(&[threaded], "libthreaded.so")?;
+    Some((dir, one, threads))
+}
+
+fn values(seed: u64, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| ((i as f64 + 1.0) * (seed as f64 * 0.61 + 0.7)).sin())
+        .collect()
+}
+
+fn bits(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+type P = *mut f64;
+type C = *const f64;
+
+macro_rules! kernel {
+    ($lib:expr, $name:literal, fn($($t:ty),*)) => {{
+        // SAFETY: the symbol is one of the kernels' extern "C" entry points,
+        // declared here with the kernel's parameter types.
+        let f: libloading::Symbol<unsafe extern "C" fn($($t),*)> =
+            unsafe { $lib.get($name.as_bytes()) }.unwrap();
+        f
+    }};
+}
+
+#[test]
+fn matrix_maps_give_the_cpu_backends_bits() {
+    let Some((_, lib, _)) = host_kernels() else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    let (n, count) = (7usize, 3usize);
+    let nn = n * n;
+    let f = values(1, count * nn);
+    // RootInput.
+    let mut want = vec![0.0; count * nn];
+    cpu.map(&mut [Map::RootInput {
+        factors: HostView::F64(&f),
+        out: HostViewMut::F64(&mut want),
+        n,
+        count,
+        divisor: 0.3,
+        eps: 1e-3,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; count * nn];
+    let k = kernel!(lib, "root_input_f64", fn(C, P, u64, u64, f64, f64));
+    // SAFETY: buffers of count x n x n elements.
+    unsafe {
+        k(
+            f.as_ptr(),
+            got.as_mut_ptr(),
+            n as u64,
+            count as u64,
+            0.3,
+            1e-3,
+        )
+    };
+    assert_eq!(bits(&want), bits(&got), "root_input");
+    // ScaleRows, then Symmetrize.
+    let d = values(2, count * n);
+    let mut want = f.clone();
+    cpu.map(&mut [Map::ScaleRows {
+        x: HostViewMut::F64(&mut want),
+        d: HostView::F64(&d),
+        n,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    cpu.map(&mut [Map::Symmetrize {
+        x: HostViewMut::F64(&mut want),
+        n,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = f.clone();
+    let k = kernel!(lib, "scale_rows_f64", fn(P, C, u64, u64));
+    // SAFETY: as above.
+    unsafe { k(got.as_mut_ptr(), d.as_ptr(), n as u64, count as u64) };
+    let k = kernel!(lib, "symmetrize_f64", fn(P, u64, u64));
+    // SAFETY: as above.
+    unsafe { k(got.as_mut_ptr(), n as u64, count as u64) };
+    assert_eq!(bits(&want), bits(&got), "scale_rows + symmetrize");
+    // NewtonInit and NewtonCoefficient.
+    let norms: Vec<f64> = (0..count).map(|i| 2.0 + i as f64).collect();
+    let (mut wx, mut wm, mut wc) = (
+        vec![0.0; count * nn],
+        vec![0.0; count * nn],
+        vec![0.0; count * nn],
+    );
+    cpu.map(&mut [Map::NewtonInit {
+        a: HostView::F64(&f),
+        norms: HostView::F64(&norms),
+        x: HostViewMut::F64(&mut wx),
+        m: HostViewMut::F64(&mut wm),
+        p: 4,
+        n,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    cpu.map(&mut [Map::NewtonCoefficient {
+        m: HostView::F64(&wm),
+        out: HostViewMut::F64(&mut wc),
+        p: 4,
+        n,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let (mut gx, mut gm, mut gc) = (
+        vec![0.0; count * nn],
+        vec![0.0; count * nn],
+        vec![0.0; count * nn],
+    );
+    let k = kernel!(lib, "newton_init_f64", fn(C, C, P, P, f64, f64, u64, u64));
+    // SAFETY: as above; norms has count elements.
+    unsafe {
+        k(
+            f.as_ptr(),
+            norms.as_ptr(),
+            gx.as_mut_ptr(),
+            gm.as_mut_ptr(),
+            5.0,
+            0.25,
+            n as u64,
+            count as u64,
+        )
+    };
+    let k = kernel!(lib, "newton_coefficient_f64", fn(C, P, f64, f64, u64, u64));
+    // SAFETY: as above.
+    unsafe {
+        k(
+            gm.as_ptr(),
+            gc.as_mut_ptr(),
+            -0.25,
+            1.25,
+            n as u64,
+            count as u64,
+        )
+    };
+    assert_eq!(bits(&wx), bits(&gx), "newton_init x");
+    assert_eq!(bits(&wm), bits(&gm), "newton_init m");
+    assert_eq!(bits(&wc), bits(&gc), "newton_coefficient");
+    // EigenPower (halved exponent, shifted because min < eps).
+    let v = values(3, count * n);
+    let mut want = v.clone();
+    cpu.map(&mut [Map::EigenPower {
+        values: HostViewMut::F64(&mut want),
+        n,
+        count,
+        eps: 1e-2,
+        exponent: 0.5,
+        half: true,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = v.clone();
+    let k = kernel!(lib, "eigen_power_f64", fn(P, u64, u64, f64, f64));
+    // SAFETY: count x n values.
+    unsafe { k(got.as_mut_ptr(), n as u64, count as u64, 1e-2, 0.25) };
+    assert_eq!(bits(&want), bits(&got), "eigen_power");
+}
+
+#[test]
+fn step_maps_and_reductions_give_the_cpu_backends_bits() {
+    let Some((_, lib, _)) = host_kernels() else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    let (numel, count) = (300usize, 3usize);
+    let len = numel * count;
+    let g = values(10, len);
+    let v0: Vec<f64> = values(11, len).iter().map(|x| x * x).collect();
+    let m0 = values(12, len);
+    let graft = GraftKernel::Ema {
+        beta2: 0.99,
+        eps: 1e-8,
+        bc: 0.3,
+    };
+    // GradientStatistics with its grafting norms.
+    let (mut wv, mut wm, mut wgf, mut wn) =
+        (v0.clone(), m0.clone(), vec![0.0; len], vec![0.0; count]);
+    cpu.map(&mut [Map::GradientStatistics {
+        g: HostView::F64(&g),
+        v: Some(HostViewMut::F64(&mut wv)),
+        graft,
+        filtered: Some((HostViewMut::F64(&mut wm), HostViewMut::F64(&mut wgf))),
+        beta1: 0.9,
+        bc1: 0.5,
+        graft_sq_norms: Some(HostViewMut::F64(&mut wn)),
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let (mut gv, mut gm, mut ggf, mut gn) =
+        (v0.clone(), m0.clone(), vec![0.0; len], vec![0.0; count]);
+    let k = kernel!(
+        lib,
+        "gradient_statistics_f64",
+        fn(C, P, u64, f64, f64, P, P, f64, f64, f64, u64)
+    );
+    // SAFETY: every buffer has count x numel elements.
+    unsafe {
+        k(
+            g.as_ptr(),
+            gv.as_mut_ptr(),
+            3,
+            0.99,
+            1.0 - 0.99,
+            gm.as_mut_ptr(),
+            ggf.as_mut_ptr(),
+            0.9,
+            1.0 - 0.9,
+            0.5,
+            len as u64,
+        )
+    };
+    let ss = kernel!(
+        lib,
+        "sum_squares_f64",
+        fn(C, C, u64, f64, f64, P, u64, u64, u64)
+    );
+    // SAFETY: as above; count norms.
+    unsafe {
+        ss(
+            ggf.as_ptr(),
+            gv.as_ptr(),
+            3,
+            0.3,
+            1e-8,
+            gn.as_mut_ptr(),
+            numel as u64,
+            count as u64,
+            0,
+        )
+    };
+    for (name, w, h) in [
+        ("v", &wv, &gv),
+        ("m1", &wm, &gm),
+        ("gf", &wgf, &ggf),
+        ("norms", &wn, &gn),
+    ] {
+        assert_eq!(bits(w), bits(h), "gradient_statistics {name}");
+    }
+    // Direction: grafted Shampoo, weight decay, Nesterov momentum, on the
+    // run of blocks 1..3 (the kernel's `first`), as the backend launches it.
+    let p_sh = values(13, len);
+    let mut sq = wn.clone();
+    sq.extend(values(14, count).iter().map(|x| x * x + 0.5));
+    let w = values(15, len);
+    let b0 = values(16, len);
+    let (mut wb, mut wout) = (b0.clone(), values(17, len));
+    let mom = MomentumKernel {
+        mu: 0.9,
+        dampening: 0.1,
+        nesterov: true,
+    };
+    cpu.map(&mut [Map::Direction {
+        source: DirectionSource::GraftedShampoo,
+        gf: HostView::F64(&wgf),
+        v: Some(HostView::F64(&wv)),
+        graft,
+        p_sh: Some(HostView::F64(&p_sh)),
+        sq_norms: Some(HostView::F64(&sq)),
+        weight_decay: Some((HostView::F64(&w), 0.01)),
+        momentum: Some((HostViewMut::F64(&mut wb), mom)),
+        lr: 0.05,
+        out: HostViewMut::F64(&mut wout),
+        numel,
+        count,
+        select: Some(&[1, 2]),
+    }])
+    .unwrap();
+    let (mut gb, mut gout) = (b0.clone(), values(17, len));
+    let k = kernel!(
+        lib,
+        "direction_f64",
+        fn(u64, C, C, u64, f64, f64, C, C, u64, u64, C, f64, P, f64, f64, u64, f64, P, u64, u64)
+    );
+    let o = numel;
+    // SAFETY: pointers offset to block 1, two blocks of numel; the norms
+    // are the whole batch's 2 x count.
+    unsafe {
+        k(
+            1,
+            ggf[o..].as_ptr(),
+            gv[o..].as_ptr(),
+            3,
+            0.3,
+            1e-8,
+            p_sh[o..].as_ptr(),
+            sq.as_ptr(),
+            1,
+            count as u64,
+            w[o..].as_ptr(),
+            0.01,
+            gb[o..].as_mut_ptr(),
+            0.9,
+            0.9,
+            1,
+            -0.05,
+            gout[o..].as_mut_ptr(),
+            numel as u64,
+            2,
+        )
+    };
+    let fill = kernel!(lib, "fill_f64", fn(P, f64, u64));
+    // SAFETY: block 0 of out.
+    unsafe { fill(gout.as_mut_ptr(), -0.0, numel as u64) };
+    assert_eq!(bits(&wb), bits(&gb), "direction momentum");
+    assert_eq!(bits(&wout), bits(&gout), "direction out");
+    // EigenvalueUpdate and EigenvalueScale.
+    let (mut wd, mut wr) = (v0.clone(), g.clone());
+    cpu.map(&mut [Map::EigenvalueUpdate {
+        r: HostView::F64(&p_sh),
+        d: HostViewMut::F64(&mut wd),
+        beta2: 0.95,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    cpu.map(&mut [Map::EigenvalueScale {
+        r: HostViewMut::F64(&mut wr),
+        d: HostView::F64(&wd),
+        bc2: 0.4,
+        eps: 1e-6,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let (mut gd, mut gr) = (v0.clone(), g.clone());
+    let k = kernel!(lib, "eigenvalue_update_f64", fn(C, P, f64, f64, u64));
+    // SAFETY: len elements each.
+    unsafe { k(p_sh.as_ptr(), gd.as_mut_ptr(), 0.95, 1.0 - 0.95, len as u64) };
+    let k = kernel!(lib, "eigenvalue_scale_f64", fn(P, C, f64, f64, u64));
+    // SAFETY: as above.
+    unsafe { k(gr.as_mut_ptr(), gd.as_ptr(), 0.4, 1e-6, len as u64) };
+    assert_eq!(bits(&wd), bits(&gd), "eigenvalue_update");
+    assert_eq!(bits(&wr), bits(&gr), "eigenvalue_scale");
+    // Reductions over 3 matrices of 20 x 20 (one with a NaN).
+    let mut x = values(18, 3 * 400);
+    x[2 * 400 + 7] = f64::NAN;
+    for (kind, root) in [(Reduction::SumSquares, 0u64), (Reduction::FrobeniusNorm, 1)] {
+        let mut want = vec![0.0; 3];
+        cpu.reduce(&mut [ReduceJob {
+            input: HostView::F64(&x),
+            numel: 400,
+            count: 3,
+            kind,
+            out: HostViewMut::F64(&mut want),
+            select: None,
+        }])
+        .unwrap();
+        let mut got = vec![0.0; 3];
+        // SAFETY: 3 x 400 inputs, 3 outputs.
+        unsafe {
+            ss(
+                x.as_ptr(),
+                std::ptr::null(),
+                0,
+                1.0,
+                0.0,
+                got.as_mut_ptr(),
+                400,
+                3,
+                root,
+            )
+        };
+        assert_eq!(bits(&want[..2]), bits(&got[..2]), "{kind:?}");
+        assert!(got[2].is_nan());
+    }
+    let mut want = vec![0.0; 3];
+    cpu.reduce(&mut [ReduceJob {
+        input: HostView::F64(&x),
+        numel: 400,
+        count: 3,
+        kind: Reduction::MaxAbsDevIdentity,
+        out: HostViewMut::F64(&mut want),
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; 3];
+    let k = kernel!(lib, "max_abs_dev_identity_f64", fn(C, P, u64, u64));
+    // SAFETY: as above.
+    unsafe { k(x.as_ptr(), got.as_mut_ptr(), 20, 3) };
+    assert_eq!(bits(&want[..2]), bits(&got[..2]), "max_abs_dev_identity");
+    assert!(want[2].is_nan() && got[2].is_nan());
+    let k = kernel!(lib, "all_finite_f64", fn(C, P, u64, u64, u64, u64));
+    // SAFETY: as above.
+    unsafe { k(x.as_ptr(), got.as_mut_ptr(), 400, 20, 0, 3) };
+    assert_eq!(got, vec![1.0, 1.0, 0.0]);
+    // The lower-triangle check ignores a NaN above the diagonal.
+    unsafe { k(x.as_ptr(), got.as_mut_ptr(), 400, 20, 1, 3) };
+    assert_eq!(got, vec![1.0, 1.0, 1.0]);
+}
+
+#[test]
+fn gathers_and_scatters_give_the_cpu_backends_bits() {
+    let Some((_, lib, _)) = host_kernels() else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    let shape = [5usize, 6, 7];
+    let mut off = 0;
+    let entries: Vec<TableEntry> = block_parameter(0, &shape, 4)
+        .into_iter()
+        .map(|block| {
+            let e = TableEntry {
+                packed_offset: off,
+                block,
+            };
+            off += e.block.numel();
+            e
+        })
+        .collect();
+    let table = CudaBlockTable::new(entries.clone()).unwrap();
+    let cpu_table = cpu.block_table(entries).unwrap();
+    let (p, w) = (values(20, 210), values(21, 210));
+    let mut want = vec![0.0; off];
+    cpu.gather(&mut [GatherJob {
+        table: &cpu_table,
+        sources: &[Some(HostView::F64(&p))],
+        add: Some((&[Some(HostView::F64(&w))], 0.3)),
+        out: HostViewMut::F64(&mut want),
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![f64::NAN; off];
+    let gather = kernel!(lib, "gather_f64", fn(P, C, C, f64, [u64; 18], u64));
+    let scatter = kernel!(lib, "scatter_f64", fn(P, C, [u64; 18], u64, u64));
+    for i in 0..table.len() {
+        let (geo, numel, packed) = table.kernel_geometry(i);
+        // SAFETY: the block's packed range is inside `got`; its elements
+        // inside the parameter (checked by the table).
+        unsafe {
+            gather(
+                got[packed..].as_mut_ptr(),
+                p.as_ptr(),
+                w.as_ptr(),
+                0.3,
+                geo,
+                numel as u64,
+            )
+        };
+    }
+    assert_eq!(bits(&want), bits(&got), "gather");
+    let mut wdst = values(22, 210);
+    cpu.scatter(&mut [ScatterJob {
+        table: &cpu_table,
+        source: HostView::F64(&want),
+        dst: HostViewMut::F64(&mut wdst),
+        add: true,
+    }])
+    .unwrap();
+    let mut gdst = values(22, 210);
+    for i in 0..table.len() {
+        let (geo, numel, packed) = table.kernel_geometry(i);
+        // SAFETY: as above.
+        unsafe {
+            scatter(
+                gdst.as_mut_ptr(),
+                got[packed..].as_ptr(),
+                geo,
+                numel as u64,
+                1,
+            )
+        };
+    }
+    assert_eq!(bits(&wdst), bits(&gdst), "scatter");
+}
+
+#[test]
+fn reductions_with_a_block_of_threads_give_the_cpu_backends_bits() {
+    let Some((_, _, lib)) = host_kernels() else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    // Three 300 x 300 matrices: 352 chunks of 256, two rounds of the block.
+    let (n, count) = (300usize, 3usize);
+    let nn = n * n;
+    let mut x = values(30, count * nn);
+    x[2 * nn + 5] = f64::NAN;
+    let ss = kernel!(
+        lib,
+        "threaded_sum_squares_f64",
+        fn(C, C, u64, f64, f64, P, u64, u64, u64)
+    );
+    for (kind, root) in [(Reduction::SumSquares, 0u64), (Reduction::FrobeniusNorm, 1)] {
+        let mut want = vec![0.0; count];
+        cpu.reduce(&mut [ReduceJob {
+            input: HostView::F64(&x),
+            numel: nn,
+            count,
+            kind,
+            out: HostViewMut::F64(&mut want),
+            select: None,
+        }])
+        .unwrap();
+        let mut got = vec![0.0; count];
+        // SAFETY: count x nn inputs, count outputs.
+        unsafe {
+            ss(
+                x.as_ptr(),
+                std::ptr::null(),
+                0,
+                1.0,
+                0.0,
+                got.as_mut_ptr(),
+                nn as u64,
+                count as u64,
+                root,
+            )
+        };
+        assert_eq!(bits(&want[..2]), bits(&got[..2]), "{kind:?}");
+        assert!(got[2].is_nan());
+    }
+    let mut want = vec![0.0; count];
+    cpu.reduce(&mut [ReduceJob {
+        input: HostView::F64(&x),
+        numel: nn,
+        count,
+        kind: Reduction::MaxAbsDevIdentity,
+        out: HostViewMut::F64(&mut want),
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; count];
+    let k = kernel!(lib, "threaded_max_abs_dev_identity_f64", fn(C, P, u64, u64));
+    // SAFETY: as above.
+    unsafe { k(x.as_ptr(), got.as_mut_ptr(), n as u64, count as u64) };
+    assert_eq!(bits(&want[..2]), bits(&got[..2]), "max_abs_dev_identity");
+    assert!(got[2].is_nan());
+    let k = kernel!(lib, "threaded_all_finite_f64", fn(C, P, u64, u64, u64, u64));
+    // SAFETY: as above.
+    unsafe {
+        k(
+            x.as_ptr(),
+            got.as_mut_ptr(),
+            nn as u64,
+            n as u64,
+            0,
+            count as u64,
+        )
+    };
+    assert_eq!(got, vec![1.0, 1.0, 0.0]);
+    // SAFETY: as above.
+    unsafe {
+        k(
+            x.as_ptr(),
+            got.as_mut_ptr(),
+            nn as u64,
+            n as u64,
+            1,
+            count as u64,
+        )
+    };
+    assert_eq!(got, vec![1.0, 1.0, 1.0], "the NaN is above the diagonal");
+    let v = values(31, count * 700);
+    let mut want = v.clone();
+    cpu.map(&mut [Map::EigenPower {
+        values: HostViewMut::F64(&mut want),
+        n: 700,
+        count,
+        eps: 1e-2,
+        exponent: 0.25,
+        half: false,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = v.clone();
+    let k = kernel!(lib, "threaded_eigen_power_f64", fn(P, u64, u64, f64, f64));
+    // SAFETY: count x 700 values.
+    unsafe { k(got.as_mut_ptr(), 700, count as u64, 1e-2, 0.25) };
+    assert_eq!(bits(&want), bits(&got), "eigen_power");
+}
