@@ -19,12 +19,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 if grep -q '^cuda = ' shampoo-core/Cargo.toml 2>/dev/null; then
     cargo clippy -p shampoo-core -p shampoo-bench --features cuda --all-targets --locked -- -D warnings
 fi
+# The NCCL transport (loaded at run time; its one-GPU test skips without a GPU).
+cargo clippy -p shampoo-dist --features nccl --all-targets --locked -- -D warnings
 
 log "cargo test"
 cargo test --workspace --locked
 if grep -q '^cuda = ' shampoo-core/Cargo.toml 2>/dev/null; then
     cargo test -p shampoo-core --features cuda --locked
 fi
+cargo test -p shampoo-dist --features nccl --locked
 
 log "reference parity (float64, tolerance 1e-5)"
 cargo run -q -p shampoo-bench --locked -- parity testdata/reference/*.safetensors
