@@ -4,13 +4,18 @@
 # Run on a machine with an NVIDIA GPU (H100/H200), a driver, and a Python
 # with PyTorch 2.11 (CUDA 13 wheels), from a checkout of this repository:
 #
-#   scripts/gpu-validation.sh [--bin PATH] [--tests PATH] [--python PATH] [--out DIR]
+#   scripts/gpu-validation.sh [--bin PATH] [--tests PATH] [--nccl-tests PATH]
+#                             [--python PATH] [--out DIR]
 #
 #   --bin     shampoo-bench built with `cargo build --release -p shampoo-bench
 #             --features cuda` (default: target/release/shampoo-bench)
 #   --tests   the CUDA-versus-CPU test executable (shampoo-core's
 #             tests/cuda_backend.rs), built with `cargo test --release -p
 #             shampoo-core --features cuda --test cuda_backend --no-run`
+#             (optional; skipped when not given)
+#   --nccl-tests  the one-GPU NCCL test executable (shampoo-dist's
+#             tests/nccl_gpu.rs), built with `cargo test --release -p
+#             shampoo-dist --features nccl --test nccl_gpu --no-run`
 #             (optional; skipped when not given)
 #   --python  the Python whose site-packages hold torch and nvidia/*
 #             (default: .venv/bin/python if present, else python3)
@@ -24,15 +29,17 @@ cd "$(dirname "$0")/.."
 
 BIN=target/release/shampoo-bench
 TESTS=""
+NCCL_TESTS=""
 PY=""
 OUT="gpu-validation-$(date -u +%Y%m%dT%H%M%SZ)"
 while [ $# -gt 0 ]; do
     case "$1" in
         --bin) BIN="$2"; shift 2 ;;
         --tests) TESTS="$2"; shift 2 ;;
+        --nccl-tests) NCCL_TESTS="$2"; shift 2 ;;
         --python) PY="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "gpu-validation: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -44,6 +51,7 @@ log() { printf '\033[1m[gpu-validation]\033[0m %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 2; }
 
 [ -z "$TESTS" ] || [ -x "$TESTS" ] || die "no executable $TESTS (see --tests)"
+[ -z "$NCCL_TESTS" ] || [ -x "$NCCL_TESTS" ] || die "no executable $NCCL_TESTS (see --nccl-tests)"
 [ -x "$BIN" ] || die "no executable $BIN; build it with: cargo build --release -p shampoo-bench --features cuda"
 command -v "$PY" >/dev/null 2>&1 || die "no Python at $PY (pass --python)"
 SITE="$("$PY" -c 'import site; print(site.getsitepackages()[0])')" || die "$PY cannot name its site-packages"
@@ -107,6 +115,19 @@ if [ -n "$TESTS" ]; then
     fi
 else
     echo "skipped cuda_tests (no --tests)" >>"$SUMMARY"
+fi
+if [ -n "$NCCL_TESTS" ]; then
+    # One rank on GPU 0: NCCL's all-reduce and all-gather against no
+    # communicator, bitwise. Without a usable GPU or NCCL that test prints
+    # "skipped: <why>", which counts as a failure here (the other test's
+    # "skipped: a GPU is present" is expected on a GPU machine).
+    check nccl_tests 600 "$NCCL_TESTS" --test-threads 1 --nocapture
+    if grep 'skipped:' "$OUT/nccl_tests.txt" | grep -qv 'a GPU is present'; then
+        echo "FAILED  nccl_tests skipped a test ($OUT/nccl_tests.txt)" >>"$SUMMARY"
+        FAILED=1
+    fi
+else
+    echo "skipped nccl_tests (no --nccl-tests)" >>"$SUMMARY"
 fi
 check selfcheck_f32 1200 "$BIN" selfcheck --dtype f32
 check selfcheck_f64 1200 "$BIN" selfcheck --dtype f64

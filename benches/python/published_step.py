@@ -157,15 +157,29 @@ def main():
     shapes = [e["shape"] for e in json.load(open(args.shapes_file))[args.shapes]]
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter((torch.rand(s, generator=gen, dtype=torch.float64) * 0.2 - 0.1).to(dtype).to(args.device)) for s in shapes]
-    grads = [(torch.rand(s, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype).to(args.device) for s in shapes]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
+    # Two gradient sets, used alternately, as `shampoo-bench step` does: with
+    # one fixed gradient a factor's rank would stay at most the block's
+    # other dimension (256 of 512 for a 512x256 block), and a rank-deficient
+    # matrix makes the eigendecomposition much cheaper (deflation) than the
+    # full-rank factors of a real run.
+    grad_sets = [[(torch.rand(s, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype).to(args.device)
+                  for s in shapes] for _ in range(2)]
+    turn = [0]
+
+    def use_next_gradients():
+        for p, g in zip(params, grad_sets[turn[0] % 2]):
+            p.grad = g
+        turn[0] += 1
+
+    def step(root_inverse):
+        use_next_gradients()
+        opt.step(root_inverse)
 
     opt = PublishedStyleShampoo(params, max_dim=args.max_dim)
     for _ in range(3):
-        opt.step(root_inverse=True)
-    plain = timed(lambda: opt.step(False), args.device, args.steps)
-    root = timed(lambda: opt.step(True), args.device, max(3, args.steps // 2))
+        step(root_inverse=True)
+    plain = timed(lambda: step(False), args.device, args.steps)
+    root = timed(lambda: step(True), args.device, max(3, args.steps // 2))
     eigh_only = []
     for _ in range(max(3, args.steps // 2)):
         mats = [f / 0.5 + 1e-12 * torch.eye(f.shape[0], dtype=f.dtype, device=f.device) for b in opt.blocks for f in b["factors"]]
@@ -183,9 +197,13 @@ def main():
     for name, kw in [("adam_ms", {}), ("adam_foreach_ms", {"foreach": True}), ("adam_fused_ms", {"fused": True})]:
         try:
             adam = torch.optim.Adam(params, lr=1e-3, **kw)
-            for _ in range(3):
+
+            def adam_step():
+                use_next_gradients()
                 adam.step()
-            res[name] = statistics.median(timed(adam.step, args.device, args.steps))
+            for _ in range(3):
+                adam_step()
+            res[name] = statistics.median(timed(adam_step, args.device, args.steps))
         except (RuntimeError, TypeError) as e:  # fused Adam is not available everywhere
             res[name] = None
     if args.json:
