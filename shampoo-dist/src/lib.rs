@@ -61,4 +61,4 @@ pub use comm::{
     mean_in_rank_order,
 };
 pub use error::{Error, Result};
-pub use optimizer::{DistOptions, DistTimes, DistributedShampoo, state_bytes};
+pub use optimizer::{DistOptions, DistTimes, DistributedShampoo, average_gradients, state_bytes};

@@ -332,48 +332,9 @@ impl DistributedShampoo {
     /// else is the same error on every rank.
     pub fn reduce_gradients(&mut self, grads: &mut [Option<HostViewMut<'_>>]) -> Result<()> {
         let t = Instant::now();
+        let lens: Vec<usize> = self.inner.layout().params.iter().map(|p| p.numel).collect();
         let dtype = self.inner.dtype();
-        let layout = self.inner.layout();
-        if grads.len() != layout.params.len() {
-            return Err(Error::invalid(format!(
-                "{} gradients for {} parameters",
-                grads.len(),
-                layout.params.len()
-            )));
-        }
-        for (i, (g, p)) in grads.iter().zip(&layout.params).enumerate() {
-            if let Some(g) = g
-                && (g.dtype() != dtype || g.len() != p.numel)
-            {
-                return Err(Error::invalid(format!(
-                    "gradient {i} is {} x {}, parameter {i} is {dtype} x {} (shape {:?})",
-                    g.dtype(),
-                    g.len(),
-                    p.numel,
-                    p.shape
-                )));
-            }
-        }
-        let world = self.comm.world_size();
-        if world == 1 {
-            self.times.reduce = t.elapsed();
-            return Ok(());
-        }
-        let nparams = layout.params.len();
-        let numel = layout.numel();
-        match &mut self.bucket {
-            HostVec::F32(b) => {
-                fill_bucket(b, grads, &layout.params, numel);
-                self.comm.all_reduce_mean(b)?;
-                drain_bucket(b, grads, &layout.params, numel, world)?;
-            }
-            HostVec::F64(b) => {
-                fill_bucket(b, grads, &layout.params, numel);
-                self.comm.all_reduce_mean_f64(b)?;
-                drain_bucket(b, grads, &layout.params, numel, world)?;
-            }
-        }
-        debug_assert_eq!(nparams, grads.len());
+        reduce_with(self.comm.as_ref(), &mut self.bucket, dtype, &lens, grads)?;
         self.times.reduce = t.elapsed();
         Ok(())
     }
@@ -591,15 +552,79 @@ impl BucketElem for f64 {
     }
 }
 
+/// Averages the gradients of parameters of `lens` elements each across the
+/// ranks of `comm`, in place, in rank order: one all-reduce of one buffer
+/// holding every gradient of `dtype` and one presence flag per parameter
+/// (as [`DistributedShampoo::reduce_gradients`] does).
+///
+/// Collective. A parameter must have a gradient (`Some`) on every rank or
+/// on none; anything else is the same error on every rank.
+pub fn average_gradients(
+    comm: &dyn Communicator,
+    dtype: DType,
+    lens: &[usize],
+    grads: &mut [Option<HostViewMut<'_>>],
+) -> Result<()> {
+    let numel: usize = lens.iter().sum();
+    let mut bucket = HostVec::zeros(dtype, numel + lens.len());
+    reduce_with(comm, &mut bucket, dtype, lens, grads)
+}
+
+/// [`average_gradients`] with a preallocated bucket of `dtype` and
+/// `sum(lens) + lens.len()` elements.
+fn reduce_with(
+    comm: &dyn Communicator,
+    bucket: &mut HostVec,
+    dtype: DType,
+    lens: &[usize],
+    grads: &mut [Option<HostViewMut<'_>>],
+) -> Result<()> {
+    if grads.len() != lens.len() {
+        return Err(Error::invalid(format!(
+            "{} gradients for {} parameters",
+            grads.len(),
+            lens.len()
+        )));
+    }
+    for (i, (g, &n)) in grads.iter().zip(lens).enumerate() {
+        if let Some(g) = g
+            && (g.dtype() != dtype || g.len() != n)
+        {
+            return Err(Error::invalid(format!(
+                "gradient {i} is {} x {}, parameter {i} is {dtype} x {n}",
+                g.dtype(),
+                g.len(),
+            )));
+        }
+    }
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    let numel: usize = lens.iter().sum();
+    match bucket {
+        HostVec::F32(b) => {
+            fill_bucket(b, grads, lens, numel);
+            comm.all_reduce_mean(b)?;
+            drain_bucket(b, grads, lens, numel, world)
+        }
+        HostVec::F64(b) => {
+            fill_bucket(b, grads, lens, numel);
+            comm.all_reduce_mean_f64(b)?;
+            drain_bucket(b, grads, lens, numel, world)
+        }
+    }
+}
+
 fn fill_bucket<T: BucketElem>(
     b: &mut [T],
     grads: &[Option<HostViewMut<'_>>],
-    params: &[shampoo_core::layout::ParamInfo],
+    lens: &[usize],
     numel: usize,
 ) {
     let mut off = 0;
-    for (i, (g, p)) in grads.iter().zip(params).enumerate() {
-        let dst = &mut b[off..off + p.numel];
+    for (i, (g, &n)) in grads.iter().zip(lens).enumerate() {
+        let dst = &mut b[off..off + n];
         match g {
             Some(g) => {
                 dst.copy_from_slice(T::slice(g.as_view()));
@@ -610,20 +635,20 @@ fn fill_bucket<T: BucketElem>(
                 b[numel + i] = T::default();
             }
         }
-        off += p.numel;
+        off += n;
     }
 }
 
 fn drain_bucket<T: BucketElem>(
     b: &[T],
     grads: &mut [Option<HostViewMut<'_>>],
-    params: &[shampoo_core::layout::ParamInfo],
+    lens: &[usize],
     numel: usize,
     world: usize,
 ) -> Result<()> {
     // Check presence first: the flags are identical on every rank, so every
     // rank returns the same error.
-    for i in 0..params.len() {
+    for i in 0..lens.len() {
         let share: f64 = b[numel + i].into();
         if share != 0.0 && share != 1.0 {
             let k = (share * world as f64).round() as usize;
@@ -633,11 +658,11 @@ fn drain_bucket<T: BucketElem>(
         }
     }
     let mut off = 0;
-    for (g, p) in grads.iter_mut().zip(params) {
+    for (g, &n) in grads.iter_mut().zip(lens) {
         if let Some(g) = g {
-            T::slice_mut(g.reborrow()).copy_from_slice(&b[off..off + p.numel]);
+            T::slice_mut(g.reborrow()).copy_from_slice(&b[off..off + n]);
         }
-        off += p.numel;
+        off += n;
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use shampoo_core::DType;
+use tch::Device;
 
 use std::sync::Arc;
 
@@ -43,6 +44,10 @@ struct ManifestSegment {
     dtype: DType,
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
+    /// Data-parallel without sharding: one state file, written by rank 0,
+    /// that every rank loads.
+    #[serde(default)]
+    replicated: bool,
 }
 
 /// `path` with `suffix` appended to its file name.
@@ -104,12 +109,20 @@ impl Shampoo {
                 let state = match &seg.engine {
                     Engine::Local(o) => {
                         let state = format!("group{gid}-segment{i}.safetensors");
-                        o.save(tmp.join(&state))?;
+                        o.save(&tmp.join(&state))?;
                         state
                     }
                     Engine::Dist(o) => {
                         let state = format!("group{gid}-segment{i}");
                         o.save(&tmp.join(&state))?;
+                        state
+                    }
+                    Engine::Replicated(o) => {
+                        // Every rank holds the same state; rank 0 writes it.
+                        let state = format!("group{gid}-segment{i}.safetensors");
+                        if self.comm.as_ref().is_none_or(|c| c.rank() == 0) {
+                            o.save(&tmp.join(&state))?;
+                        }
                         state
                     }
                 };
@@ -118,6 +131,7 @@ impl Shampoo {
                     dtype: seg.dtype,
                     names: seg.names.clone(),
                     shapes: seg.shapes.clone(),
+                    replicated: matches!(seg.engine, Engine::Replicated(_)),
                 });
             }
             groups.push(ManifestGroup {
@@ -180,16 +194,35 @@ impl Shampoo {
         for mg in &manifest.groups {
             let mut segments = Vec::new();
             for ms in &mg.segments {
-                check_segment(path, mg.group, ms, &current)?;
+                let device = check_segment(path, mg.group, ms, &current)?;
                 let mut seg = new_segment(
                     self.config(mg.group),
                     ms.names.clone(),
                     ms.shapes.clone(),
-                    ms.dtype,
-                    self.threads,
+                    (ms.dtype, device),
+                    &self.engine_opts,
                     self.comm.as_ref(),
                     &self.dist_opts,
                 )?;
+                let replicated = matches!(seg.engine, Engine::Replicated(_));
+                if ms.replicated != replicated {
+                    let how = |r: bool| {
+                        if r {
+                            "replicated on every rank"
+                        } else {
+                            "with its blocks spread over the ranks"
+                        }
+                    };
+                    return Err(Error::checkpoint(
+                        path,
+                        format!(
+                            "group {} was optimized {} but this optimizer runs it {} (CUDA variables and `replicated(true)` run replicated)",
+                            mg.group,
+                            how(ms.replicated),
+                            how(replicated)
+                        ),
+                    ));
+                }
                 load_segment(&mut seg, &path.join(&ms.state))?;
                 segments.push(seg);
             }
@@ -208,21 +241,22 @@ impl Shampoo {
 
 fn load_segment(seg: &mut Segment, file: &Path) -> Result<()> {
     match &mut seg.engine {
-        Engine::Local(o) => o.load(file)?,
+        Engine::Local(o) | Engine::Replicated(o) => o.load(file)?,
         Engine::Dist(o) => o.load(file)?,
     }
     Ok(())
 }
 
 /// Checks that the segment's variables are in the `VarStore`, in `group`,
-/// with the recorded shapes and dtype.
+/// with the recorded shapes and dtype; returns the device they are on now
+/// (the state follows the variables: a checkpoint does not record devices).
 fn check_segment(
     path: &Path,
     group: usize,
     ms: &ManifestSegment,
     current: &BTreeMap<usize, Vec<vars::Var>>,
-) -> Result<()> {
-    if ms.names.len() != ms.shapes.len() {
+) -> Result<Device> {
+    if ms.names.is_empty() || ms.names.len() != ms.shapes.len() {
         return Err(Error::checkpoint(
             path,
             format!(
@@ -233,6 +267,7 @@ fn check_segment(
             ),
         ));
     }
+    let mut device = Device::Cpu;
     for (name, shape) in ms.names.iter().zip(&ms.shapes) {
         let found = current
             .iter()
@@ -263,10 +298,10 @@ fn check_segment(
                     ),
                 ));
             }
-            Some(_) => {}
+            Some((_, v)) => device = v.device,
         }
     }
-    Ok(())
+    Ok(device)
 }
 
 /// Removes a stale `tmp` and creates it empty.

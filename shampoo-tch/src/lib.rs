@@ -6,8 +6,11 @@
 //! [`shampoo_core::ShampooConfig`] per `VarStore` group.
 //!
 //! Parameters and gradients are updated in place through their data
-//! pointers: CPU tensors of `f32` or `f64`, contiguous. CUDA tensors are
-//! not supported by this build yet (an [`Error::Variable`] says so).
+//! pointers: contiguous tensors of `f32` or `f64`, on the CPU or, with the
+//! crate's `cuda` feature, on a CUDA device (`shampoo_core`'s CUDA backend
+//! queues its work on libtorch's stream; nothing is copied between host and
+//! device). Without the feature, CUDA variables are refused with an
+//! [`Error::Variable`] that says so.
 //!
 //! ```no_run
 //! use shampoo_core::ShampooConfig;
@@ -36,6 +39,7 @@
 
 mod checkpoint;
 mod dist;
+mod engine;
 mod error;
 mod optimizer;
 mod vars;

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, ShampooConfig};
 use shampoo_dist::{Communicator, DistOptions, DistributedShampoo};
 use tch::nn::{VarStore, Variables};
-use tch::{COptimizer, Tensor};
+use tch::{COptimizer, Device, Kind, Tensor};
 
+use crate::engine::{self, EngineOptions, LocalEngine};
 use crate::vars::{self, Var};
 use crate::{Error, Result};
 
@@ -26,16 +27,21 @@ pub struct StepTimings {
 
 /// The per-segment optimizer.
 pub(crate) enum Engine {
-    /// One process: `shampoo_core` on the CPU.
-    Local(Box<shampoo_core::Shampoo<CpuBackend>>),
+    /// One process: `shampoo_core` on the variables' device (CPU, or CUDA
+    /// with feature `cuda`).
+    Local(Box<dyn LocalEngine>),
     /// Data-parallel: this rank's share, through a communicator.
     Dist(Box<DistributedShampoo>),
+    /// Data-parallel without sharding: gradients averaged across ranks,
+    /// then every rank computes every block (CUDA variables, or
+    /// [`ShampooBuilder::replicated`]).
+    Replicated(Box<dyn LocalEngine>),
 }
 
 impl Engine {
     fn set_lr(&mut self, lr: f64) -> Result<()> {
         match self {
-            Engine::Local(o) => o.set_lr(lr)?,
+            Engine::Local(o) | Engine::Replicated(o) => o.set_lr(lr)?,
             Engine::Dist(o) => o.set_lr(lr)?,
         }
         Ok(())
@@ -43,7 +49,7 @@ impl Engine {
 
     fn step_count(&self) -> u64 {
         match self {
-            Engine::Local(o) => o.step_count(),
+            Engine::Local(o) | Engine::Replicated(o) => o.step_count(),
             Engine::Dist(o) => o.local().step_count(),
         }
     }
@@ -57,6 +63,7 @@ pub(crate) struct Segment {
     pub names: Vec<String>,
     pub shapes: Vec<Vec<usize>>,
     pub dtype: DType,
+    pub device: Device,
     pub engine: Engine,
 }
 
@@ -70,8 +77,9 @@ pub(crate) struct Group {
 /// `nn::Optimizer`.
 ///
 /// Parameters and gradients are read and written in place through their
-/// data pointers (CPU tensors of `f32` or `f64`, contiguous); nothing is
-/// copied. The variables are read from the `VarStore` at every step, by
+/// data pointers (contiguous tensors of `f32` or `f64` on the CPU, or on a
+/// CUDA device with feature `cuda`); nothing is copied, and on a GPU the
+/// work is queued on libtorch's stream (see [`ShampooBuilder::cuda_stream`]). The variables are read from the `VarStore` at every step, by
 /// name, so variables created after the optimizer are picked up. Each
 /// `VarStore` group (`vs.root().set_group(g)`) has its own config and its
 /// own optimizer state.
@@ -80,7 +88,7 @@ pub struct Shampoo {
     pub(crate) default: ShampooConfig,
     pub(crate) configs: BTreeMap<usize, ShampooConfig>,
     pub(crate) groups: BTreeMap<usize, Group>,
-    pub(crate) threads: usize,
+    pub(crate) engine_opts: EngineOptions,
     pub(crate) comm: Option<Arc<dyn Communicator>>,
     pub(crate) dist_opts: DistOptions,
     /// The gradients were averaged already (by `clip_grad_norm`).
@@ -97,7 +105,7 @@ pub struct ShampooBuilder {
     variables: Arc<Mutex<Variables>>,
     default: ShampooConfig,
     configs: BTreeMap<usize, ShampooConfig>,
-    threads: usize,
+    engine_opts: EngineOptions,
     comm: Option<Arc<dyn Communicator>>,
     dist_opts: DistOptions,
 }
@@ -115,7 +123,24 @@ impl ShampooBuilder {
     /// Worker threads of each group's CPU backend (0, the default: one per
     /// core, or `SHAMPOO_THREADS` when set).
     pub fn threads(mut self, threads: usize) -> Self {
-        self.threads = threads;
+        self.engine_opts.threads = threads;
+        self
+    }
+
+    /// Queue the work of CUDA groups on `stream` (a `CUstream`, e.g. the
+    /// current stream of code that trains on a stream of its own) instead of
+    /// the legacy default stream, which is libtorch's current stream unless
+    /// the caller changed it. Work queued on the same stream is ordered
+    /// without synchronisation; with any other non-blocking stream the
+    /// caller must synchronise before [`Shampoo::step`].
+    ///
+    /// # Safety
+    ///
+    /// `stream` must be a valid stream of the primary context of the device
+    /// the variables are on, and outlive the optimizer.
+    #[cfg(feature = "cuda")]
+    pub unsafe fn cuda_stream(mut self, stream: *mut std::ffi::c_void) -> Self {
+        self.engine_opts.cuda_stream = Some(stream as usize);
         self
     }
 
@@ -126,6 +151,19 @@ impl ShampooBuilder {
     /// variables and call the same methods in the same order.
     pub fn communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
         self.comm = Some(comm);
+        self
+    }
+
+    /// Data-parallel without sharding (with [`ShampooBuilder::communicator`]):
+    /// every step averages the gradients across ranks, then every rank
+    /// computes the directions of every block, so no directions are
+    /// exchanged. This is how CUDA variables are trained data-parallel in
+    /// this version (their gradients are averaged through host memory, as
+    /// `shampoo_dist`'s communicators move host memory); blocks are spread
+    /// over ranks for CPU variables only. Results are those of sharding with
+    /// full-precision communication (bitwise, on the CPU).
+    pub fn replicated(mut self, on: bool) -> Self {
+        self.engine_opts.replicated = on;
         self
     }
 
@@ -152,7 +190,7 @@ impl ShampooBuilder {
             default: self.default,
             configs: self.configs,
             groups: BTreeMap::new(),
-            threads: self.threads,
+            engine_opts: self.engine_opts,
             comm: self.comm,
             dist_opts: self.dist_opts,
             grads_reduced: false,
@@ -180,7 +218,7 @@ impl Shampoo {
             variables: vs.variables_.clone(),
             default,
             configs: BTreeMap::new(),
-            threads: 0,
+            engine_opts: EngineOptions::default(),
             comm: None,
             dist_opts: DistOptions::default(),
         }
@@ -297,8 +335,16 @@ impl Shampoo {
         }
         let list: Vec<(&str, &Tensor, DType)> = grads.iter().map(|(n, g, d)| (*n, g, *d)).collect();
         vars::check_disjoint(&list)?;
+        // Host gradients are summed here in f64; device gradients by
+        // libtorch on their device (in f64), read back once.
         let mut sum = 0.0f64;
+        let mut device_sums = Vec::new();
         for (_, g, d) in &grads {
+            if g.device() != Device::Cpu {
+                let s = g.f_to_kind(Kind::Double)?.f_square()?.f_sum(Kind::Double)?;
+                device_sums.push(s.f_to(Device::Cpu)?);
+                continue;
+            }
             // SAFETY: checked CPU contiguous tensors, disjoint, held alive by
             // `grads`; only read here.
             match unsafe { vars::view(g, *d) } {
@@ -306,10 +352,21 @@ impl Shampoo {
                 HostView::F64(s) => sum += s.iter().map(|&x| x * x).sum::<f64>(),
             }
         }
+        if !device_sums.is_empty() {
+            sum += Tensor::f_stack(&device_sums, 0)?
+                .f_sum(Kind::Double)?
+                .f_double_value(&[])?;
+        }
         let norm = sum.sqrt();
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
             for (_, g, d) in &grads {
+                if g.device() != Device::Cpu {
+                    // libtorch rounds the factor to the gradient's dtype, as
+                    // the host path does.
+                    let _scaled = g.shallow_clone().f_mul_scalar_(coef)?;
+                    continue;
+                }
                 // SAFETY: as above; each gradient is viewed once at a time.
                 match unsafe { vars::view_mut(g, *d) } {
                     HostViewMut::F32(s) => {
@@ -380,6 +437,18 @@ impl Shampoo {
                     ),
                 });
             }
+            if let Some(other) = vars.iter().find(|v| v.device != vars[0].device) {
+                return Err(Error::Group {
+                    group: gid,
+                    reason: format!(
+                        "mixes variable {:?} on {} and variable {:?} on {}; put variables of different devices in different groups",
+                        vars[0].name,
+                        vars::device_name(vars[0].device),
+                        other.name,
+                        vars::device_name(other.device)
+                    ),
+                });
+            }
         }
         for gid in self.groups.keys().copied().collect::<Vec<_>>() {
             if !current.contains_key(&gid) {
@@ -392,7 +461,6 @@ impl Shampoo {
         }
         for (&gid, vars) in &current {
             let config = self.config(gid).clone();
-            let threads = self.threads;
             let group = self.groups.entry(gid).or_insert_with(|| Group {
                 config,
                 segments: Vec::new(),
@@ -403,7 +471,11 @@ impl Shampoo {
             for seg in &group.segments {
                 for (name, shape) in seg.names.iter().zip(&seg.shapes) {
                     match by_name.get(name.as_str()) {
-                        Some(v) if v.shape == *shape && v.dtype == seg.dtype => {
+                        Some(v)
+                            if v.shape == *shape
+                                && v.dtype == seg.dtype
+                                && v.device == seg.device =>
+                        {
                             known.insert(v.name.as_str());
                         }
                         _ => stale = true,
@@ -413,7 +485,7 @@ impl Shampoo {
             if stale {
                 tracing::warn!(
                     group = gid,
-                    "variables of the group changed shape or dtype or disappeared; its optimizer state starts over"
+                    "variables of the group changed shape, dtype or device, or disappeared; its optimizer state starts over"
                 );
                 group.segments.clear();
                 known.clear();
@@ -436,8 +508,8 @@ impl Shampoo {
                     &group.config,
                     names,
                     shapes,
-                    new[0].dtype,
-                    threads,
+                    (new[0].dtype, new[0].device),
+                    &self.engine_opts,
                     self.comm.as_ref(),
                     &self.dist_opts,
                 )?;
@@ -451,8 +523,10 @@ impl Shampoo {
     /// accumulated since the last [`Shampoo::zero_grad`]. Variables without
     /// a gradient are skipped (their values and state stay as they are).
     ///
-    /// Every trainable variable and gradient must be a CPU tensor of
-    /// `f32` or `f64`, contiguous, not sharing memory with another one;
+    /// Every trainable variable and gradient must be a tensor of `f32` or
+    /// `f64`, contiguous, on the CPU (or a CUDA device, with feature
+    /// `cuda`; all variables of a group on one device, each gradient on its
+    /// variable's), not sharing memory with another one;
     /// otherwise this is an [`Error::Variable`] naming it, and nothing is
     /// updated. A numerical error of one group (`shampoo_core`'s
     /// `NonFinite`, ...) is returned as soon as it happens; groups stepped
@@ -471,11 +545,17 @@ impl Shampoo {
         let grads = gradients(&current)?;
         check_all_disjoint(&current, &grads)?;
         let mut timings = StepTimings::default();
+        let comm = self.comm.clone();
         for (gid, group) in &mut self.groups {
             let vars = &current[gid];
             let index = name_index(vars);
             let gs = &grads[gid];
             for seg in &mut group.segments {
+                if let (Engine::Replicated(_), Some(comm)) = (&seg.engine, &comm) {
+                    let t = Instant::now();
+                    average_segment(comm.as_ref(), seg, &index, gs)?;
+                    timings.all_reduce += t.elapsed();
+                }
                 if let Engine::Dist(o) = &mut seg.engine {
                     let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
                     // SAFETY: the gradients were checked (CPU, contiguous,
@@ -515,32 +595,39 @@ impl Shampoo {
             },
             ..StepTimings::default()
         };
+        let comm = self.comm.clone();
         for (gid, group) in &mut self.groups {
             let vars = &current[gid];
             let index = name_index(vars);
             for seg in &mut group.segments {
                 let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
-                // SAFETY: every tensor was checked (CPU, contiguous, dtype)
-                // and no two of them overlap (check_disjoint); `current` and
-                // `grads` keep them alive; libtorch does not run on them
-                // during the step (gradient tracking is off and we hold them).
-                let mut params: Vec<HostViewMut<'_>> = idx
-                    .iter()
-                    .map(|&i| unsafe { vars::view_mut(&vars[i].tensor, seg.dtype) })
-                    .collect();
                 let gs = &grads[gid];
+                if let (Engine::Replicated(_), Some(comm), false) = (&seg.engine, &comm, reduced) {
+                    let t = Instant::now();
+                    average_segment(comm.as_ref(), seg, &index, gs)?;
+                    timings.all_reduce += t.elapsed();
+                }
                 let t = Instant::now();
                 match &mut seg.engine {
-                    Engine::Local(o) => {
-                        // SAFETY: as above.
-                        let g: Vec<Option<HostView<'_>>> = idx
-                            .iter()
-                            .map(|&i| gs[i].as_ref().map(|g| unsafe { vars::view(g, seg.dtype) }))
-                            .collect();
-                        o.step(&mut params, &g)?;
+                    Engine::Local(o) | Engine::Replicated(o) => {
+                        // Checked (device, contiguous, dtype) and disjoint
+                        // tensors, kept alive by `current` and `grads`.
+                        let params: Vec<&Tensor> = idx.iter().map(|&i| &vars[i].tensor).collect();
+                        let g: Vec<Option<&Tensor>> = idx.iter().map(|&i| gs[i].as_ref()).collect();
+                        o.step(&params, &g, seg.dtype)?;
                         timings.optimizer += t.elapsed();
                     }
                     Engine::Dist(o) => {
+                        // SAFETY: every tensor was checked (CPU: `new_segment`
+                        // builds no distributed engine for a device;
+                        // contiguous, dtype) and no two of them overlap
+                        // (check_disjoint); `current` and `grads` keep them
+                        // alive; libtorch does not run on them during the
+                        // step (gradient tracking is off and we hold them).
+                        let mut params: Vec<HostViewMut<'_>> = idx
+                            .iter()
+                            .map(|&i| unsafe { vars::view_mut(&vars[i].tensor, seg.dtype) })
+                            .collect();
                         // SAFETY: as above.
                         let mut g: Vec<Option<HostViewMut<'_>>> = idx
                             .iter()
@@ -574,29 +661,33 @@ impl Shampoo {
     }
 }
 
-/// A fresh engine for one segment (collective when `comm` is set).
+/// A fresh engine for one segment of variables of `dtype` on `device`
+/// (collective when `comm` is set).
 pub(crate) fn new_segment(
     config: &ShampooConfig,
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
-    dtype: DType,
-    threads: usize,
+    (dtype, device): (DType, Device),
+    engine_opts: &EngineOptions,
     comm: Option<&Arc<dyn Communicator>>,
     opts: &DistOptions,
 ) -> Result<Segment> {
-    let backend = CpuBackend::new(threads)?;
     let engine = match comm {
-        None => Engine::Local(Box::new(shampoo_core::Shampoo::new(
-            config.clone(),
+        None => Engine::Local(engine::local_engine(
+            config,
             &shapes,
             dtype,
-            backend,
-        )?)),
+            device,
+            engine_opts,
+        )?),
+        Some(_) if engine_opts.replicated || device != Device::Cpu => Engine::Replicated(
+            engine::local_engine(config, &shapes, dtype, device, engine_opts)?,
+        ),
         Some(comm) => Engine::Dist(Box::new(DistributedShampoo::new(
             config.clone(),
             &shapes,
             dtype,
-            backend,
+            CpuBackend::new(engine_opts.threads)?,
             comm.clone(),
             opts.clone(),
         )?)),
@@ -605,8 +696,25 @@ pub(crate) fn new_segment(
         names,
         shapes,
         dtype,
+        device,
         engine,
     })
+}
+
+/// Averages the gradients of a replicated segment across ranks, in place.
+fn average_segment(
+    comm: &dyn Communicator,
+    seg: &Segment,
+    index: &HashMap<&str, usize>,
+    grads: &[Option<Tensor>],
+) -> Result<()> {
+    let lens: Vec<usize> = seg.shapes.iter().map(|s| s.iter().product()).collect();
+    let gs: Vec<Option<&Tensor>> = seg
+        .names
+        .iter()
+        .map(|n| grads[index[n.as_str()]].as_ref())
+        .collect();
+    crate::dist::average(comm, seg.dtype, &lens, &gs)
 }
 
 fn check_lr(lr: f64) -> Result<()> {

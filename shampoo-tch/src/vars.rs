@@ -4,14 +4,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use shampoo_core::{DType, HostView, HostViewMut};
+use shampoo_core::{CpuBackend, DType, HostView, HostViewMut};
 use tch::nn::Variables;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::TensorBackend;
 use crate::{Error, Result};
 
-/// The reason given for tensors on a CUDA device.
-pub const CUDA_UNSUPPORTED: &str = "CUDA tensors are not supported by this build yet";
+/// The reason given for tensors on a CUDA device when the crate is built
+/// without its `cuda` feature.
+pub const CUDA_UNSUPPORTED: &str =
+    "CUDA tensors need shampoo-tch's `cuda` feature, which this build lacks";
 
 /// One trainable variable as seen at the start of a step.
 pub(crate) struct Var {
@@ -19,6 +22,7 @@ pub(crate) struct Var {
     pub tensor: Tensor,
     pub shape: Vec<usize>,
     pub dtype: DType,
+    pub device: Device,
 }
 
 /// The trainable variables of every group, each group sorted by name.
@@ -64,6 +68,7 @@ pub(crate) fn read_groups(vars: &Arc<Mutex<Variables>>) -> Result<BTreeMap<usize
             tensor: t.shallow_clone(),
             shape,
             dtype,
+            device: t.device(),
         });
     }
     drop(v);
@@ -73,12 +78,16 @@ pub(crate) fn read_groups(vars: &Arc<Mutex<Variables>>) -> Result<BTreeMap<usize
     Ok(groups)
 }
 
-/// Checks that `t` can be viewed in place as host memory: on the CPU,
-/// `f32` or `f64`, dense and contiguous. `what` prefixes the reason
-/// ("" for the variable, "its gradient " for the gradient).
+/// Checks that `t` can be viewed in place as a backend's memory: on the
+/// CPU (or a CUDA device, with feature `cuda`), `f32` or `f64`, dense and
+/// contiguous. `what` prefixes the reason ("" for the variable, "its
+/// gradient " for the gradient).
 pub(crate) fn check_tensor(name: &str, t: &Tensor, what: &str) -> Result<DType> {
     match t.device() {
         Device::Cpu => {}
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {}
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda(i) => {
             return Err(Error::variable(
                 name,
@@ -88,7 +97,7 @@ pub(crate) fn check_tensor(name: &str, t: &Tensor, what: &str) -> Result<DType> 
         d => {
             return Err(Error::variable(
                 name,
-                format!("{what}is on device {d:?}; only CPU tensors are supported"),
+                format!("{what}is on device {d:?}; only CPU and CUDA tensors are supported"),
             ));
         }
     }
@@ -125,6 +134,16 @@ pub(crate) fn gradient(var: &Var) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let dtype = check_tensor(&var.name, &g, "its gradient ")?;
+    if g.device() != var.device {
+        return Err(Error::variable(
+            &var.name,
+            format!(
+                "its gradient is on {} but the variable is on {}",
+                device_name(g.device()),
+                device_name(var.device)
+            ),
+        ));
+    }
     if dtype != var.dtype {
         return Err(Error::variable(
             &var.name,
@@ -144,30 +163,44 @@ pub(crate) fn gradient(var: &Var) -> Result<Option<Tensor>> {
     Ok(Some(g))
 }
 
-/// The byte range a contiguous tensor occupies.
-fn byte_range(t: &Tensor, dtype: DType) -> (usize, usize) {
+/// The address space (device) and byte range a contiguous tensor occupies.
+fn byte_range(t: &Tensor, dtype: DType) -> (i64, usize, usize) {
+    let space = match t.device() {
+        Device::Cpu => -1,
+        Device::Cuda(i) => i as i64,
+        _ => -2,
+    };
     let start = t.data_ptr() as usize;
-    (start, start + t.numel() * dtype.size())
+    (space, start, start + t.numel() * dtype.size())
+}
+
+/// A device as users write it: `cpu`, `cuda:0`.
+pub(crate) fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        d => format!("{d:?}"),
+    }
 }
 
 /// Errors when any two of the given tensors share memory: views handed to
 /// the optimizer must not alias.
 pub(crate) fn check_disjoint(tensors: &[(&str, &Tensor, DType)]) -> Result<()> {
-    let mut ranges: Vec<(usize, usize, &str)> = tensors
+    let mut ranges: Vec<(i64, usize, usize, &str)> = tensors
         .iter()
         .map(|(name, t, d)| {
-            let (s, e) = byte_range(t, *d);
-            (s, e, *name)
+            let (space, s, e) = byte_range(t, *d);
+            (space, s, e, *name)
         })
         .collect();
     ranges.sort_unstable();
     for w in ranges.windows(2) {
-        if w[1].0 < w[0].1 {
+        if w[1].0 == w[0].0 && w[1].1 < w[0].2 {
             return Err(Error::variable(
-                w[1].2,
+                w[1].3,
                 format!(
                     "shares memory with variable {:?} (or a gradient does); tied or aliased variables are not supported",
-                    w[0].2
+                    w[0].3
                 ),
             ));
         }
@@ -175,41 +208,22 @@ pub(crate) fn check_disjoint(tensors: &[(&str, &Tensor, DType)]) -> Result<()> {
     Ok(())
 }
 
-/// A mutable host view of a checked (CPU, contiguous, `dtype`) tensor.
+/// A mutable host view of a checked CPU tensor.
 ///
 /// # Safety
 ///
-/// `t` must have passed [`check_tensor`] with `dtype`, must stay alive and
-/// unmoved in memory for `'a`, and no other reference to its memory (Rust or
-/// libtorch) may be used during `'a`.
+/// As [`TensorBackend::tensor_view_mut`] for the CPU backend.
 pub(crate) unsafe fn view_mut<'a>(t: &'a Tensor, dtype: DType) -> HostViewMut<'a> {
-    let n = t.numel();
-    let p = t.data_ptr();
-    // SAFETY: the caller guarantees a contiguous CPU tensor of `n` elements of
-    // `dtype` that nothing else touches during 'a; libtorch allocations are
-    // aligned for their element type and non-null for n > 0 (empty tensors
-    // are never viewed: `read_groups` skips them).
-    unsafe {
-        match dtype {
-            DType::F32 => HostViewMut::F32(std::slice::from_raw_parts_mut(p.cast::<f32>(), n)),
-            DType::F64 => HostViewMut::F64(std::slice::from_raw_parts_mut(p.cast::<f64>(), n)),
-        }
-    }
+    // SAFETY: forwarded contract.
+    unsafe { CpuBackend::tensor_view_mut(t, dtype) }
 }
 
-/// A read-only host view of a checked tensor.
+/// A read-only host view of a checked CPU tensor.
 ///
 /// # Safety
 ///
-/// As [`view_mut`], except that other read-only views may coexist.
+/// As [`TensorBackend::tensor_view`] for the CPU backend.
 pub(crate) unsafe fn view<'a>(t: &'a Tensor, dtype: DType) -> HostView<'a> {
-    let n = t.numel();
-    let p = t.data_ptr();
-    // SAFETY: as in `view_mut`; the memory is only read during 'a.
-    unsafe {
-        match dtype {
-            DType::F32 => HostView::F32(std::slice::from_raw_parts(p.cast::<f32>(), n)),
-            DType::F64 => HostView::F64(std::slice::from_raw_parts(p.cast::<f64>(), n)),
-        }
-    }
+    // SAFETY: forwarded contract.
+    unsafe { CpuBackend::tensor_view(t, dtype) }
 }

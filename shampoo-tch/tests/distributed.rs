@@ -33,25 +33,29 @@ fn batch_id(step: i64, rank: i64) -> i64 {
 
 /// One rank's training loop; returns its final weights.
 fn run_rank(comm: Arc<dyn Communicator>) -> Vec<(String, Vec<u32>)> {
-    run_rank_with(comm, DistOptions::default())
+    run_rank_with(comm, DistOptions::default(), false)
 }
 
 /// Two ranks of `run_rank_with`; returns each rank's final weights.
-fn run_two(opts: DistOptions) -> Vec<Vec<(String, Vec<u32>)>> {
+fn run_two(opts: DistOptions, replicated: bool) -> Vec<Vec<(String, Vec<u32>)>> {
     let comms = in_process(2, &comm_options());
     std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|c| {
                 let opts = opts.clone();
-                s.spawn(move || run_rank_with(c, opts))
+                s.spawn(move || run_rank_with(c, opts, replicated))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
 
-fn run_rank_with(comm: Arc<dyn Communicator>, opts: DistOptions) -> Vec<(String, Vec<u32>)> {
+fn run_rank_with(
+    comm: Arc<dyn Communicator>,
+    opts: DistOptions,
+    replicated: bool,
+) -> Vec<(String, Vec<u32>)> {
     let vs = VarStore::new(Device::Cpu);
     let m = TwoLayer::new(&vs);
     init_fixed(&vs);
@@ -61,6 +65,7 @@ fn run_rank_with(comm: Arc<dyn Communicator>, opts: DistOptions) -> Vec<(String,
         .threads(1)
         .communicator(comm)
         .dist_options(opts)
+        .replicated(replicated)
         .build()
         .unwrap();
     for step in 0..STEPS {
@@ -71,7 +76,9 @@ fn run_rank_with(comm: Arc<dyn Communicator>, opts: DistOptions) -> Vec<(String,
             opt.backward_step(&l).unwrap();
         }
         let t = opt.timings();
-        assert!(t.all_reduce > Duration::ZERO && t.all_gather > Duration::ZERO);
+        assert!(t.all_reduce > Duration::ZERO);
+        // Replicated ranks exchange no directions.
+        assert_eq!(t.all_gather > Duration::ZERO, !replicated);
     }
     bits(&vs)
 }
@@ -180,17 +187,37 @@ fn all_reduce_gradients_averages_every_gradient_in_rank_order() {
     }
 }
 
-fn dist_optimizer(vs: &VarStore, comm: Arc<dyn Communicator>) -> Shampoo {
+fn dist_optimizer(vs: &VarStore, comm: Arc<dyn Communicator>, replicated: bool) -> Shampoo {
     Shampoo::builder(vs, shampoo_config(0.01))
         .group(1, adam_only_config(0.02))
         .threads(1)
         .communicator(comm)
+        .replicated(replicated)
         .build()
         .unwrap()
 }
 
 #[test]
+fn replicated_ranks_end_bitwise_equal_to_sharded_ranks() {
+    let sharded = run_two(DistOptions::default(), false);
+    let replicated = run_two(DistOptions::default(), true);
+    assert_eq!(replicated[0], replicated[1], "replicated ranks differ");
+    assert_eq!(replicated[0], sharded[0]);
+}
+
+#[test]
 fn a_distributed_run_resumes_bit_for_bit_from_its_checkpoint() {
+    resumes_bit_for_bit(false);
+}
+
+#[test]
+fn a_replicated_run_resumes_bit_for_bit_from_its_checkpoint() {
+    resumes_bit_for_bit(true);
+}
+
+/// Two ranks save at step 3; a fresh optimizer loads and continues to the
+/// same weights. Then: other world sizes and modes load it or refuse it.
+fn resumes_bit_for_bit(replicated: bool) {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("optimizer");
     let comms = in_process(2, &comm_options());
@@ -208,7 +235,7 @@ fn a_distributed_run_resumes_bit_for_bit_from_its_checkpoint() {
                     init_fixed(&vs);
                     let mut vs2 = VarStore::new(Device::Cpu);
                     let m2 = TwoLayer::new(&vs2);
-                    let mut opt = dist_optimizer(&vs, c.clone());
+                    let mut opt = dist_optimizer(&vs, c.clone(), replicated);
                     for step in 0..STEPS {
                         if step == 3 {
                             opt.save(&ckpt).unwrap();
@@ -217,7 +244,7 @@ fn a_distributed_run_resumes_bit_for_bit_from_its_checkpoint() {
                         opt.backward_step(&loss(&m, batch_id(step, rank), Kind::Float))
                             .unwrap();
                     }
-                    let mut opt2 = dist_optimizer(&vs2, c.clone());
+                    let mut opt2 = dist_optimizer(&vs2, c.clone(), replicated);
                     opt2.load(&ckpt).unwrap();
                     assert_eq!(opt2.step_count(0), Some(3));
                     for step in 3..STEPS {
@@ -236,14 +263,36 @@ fn a_distributed_run_resumes_bit_for_bit_from_its_checkpoint() {
     }
     assert_eq!(results[0].0, results[1].0);
 
-    // Another world size: shampoo_dist re-shards the blocks on load.
+    // Another world size: shampoo_dist re-shards the blocks on load (a
+    // replicated state is the same on every world size).
     let one = in_process(1, &comm_options()).pop().unwrap();
     let vs1 = VarStore::new(Device::Cpu);
     let _m1 = TwoLayer::new(&vs1);
-    let mut opt1 = dist_optimizer(&vs1, one);
+    let mut opt1 = dist_optimizer(&vs1, one.clone(), replicated);
     opt1.load(&ckpt).unwrap();
     assert_eq!(opt1.step_count(0), Some(3));
     assert_eq!(opt1.step_count(1), Some(3));
+
+    // The other mode refuses it, naming both.
+    let mut other = dist_optimizer(&vs1, one, !replicated);
+    let (was, runs) = if replicated {
+        (
+            "replicated on every rank",
+            "with its blocks spread over the ranks",
+        )
+    } else {
+        (
+            "with its blocks spread over the ranks",
+            "replicated on every rank",
+        )
+    };
+    assert_eq!(
+        other.load(&ckpt).unwrap_err().to_string(),
+        format!(
+            "optimizer checkpoint {}: group 0 was optimized {was} but this optimizer runs it {runs} (CUDA variables and `replicated(true)` run replicated)",
+            ckpt.display()
+        )
+    );
 
     // A one-process optimizer refuses the distributed checkpoint.
     let vs = VarStore::new(Device::Cpu);
@@ -263,11 +312,14 @@ fn a_distributed_run_resumes_bit_for_bit_from_its_checkpoint() {
 
 #[test]
 fn dist_options_reach_the_distributed_optimizer() {
-    let f32_run = run_two(DistOptions::default());
-    let bf16_run = run_two(DistOptions {
-        comm_dtype: CommDType::Bf16,
-        ..DistOptions::default()
-    });
+    let f32_run = run_two(DistOptions::default(), false);
+    let bf16_run = run_two(
+        DistOptions {
+            comm_dtype: CommDType::Bf16,
+            ..DistOptions::default()
+        },
+        false,
+    );
     // Every rank applies the same (rounded) directions...
     assert_eq!(bf16_run[0], bf16_run[1]);
     // ... which are not the f32 ones.
