@@ -5,6 +5,7 @@
 # with PyTorch 2.11 (CUDA 13 wheels), from a checkout of this repository:
 #
 #   scripts/gpu-validation.sh [--bin PATH] [--tests PATH] [--nccl-tests PATH]
+#                             [--tch-tests PATH] [--train PATH]
 #                             [--python PATH] [--out DIR]
 #
 #   --bin     shampoo-bench built with `cargo build --release -p shampoo-bench
@@ -17,6 +18,12 @@
 #             tests/nccl_gpu.rs), built with `cargo test --release -p
 #             shampoo-dist --features nccl --test nccl_gpu --no-run`
 #             (optional; skipped when not given)
+#   --tch-tests  the CUDA test executable of the tch adapter (shampoo-tch's
+#             tests/cuda.rs), built with `cargo test --release -p shampoo-tch
+#             --features cuda --test cuda --no-run` (optional)
+#   --train   shampoo-train built with `cargo build --release -p
+#             shampoo-train`: times a ResNet-50 training step (batch 128,
+#             bf16) with AdamW and with Shampoo (optional)
 #   --python  the Python whose site-packages hold torch and nvidia/*
 #             (default: .venv/bin/python if present, else python3)
 #   --out     where the logs go (default: gpu-validation-<UTC time>)
@@ -30,6 +37,8 @@ cd "$(dirname "$0")/.."
 BIN=target/release/shampoo-bench
 TESTS=""
 NCCL_TESTS=""
+TCH_TESTS=""
+TRAIN=""
 PY=""
 OUT="gpu-validation-$(date -u +%Y%m%dT%H%M%SZ)"
 while [ $# -gt 0 ]; do
@@ -37,9 +46,11 @@ while [ $# -gt 0 ]; do
         --bin) BIN="$2"; shift 2 ;;
         --tests) TESTS="$2"; shift 2 ;;
         --nccl-tests) NCCL_TESTS="$2"; shift 2 ;;
+        --tch-tests) TCH_TESTS="$2"; shift 2 ;;
+        --train) TRAIN="$2"; shift 2 ;;
         --python) PY="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "gpu-validation: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -52,6 +63,8 @@ die() { log "error: $*"; exit 2; }
 
 [ -z "$TESTS" ] || [ -x "$TESTS" ] || die "no executable $TESTS (see --tests)"
 [ -z "$NCCL_TESTS" ] || [ -x "$NCCL_TESTS" ] || die "no executable $NCCL_TESTS (see --nccl-tests)"
+[ -z "$TCH_TESTS" ] || [ -x "$TCH_TESTS" ] || die "no executable $TCH_TESTS (see --tch-tests)"
+[ -z "$TRAIN" ] || [ -x "$TRAIN" ] || die "no executable $TRAIN (see --train)"
 [ -x "$BIN" ] || die "no executable $BIN; build it with: cargo build --release -p shampoo-bench --features cuda"
 command -v "$PY" >/dev/null 2>&1 || die "no Python at $PY (pass --python)"
 SITE="$("$PY" -c 'import site; print(site.getsitepackages()[0])')" || die "$PY cannot name its site-packages"
@@ -129,6 +142,17 @@ if [ -n "$NCCL_TESTS" ]; then
 else
     echo "skipped nccl_tests (no --nccl-tests)" >>"$SUMMARY"
 fi
+if [ -n "$TCH_TESTS" ]; then
+    # CUDA variables through the tch adapter against the CPU adapter, and
+    # replicated data-parallel CUDA ranks; "skipped:" means no GPU here.
+    check tch_cuda_tests 900 "$TCH_TESTS" --test-threads 1 --nocapture
+    if grep -q 'skipped:' "$OUT/tch_cuda_tests.txt"; then
+        echo "FAILED  tch_cuda_tests skipped a test: libtorch sees no GPU ($OUT/tch_cuda_tests.txt)" >>"$SUMMARY"
+        FAILED=1
+    fi
+else
+    echo "skipped tch_cuda_tests (no --tch-tests)" >>"$SUMMARY"
+fi
 check selfcheck_f32 1200 "$BIN" selfcheck --dtype f32
 check selfcheck_f64 1200 "$BIN" selfcheck --dtype f64
 for set in resnet50 gpt2_small; do
@@ -137,6 +161,19 @@ for set in resnet50 gpt2_small; do
     check "yardstick_$set" 1800 "$PY" benches/python/published_step.py \
         --device cuda --shapes "$set" --max-dim 1024 --json
 done
+if [ -n "$TRAIN" ]; then
+    # ResNet-50 training step, batch 128, bf16: AdamW against
+    # Shampoo (precondition_frequency 100, max_preconditioner_dim 1024, Adam
+    # grafting), 200 timed steps after 110, so two root-inverse steps are
+    # amortised. The config is benches/configs/resnet50_train.json.
+    common=(--device cuda --bf16 --model resnet50 --batch-size 128
+            --resolution 224 --warmup 110 --steps 200)
+    check train_step_adamw 1800 "$TRAIN" bench-step "${common[@]}" --optimizer adamw
+    check train_step_shampoo 1800 "$TRAIN" bench-step "${common[@]}" --optimizer shampoo \
+        --shampoo-config benches/configs/resnet50_train.json
+else
+    echo "skipped train_step_* (no --train)" >>"$SUMMARY"
+fi
 
 log "summary:"
 cat "$SUMMARY" >&2

@@ -21,6 +21,9 @@ if grep -q '^cuda = ' shampoo-core/Cargo.toml 2>/dev/null; then
 fi
 # The NCCL transport (loaded at run time; its one-GPU test skips without a GPU).
 cargo clippy -p shampoo-dist --features nccl --all-targets --locked -- -D warnings
+# The workspace build turns on shampoo-tch's `cuda` feature (shampoo-train's
+# default); the adapter without it is what a CPU-only user builds.
+cargo clippy -p shampoo-tch --all-targets --locked -- -D warnings
 
 log "cargo test"
 cargo test --workspace --locked
@@ -28,6 +31,7 @@ if grep -q '^cuda = ' shampoo-core/Cargo.toml 2>/dev/null; then
     cargo test -p shampoo-core --features cuda --locked
 fi
 cargo test -p shampoo-dist --features nccl --locked
+cargo test -p shampoo-tch --locked
 
 log "reference parity (float64, tolerance 1e-5)"
 cargo run -q -p shampoo-bench --locked -- parity testdata/reference/*.safetensors

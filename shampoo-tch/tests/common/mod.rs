@@ -72,7 +72,7 @@ pub fn loss(m: &impl Module, step: i64, kind: Kind) -> Tensor {
 
 /// A tensor's values.
 pub fn host(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(&t.detach().reshape([-1])).unwrap()
+    Vec::<f32>::try_from(&t.detach().to(Device::Cpu).reshape([-1])).unwrap()
 }
 
 /// A tensor's values (f64).
