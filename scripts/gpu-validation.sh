@@ -20,7 +20,7 @@
 #             (optional; skipped when not given)
 #   --tch-tests  the CUDA test executable of the tch adapter (shampoo-tch's
 #             tests/cuda.rs), built with `cargo test --release -p shampoo-tch
-#             --features cuda --test cuda --no-run` (optional)
+#             --features nccl --test cuda --no-run` (optional)
 #   --train   shampoo-train built with `cargo build --release -p
 #             shampoo-train`: times a ResNet-50 training step (batch 128,
 #             bf16) with AdamW and with Shampoo (optional)

@@ -50,6 +50,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// The builder's options do not fit together.
+    #[error("optimizer options: {0}")]
+    Options(String),
+
     /// An I/O error with the path it happened on.
     #[error("{path}: {source}")]
     Io {

@@ -41,11 +41,15 @@ mod checkpoint;
 mod dist;
 mod engine;
 mod error;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod optimizer;
 mod vars;
 
 pub use dist::all_reduce_gradients;
 pub use error::{Error, Result};
+#[cfg(feature = "nccl")]
+pub use nccl::{SharedNccl, all_reduce_gradients_nccl};
 pub use optimizer::{Shampoo, ShampooBuilder, StepTimings};
 pub use vars::CUDA_UNSUPPORTED;
 

@@ -91,6 +91,8 @@ pub struct Shampoo {
     pub(crate) engine_opts: EngineOptions,
     pub(crate) comm: Option<Arc<dyn Communicator>>,
     pub(crate) dist_opts: DistOptions,
+    #[cfg(feature = "nccl")]
+    nccl: Option<crate::nccl::SharedNccl>,
     /// The gradients were averaged already (by `clip_grad_norm`).
     grads_reduced: bool,
     /// An error of `clip_grad_norm`, returned by the next `step`.
@@ -108,6 +110,8 @@ pub struct ShampooBuilder {
     engine_opts: EngineOptions,
     comm: Option<Arc<dyn Communicator>>,
     dist_opts: DistOptions,
+    #[cfg(feature = "nccl")]
+    nccl: Option<crate::nccl::SharedNccl>,
 }
 
 impl ShampooBuilder {
@@ -167,6 +171,17 @@ impl ShampooBuilder {
         self
     }
 
+    /// Average the gradients of CUDA groups on their GPU with this NCCL
+    /// communicator (one `ncclAllReduce` per segment, on the legacy default
+    /// stream) instead of through host memory. Used with
+    /// [`ShampooBuilder::communicator`], whose ranks it must have (checked
+    /// by `build`); CPU groups keep the host communicator.
+    #[cfg(feature = "nccl")]
+    pub fn nccl(mut self, nccl: crate::nccl::SharedNccl) -> Self {
+        self.nccl = Some(nccl);
+        self
+    }
+
     /// Options of the distributed step (communication dtype, ...); used
     /// with [`ShampooBuilder::communicator`].
     pub fn dist_options(mut self, opts: DistOptions) -> Self {
@@ -184,6 +199,29 @@ impl ShampooBuilder {
                 reason: e.to_string(),
             })?;
         }
+        #[cfg(feature = "nccl")]
+        if let Some(nccl) = &self.nccl {
+            let (rank, world) = {
+                let n = crate::nccl::lock(nccl)?;
+                (n.rank(), n.world_size())
+            };
+            match &self.comm {
+                None => {
+                    return Err(Error::Options(
+                        "an NCCL communicator needs a host communicator too (`communicator`)"
+                            .into(),
+                    ));
+                }
+                Some(c) if (c.rank(), c.world_size()) != (rank, world) => {
+                    return Err(Error::Options(format!(
+                        "the NCCL communicator is rank {rank} of {world}, the host communicator rank {} of {}",
+                        c.rank(),
+                        c.world_size()
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
         let zeroer = COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false)?;
         let mut opt = Shampoo {
             variables: self.variables,
@@ -193,6 +231,8 @@ impl ShampooBuilder {
             engine_opts: self.engine_opts,
             comm: self.comm,
             dist_opts: self.dist_opts,
+            #[cfg(feature = "nccl")]
+            nccl: self.nccl,
             grads_reduced: false,
             pending_error: None,
             zeroer,
@@ -221,6 +261,8 @@ impl Shampoo {
             engine_opts: EngineOptions::default(),
             comm: None,
             dist_opts: DistOptions::default(),
+            #[cfg(feature = "nccl")]
+            nccl: None,
         }
     }
 
@@ -336,13 +378,13 @@ impl Shampoo {
         let list: Vec<(&str, &Tensor, DType)> = grads.iter().map(|(n, g, d)| (*n, g, *d)).collect();
         vars::check_disjoint(&list)?;
         // Host gradients are summed here in f64; device gradients by
-        // libtorch on their device (in f64), read back once.
+        // libtorch on their device (in f64), read back once per device.
         let mut sum = 0.0f64;
-        let mut device_sums = Vec::new();
+        let mut device_sums: Vec<(Device, Tensor)> = Vec::new();
         for (_, g, d) in &grads {
             if g.device() != Device::Cpu {
                 let s = g.f_to_kind(Kind::Double)?.f_square()?.f_sum(Kind::Double)?;
-                device_sums.push(s.f_to(Device::Cpu)?);
+                device_sums.push((g.device(), s));
                 continue;
             }
             // SAFETY: checked CPU contiguous tensors, disjoint, held alive by
@@ -352,10 +394,14 @@ impl Shampoo {
                 HostView::F64(s) => sum += s.iter().map(|&x| x * x).sum::<f64>(),
             }
         }
-        if !device_sums.is_empty() {
-            sum += Tensor::f_stack(&device_sums, 0)?
+        while let Some(&(device, _)) = device_sums.first() {
+            let (on, rest): (Vec<_>, Vec<_>) =
+                device_sums.into_iter().partition(|(d, _)| *d == device);
+            let on: Vec<Tensor> = on.into_iter().map(|(_, t)| t).collect();
+            sum += Tensor::f_stack(&on, 0)?
                 .f_sum(Kind::Double)?
                 .f_double_value(&[])?;
+            device_sums = rest;
         }
         let norm = sum.sqrt();
         let coef = max_norm / (norm + 1e-6);
@@ -539,21 +585,30 @@ impl Shampoo {
         self.step_inner(reduced)
     }
 
+    /// How replicated segments average gradients (`None`: one process).
+    fn averaging(&self) -> Option<Averaging> {
+        Some(Averaging {
+            comm: self.comm.clone()?,
+            #[cfg(feature = "nccl")]
+            nccl: self.nccl.clone(),
+        })
+    }
+
     /// Averages the gradients of every group across ranks, in place.
     fn reduce_gradients(&mut self) -> Result<()> {
         let current = self.sync()?;
         let grads = gradients(&current)?;
         check_all_disjoint(&current, &grads)?;
         let mut timings = StepTimings::default();
-        let comm = self.comm.clone();
+        let averaging = self.averaging();
         for (gid, group) in &mut self.groups {
             let vars = &current[gid];
             let index = name_index(vars);
             let gs = &grads[gid];
             for seg in &mut group.segments {
-                if let (Engine::Replicated(_), Some(comm)) = (&seg.engine, &comm) {
+                if let (Engine::Replicated(_), Some(avg)) = (&seg.engine, &averaging) {
                     let t = Instant::now();
-                    average_segment(comm.as_ref(), seg, &index, gs)?;
+                    avg.average(seg, &index, gs)?;
                     timings.all_reduce += t.elapsed();
                 }
                 if let Engine::Dist(o) = &mut seg.engine {
@@ -595,16 +650,18 @@ impl Shampoo {
             },
             ..StepTimings::default()
         };
-        let comm = self.comm.clone();
+        let averaging = self.averaging();
         for (gid, group) in &mut self.groups {
             let vars = &current[gid];
             let index = name_index(vars);
             for seg in &mut group.segments {
                 let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
                 let gs = &grads[gid];
-                if let (Engine::Replicated(_), Some(comm), false) = (&seg.engine, &comm, reduced) {
+                if let (Engine::Replicated(_), Some(avg), false) =
+                    (&seg.engine, &averaging, reduced)
+                {
                     let t = Instant::now();
-                    average_segment(comm.as_ref(), seg, &index, gs)?;
+                    avg.average(seg, &index, gs)?;
                     timings.all_reduce += t.elapsed();
                 }
                 let t = Instant::now();
@@ -701,20 +758,37 @@ pub(crate) fn new_segment(
     })
 }
 
-/// Averages the gradients of a replicated segment across ranks, in place.
-fn average_segment(
-    comm: &dyn Communicator,
-    seg: &Segment,
-    index: &HashMap<&str, usize>,
-    grads: &[Option<Tensor>],
-) -> Result<()> {
-    let lens: Vec<usize> = seg.shapes.iter().map(|s| s.iter().product()).collect();
-    let gs: Vec<Option<&Tensor>> = seg
-        .names
-        .iter()
-        .map(|n| grads[index[n.as_str()]].as_ref())
-        .collect();
-    crate::dist::average(comm, seg.dtype, &lens, &gs)
+/// How replicated segments average their gradients across ranks.
+pub(crate) struct Averaging {
+    comm: Arc<dyn Communicator>,
+    /// Averages CUDA gradients on their device.
+    #[cfg(feature = "nccl")]
+    nccl: Option<crate::nccl::SharedNccl>,
+}
+
+impl Averaging {
+    /// Averages the gradients of a replicated segment, in place: with NCCL
+    /// on the device when it has one and the segment is on a GPU, otherwise
+    /// through host memory.
+    fn average(
+        &self,
+        seg: &Segment,
+        index: &HashMap<&str, usize>,
+        grads: &[Option<Tensor>],
+    ) -> Result<()> {
+        let lens: Vec<usize> = seg.shapes.iter().map(|s| s.iter().product()).collect();
+        let gs: Vec<Option<&Tensor>> = seg
+            .names
+            .iter()
+            .map(|n| grads[index[n.as_str()]].as_ref())
+            .collect();
+        #[cfg(feature = "nccl")]
+        if let (Some(nccl), Device::Cuda(_)) = (&self.nccl, seg.device) {
+            let names: Vec<&str> = seg.names.iter().map(String::as_str).collect();
+            return crate::nccl::average(nccl, (seg.dtype, seg.device), &names, &lens, &gs);
+        }
+        crate::dist::average(self.comm.as_ref(), seg.dtype, &lens, &gs)
+    }
 }
 
 fn check_lr(lr: f64) -> Result<()> {

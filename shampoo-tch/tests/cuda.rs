@@ -169,3 +169,59 @@ fn data_parallel_cuda_ranks_run_replicated_and_agree_bitwise() {
     });
     assert_eq!(results[0], results[1], "CUDA ranks hold different weights");
 }
+
+/// NCCL in a world of one on GPU 0: the whole device-averaging path runs
+/// (pack, `ncclAllReduce`, flags, unpack) and, an average of one rank being
+/// exact, gives bit for bit the run without a communicator.
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_averaging_in_a_world_of_one_changes_nothing() {
+    use shampoo_dist::SingleProcess;
+    use shampoo_dist::comm::nccl::{NcclCommunicator, probe_device};
+    use std::sync::Mutex;
+
+    let Some(gpu) = gpu() else { return };
+    if let Err(e) = probe_device(0) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let nccl = Arc::new(Mutex::new(
+        NcclCommunicator::on_device(&SingleProcess, 0).unwrap(),
+    ));
+    let single: Arc<dyn Communicator> = Arc::new(SingleProcess);
+    let run = |with_nccl: bool| {
+        let (vs, m) = model(gpu, Kind::Float);
+        let mut b = Shampoo::builder(&vs, shampoo_config(0.01));
+        if with_nccl {
+            b = b.communicator(single.clone()).nccl(nccl.clone());
+        }
+        let mut opt = b.build().unwrap();
+        for step in 0..STEPS {
+            opt.zero_grad();
+            loss_on(&m, step, Kind::Float, gpu).backward();
+            if with_nccl && step == 0 {
+                // The baselines' helper, on the same gradients: unchanged.
+                let before = bits_of_grads(&vs);
+                shampoo_tch::all_reduce_gradients_nccl(&vs, &nccl).unwrap();
+                assert_eq!(bits_of_grads(&vs), before);
+            }
+            opt.step().unwrap();
+        }
+        bits(&vs)
+    };
+    assert_eq!(run(true), run(false));
+}
+
+#[cfg(feature = "nccl")]
+fn bits_of_grads(vs: &VarStore) -> Vec<(String, Vec<u32>)> {
+    let mut v: Vec<(String, Vec<u32>)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| {
+            let g = common::host(&t.grad());
+            (n, g.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect();
+    v.sort();
+    v
+}

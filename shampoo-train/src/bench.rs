@@ -65,6 +65,7 @@ pub fn bench_step(
     }
     let world = comm.world_size();
     let device = train::device_for(cfg)?;
+    crate::comm::init_gpu(device, &comm);
     train::apply_threads(cfg);
     let kind = cfg.model.unwrap_or(ModelKind::Resnet50);
     let (channels, classes) = if kind == ModelKind::Cnn {

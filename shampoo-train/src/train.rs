@@ -227,11 +227,21 @@ pub(crate) fn device_for(cfg: &TrainConfig) -> Result<Device> {
             if !tch::Cuda::is_available() {
                 return Err(Error::NoCuda);
             }
-            let local: usize = std::env::var("LOCAL_RANK")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            Ok(Device::Cuda(local))
+            // shampoo-run says which device this rank sees as its own (0
+            // with --bind-gpus); torchrun gives LOCAL_RANK.
+            let (var, index) = ["SHAMPOO_RUN_CUDA_DEVICE", "LOCAL_RANK"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok().map(|x| (*v, x)))
+                .map_or(("(default)", Ok(0)), |(v, x)| (v, x.parse::<usize>()));
+            let index =
+                index.map_err(|_| Error::Invalid(format!("{var} is not a device index")))?;
+            let count = tch::Cuda::device_count().max(0) as usize;
+            if index >= count {
+                return Err(Error::Invalid(format!(
+                    "--device cuda: {var} asks for cuda:{index} but libtorch sees {count} device(s)"
+                )));
+            }
+            Ok(Device::Cuda(index))
         }
     }
 }
@@ -340,6 +350,10 @@ pub(crate) fn build_optimizer(
             let mut b = shampoo_tch::Shampoo::builder(vs, sc);
             if comm.world_size() > 1 {
                 b = b.communicator(comm.clone());
+                #[cfg(feature = "nccl")]
+                if let Some(nccl) = crate::comm::gpu() {
+                    b = b.nccl(nccl.clone());
+                }
             }
             if let Some(t) = threads(cfg) {
                 b = b.threads(t);
@@ -442,6 +456,7 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
     let (rank, world) = (comm.rank(), comm.world_size());
     validate(cfg, world)?;
     let device = device_for(cfg)?;
+    crate::comm::init_gpu(device, &comm);
     apply_threads(cfg);
     std::fs::create_dir_all(&cfg.out).map_err(io_err(format!("creating {}", cfg.out.display())))?;
     let train = open_data(cfg, Split::Train)?;

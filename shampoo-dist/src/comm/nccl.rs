@@ -213,6 +213,28 @@ impl NcclDType {
     }
 }
 
+/// Checks, without creating anything, that NCCL can run on CUDA device
+/// `ordinal` here: the driver loads, the device exists, and the NCCL
+/// library is found ([`find_nccl`]). Ranks can agree on it before the
+/// collective [`NcclCommunicator::on_device`].
+pub fn probe_device(ordinal: usize) -> Result<()> {
+    let unavailable = |what: String| Error::Unavailable(format!("NCCL on cuda:{ordinal}: {what}"));
+    // cudarc panics when it cannot load the driver: probe it first.
+    // SAFETY: loading the driver library only runs its initialisers.
+    if let Err(e) = unsafe { libloading::Library::new("libcuda.so.1") } {
+        return Err(unavailable(format!(
+            "the CUDA driver libcuda.so.1 cannot be loaded: {e}"
+        )));
+    }
+    let count = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| unavailable(format!("CUDA driver: {e}")))?;
+    if ordinal >= count.max(0) as usize {
+        return Err(unavailable(format!("the driver sees {count} device(s)")));
+    }
+    find_nccl()?;
+    Ok(())
+}
+
 /// One rank's NCCL communicator. The CUDA device must be current on the
 /// calling thread when it is created (e.g. after cudarc's
 /// `CudaContext::new(local_rank)`).
@@ -221,6 +243,9 @@ pub struct NcclCommunicator {
     comm: ncclComm_t,
     rank: usize,
     world: usize,
+    /// The device's primary context, held while the communicator lives
+    /// (when created by [`NcclCommunicator::on_device`]).
+    _ctx: Option<std::sync::Arc<cudarc::driver::CudaContext>>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls
@@ -264,7 +289,26 @@ impl NcclCommunicator {
             comm,
             rank,
             world,
+            _ctx: None,
         })
+    }
+
+    /// As [`NcclCommunicator::new`], on CUDA device `ordinal` (in this
+    /// process's view): makes the device's primary context (the one
+    /// libtorch uses) current on the calling thread first, as NCCL takes the
+    /// current device. A missing driver or device is an error, never a
+    /// panic.
+    pub fn on_device(host: &dyn Communicator, ordinal: usize) -> Result<NcclCommunicator> {
+        probe_device(ordinal)?;
+        let unavailable =
+            |what: String| Error::Unavailable(format!("NCCL on cuda:{ordinal}: {what}"));
+        let ctx = cudarc::driver::CudaContext::new(ordinal)
+            .map_err(|e| unavailable(format!("context: {e}")))?;
+        ctx.bind_to_thread()
+            .map_err(|e| unavailable(format!("binding the context: {e}")))?;
+        let mut comm = Self::new(host)?;
+        comm._ctx = Some(ctx);
+        Ok(comm)
     }
 
     /// This rank.
