@@ -79,14 +79,24 @@ fn steady_state_steps_allocate_only_bookkeeping() {
     let large = bytes_per_step(4);
     let _ = CALLS.load(Ordering::Relaxed);
     eprintln!("bytes per step (root inverse?, bytes): x1 {small:?}; x4 {large:?}");
-    for ((root, s), (_, l)) in small[3..].iter().zip(&large[3..]) {
-        if !root {
-            // Job lists only: small, and the same for 16x the elements.
-            assert!(*l < 64 * 1024, "a step allocated {l} bytes");
-            assert!(
-                l.abs_diff(*s) < 4096,
-                "allocations grew with the model: {s} -> {l} bytes"
-            );
+    // Job lists only: small, and the same for 16x the elements. A worker
+    // thread of the backend's (new) pool that meets some work for the first
+    // time may set up thread-local scratch during any step, so steps are
+    // compared by their steady state, the least a non-root step allocated.
+    let steady = |steps: &[(bool, usize)]| {
+        let plain: Vec<usize> = steps[3..]
+            .iter()
+            .filter(|(root, _)| !root)
+            .map(|&(_, b)| b)
+            .collect();
+        for &b in &plain {
+            assert!(b < 64 * 1024, "a step allocated {b} bytes");
         }
-    }
+        plain.into_iter().min().expect("non-root steps")
+    };
+    let (s, l) = (steady(&small), steady(&large));
+    assert!(
+        l.abs_diff(s) < 4096,
+        "allocations grew with the model: {s} -> {l} bytes"
+    );
 }
