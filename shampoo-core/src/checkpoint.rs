@@ -272,6 +272,29 @@ fn symmetrize(t: &mut HostTensor, n: usize) {
 }
 
 impl<B: Backend> Shampoo<B> {
+    /// Bytes of persistent optimizer state of the owned blocks, as allocated
+    /// on the backend: exactly what [`Shampoo::state_tensors`] holds
+    /// (factors, roots, failure counters, grafting accumulators, filtered
+    /// gradients, momentum, corrected second moments), without scratch.
+    pub fn state_bytes(&self) -> usize {
+        let bytes = |buf: &B::Buffer| {
+            let v = self.backend.view(buf);
+            crate::backend::ViewOps::len(&v) * crate::backend::ViewOps::dtype(&v).size()
+        };
+        self.groups
+            .iter()
+            .map(|g| {
+                let per_block: usize = block_buffers(g).into_iter().map(|(_, b)| bytes(b)).sum();
+                let factors: usize = g
+                    .factors
+                    .iter()
+                    .map(|f| bytes(&f.stats) + bytes(&f.root) + 4 * f.failures.len())
+                    .sum();
+                per_block + factors
+            })
+            .sum()
+    }
+
     /// The optimizer state of the owned blocks as named host tensors, plus
     /// the metadata that identifies it.
     pub fn state_tensors(&self) -> Result<(BTreeMap<String, HostTensor>, HashMap<String, String>)> {

@@ -11,7 +11,7 @@ use std::process::Command;
 use shampoo_core::backend::cuda::CudaBlockTable;
 use shampoo_core::backend::{
     Backend, DirectionSource, GatherJob, GraftKernel, Map, MomentumKernel, ReduceJob, Reduction,
-    ScatterJob, TableEntry,
+    ScatterJob, TableEntry, WireFormat, WireJob, wire16_len,
 };
 use shampoo_core::blocking::block_parameter;
 use shampoo_core::{CpuBackend, HostView, HostViewMut};
@@ -114,7 +114,7 @@ fn build_host_kernels() -> Option<HostKernels> {
     let kernels = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../kernels");
     std::fs::write(dir.path().join("shim.h"), SHIM).unwrap();
     let mut sources = Vec::new();
-    for f in ["copy", "map", "reduce"] {
+    for f in ["copy", "map", "reduce", "wire"] {
         // One thread per block: the reductions' thread count is 1.
         let text = format!(
             "#include \"shim.h\"\n#include \"{k}/common.cuh\"\n#undef REDUCE_THREADS\n\
@@ -744,4 +744,129 @@ fn reductions_with_a_block_of_threads_give_the_cpu_backends_bits() {
     // SAFETY: count x 700 values.
     unsafe { k(got.as_mut_ptr(), 700, count as u64, 1e-2, 0.25) };
     assert_eq!(bits(&want), bits(&got), "eigen_power");
+}
+
+/// Values across both 16-bit formats' ranges: normals, subnormals, ties,
+/// overflow, zeros, infinities and NaNs.
+fn wire_values() -> Vec<f64> {
+    let mut v = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        1.0 + 2f64.powi(-8),
+        1.0 + 2f64.powi(-8) + 2f64.powi(-40),
+        1.0 + 3.0 * 2f64.powi(-11),
+        65504.0,
+        65520.0,
+        -7e4,
+        3.4e38,
+        1e300,
+        5.96e-8,
+        2f64.powi(-25),
+        9.2e-41,
+        1e-300,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        f64::from_bits(0xfff0_0000_0000_0001),
+    ];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..5000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let e = (x % 200) as i32 - 140;
+        let m = 1.0 + (x >> 12) as f64 / (1u64 << 52) as f64;
+        v.push(if x & 1 == 1 { -m } else { m } * 2f64.powi(e));
+    }
+    v
+}
+
+#[test]
+fn wire_packing_gives_the_cpu_jobs_bits() {
+    let Some((_, lib, _)) = host_kernels() else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    type W = *mut u16;
+    type CW = *const u16;
+    let pack64 = kernel!(lib, "pack16_f64", fn(*const u64, W, u64, u64, u64));
+    let unpack64 = kernel!(lib, "unpack16_f64", fn(CW, *mut u64, u64, u64));
+    let pack32 = kernel!(lib, "pack16_f32", fn(*const u32, W, u64, u64, u64));
+    let unpack32 = kernel!(lib, "unpack16_f32", fn(CW, *mut u32, u64, u64));
+    let v64 = wire_values();
+    let v32: Vec<f32> = v64.iter().map(|&x| x as f32).collect();
+    let n = v64.len();
+    for (format, code) in [(WireFormat::Bf16, 0u64), (WireFormat::F16, 1)] {
+        // f64: a wire view of one spare element, so the kernel pads too.
+        let len = wire16_len(shampoo_core::DType::F64, n) + 1;
+        let mut want = vec![f64::from_bits(u64::MAX); len];
+        cpu.wire(&mut [WireJob::Pack {
+            src: HostView::F64(&v64),
+            wire: HostViewMut::F64(&mut want),
+            format,
+        }])
+        .unwrap();
+        let mut got = vec![u16::MAX; len * 4];
+        let src: Vec<u64> = v64.iter().map(|x| x.to_bits()).collect();
+        // SAFETY: `src` has n values, `got` len * 4 slots.
+        unsafe {
+            pack64(
+                src.as_ptr(),
+                got.as_mut_ptr(),
+                n as u64,
+                (len * 4) as u64,
+                code,
+            )
+        };
+        let want16: &[u16] = bytemuck::cast_slice(&want);
+        assert_eq!(want16, &got[..], "pack16_f64 {format:?}");
+        let mut back = vec![0.0f64; n];
+        cpu.wire(&mut [WireJob::Unpack {
+            wire: HostView::F64(&want),
+            dst: HostViewMut::F64(&mut back),
+            format,
+        }])
+        .unwrap();
+        let mut gback = vec![0u64; n];
+        // SAFETY: `got` holds n values, `gback` n elements.
+        unsafe { unpack64(got.as_ptr(), gback.as_mut_ptr(), n as u64, code) };
+        assert_eq!(bits(&back), gback, "unpack16_f64 {format:?}");
+
+        let len = wire16_len(shampoo_core::DType::F32, n) + 1;
+        let mut want = vec![f32::from_bits(u32::MAX); len];
+        cpu.wire(&mut [WireJob::Pack {
+            src: HostView::F32(&v32),
+            wire: HostViewMut::F32(&mut want),
+            format,
+        }])
+        .unwrap();
+        let mut got = vec![u16::MAX; len * 2];
+        let src: Vec<u32> = v32.iter().map(|x| x.to_bits()).collect();
+        // SAFETY: as above, len * 2 slots.
+        unsafe {
+            pack32(
+                src.as_ptr(),
+                got.as_mut_ptr(),
+                n as u64,
+                (len * 2) as u64,
+                code,
+            )
+        };
+        let want16: &[u16] = bytemuck::cast_slice(&want);
+        assert_eq!(want16, &got[..], "pack16_f32 {format:?}");
+        let mut back = vec![0.0f32; n];
+        cpu.wire(&mut [WireJob::Unpack {
+            wire: HostView::F32(&want),
+            dst: HostViewMut::F32(&mut back),
+            format,
+        }])
+        .unwrap();
+        let mut gback = vec![0u32; n];
+        // SAFETY: as above.
+        unsafe { unpack32(got.as_ptr(), gback.as_mut_ptr(), n as u64, code) };
+        let want_bits: Vec<u32> = back.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(want_bits, gback, "unpack16_f32 {format:?}");
+    }
 }

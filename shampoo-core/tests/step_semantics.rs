@@ -263,6 +263,9 @@ impl Backend for Flaky {
     fn reduce(&self, j: &mut [ReduceJob<'_, Self>]) -> Result<()> {
         self.inner.reduce(forward(j))
     }
+    fn wire(&self, j: &mut [WireJob<'_, Self>]) -> Result<()> {
+        self.inner.wire(forward(j))
+    }
 }
 
 #[test]

@@ -14,6 +14,7 @@
 //! | [`eigh`](Backend::eigh) | batched symmetric eigendecomposition, in place |
 //! | [`map`](Backend::map) | the fused elementwise kernels of [`Map`] |
 //! | [`reduce`](Backend::reduce) | per-matrix reductions of [`Reduction`] |
+//! | [`wire`](Backend::wire) | 16-bit communication formats: `round16(x)` and back ([`WireJob`]) |
 //!
 //! Every primitive takes a slice of jobs, so that a backend can balance all
 //! blocks of all groups at once (the CPU backend) or launch one batched call
@@ -142,6 +143,58 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn map(&self, jobs: &mut [Map<'_, Self>]) -> Result<()>;
     /// Per-matrix reductions.
     fn reduce(&self, jobs: &mut [ReduceJob<'_, Self>]) -> Result<()>;
+    /// Packs values into a 16-bit communication format, or unpacks them.
+    fn wire(&self, jobs: &mut [WireJob<'_, Self>]) -> Result<()>;
+}
+
+/// A 16-bit floating-point format of the direction all-gather.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WireFormat {
+    /// bfloat16: 8 exponent bits, 7 mantissa bits (f32's range).
+    Bf16,
+    /// IEEE binary16: 5 exponent bits, 10 mantissa bits.
+    F16,
+}
+
+/// Elements of `dtype` whose bytes hold `n` 16-bit values (the size of a
+/// wire buffer, which is an ordinary buffer of the data's dtype).
+pub fn wire16_len(dtype: DType, n: usize) -> usize {
+    (2 * n).div_ceil(dtype.size())
+}
+
+/// Converts between a dtype and a 16-bit wire format.
+///
+/// A wire view is a view of the data's dtype whose bytes hold 16-bit values
+/// in the machine's byte order (little-endian on every supported host and
+/// GPU): value `i` is bytes `2i, 2i + 1`. It has at least
+/// [`wire16_len`]`(dtype, n)` elements for `n` values.
+///
+/// Rounding is IEEE round-to-nearest, ties to even, directly from the data's
+/// dtype (one rounding, also from f64); values beyond the format's range
+/// become infinities, values below half its smallest subnormal become signed
+/// zeros; infinities stay infinities; a NaN stays a NaN (quiet bit set, sign
+/// and leading payload bits kept). Widening is exact.
+#[repr(C)]
+pub enum WireJob<'a, B: Backend> {
+    /// `wire[i] = round16(src[i])` for `i < src.len()`; every later 16-bit
+    /// slot of `wire` is set to zero (the padding of a rank's slot).
+    Pack {
+        /// Values.
+        src: B::View<'a>,
+        /// Wire buffer (same dtype as `src`).
+        wire: B::ViewMut<'a>,
+        /// The 16-bit format.
+        format: WireFormat,
+    },
+    /// `dst[i] = widen(wire[i])` for `i < dst.len()`.
+    Unpack {
+        /// Wire buffer (same dtype as `dst`).
+        wire: B::View<'a>,
+        /// Values.
+        dst: B::ViewMut<'a>,
+        /// The 16-bit format.
+        format: WireFormat,
+    },
 }
 
 /// Copy blocks of parameter-shaped sources into a packed buffer:

@@ -14,10 +14,11 @@ mod kernels;
 mod linalg;
 mod map;
 mod reduce;
+pub(crate) mod wire;
 
 use crate::backend::{
     Backend, EighJob, GatherJob, GramJob, Map, MatmulJob, ModeProductJob, ReduceJob, ScatterJob,
-    TableEntry, ViewMutOps, ViewOps,
+    TableEntry, ViewMutOps, ViewOps, WireJob,
 };
 use crate::{DType, Error, Float, HostView, HostViewMut, Result};
 
@@ -286,6 +287,10 @@ impl Backend for CpuBackend {
 
     fn reduce(&self, jobs: &mut [ReduceJob<'_, Self>]) -> Result<()> {
         reduce::reduce(self, jobs)
+    }
+
+    fn wire(&self, jobs: &mut [WireJob<'_, Self>]) -> Result<()> {
+        wire::wire(self, jobs)
     }
 }
 

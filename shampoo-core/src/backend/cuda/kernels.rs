@@ -28,7 +28,7 @@ pub struct KernelSource {
 }
 
 /// Every file of `kernels/` (a test checks that none is missing).
-pub const SOURCES: [KernelSource; 3] = [
+pub const SOURCES: [KernelSource; 4] = [
     KernelSource {
         file: "copy.cu",
         source: include_str!("../../../../kernels/copy.cu"),
@@ -66,6 +66,12 @@ pub const SOURCES: [KernelSource; 3] = [
             "all_finite",
             "eigen_power",
         ],
+        untyped: &[],
+    },
+    KernelSource {
+        file: "wire.cu",
+        source: include_str!("../../../../kernels/wire.cu"),
+        typed: &["pack16", "unpack16"],
         untyped: &[],
     },
 ];

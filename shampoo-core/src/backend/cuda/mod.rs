@@ -31,6 +31,7 @@ mod eigh;
 mod kernels;
 mod ops;
 pub mod probe;
+mod wire;
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -40,7 +41,7 @@ use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 
 use crate::backend::{
     Backend, EighJob, GatherJob, GramJob, Map, MatmulJob, ModeProductJob, ReduceJob, ScatterJob,
-    Selection, TableEntry, ViewMutOps, ViewOps,
+    Selection, TableEntry, ViewMutOps, ViewOps, WireJob,
 };
 use crate::{DType, Error, HostView, HostViewMut, Result};
 
@@ -303,6 +304,24 @@ impl CudaBackend {
         self.stream.0 as *mut c_void
     }
 
+    /// The device's ordinal (in this process's view).
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// Makes the backend's context (the device's primary context) current
+    /// on the calling thread, as every backend call does first; for code
+    /// that queues its own work on [`CudaBackend::stream`] (NCCL).
+    pub fn make_current(&self) -> Result<()> {
+        self.bind()
+    }
+
+    /// Free and total memory of the device, in bytes (`cuMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        drv::mem_get_info().map_err(|e| Error::backend("memory info", e))
+    }
+
     fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
@@ -559,6 +578,11 @@ impl Backend for CudaBackend {
     fn reduce(&self, jobs: &mut [ReduceJob<'_, Self>]) -> Result<()> {
         self.bind()?;
         ops::reduce(self, jobs)
+    }
+
+    fn wire(&self, jobs: &mut [WireJob<'_, Self>]) -> Result<()> {
+        self.bind()?;
+        wire::wire(self, jobs)
     }
 }
 
