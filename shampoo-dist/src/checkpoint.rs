@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use shampoo_core::backend::Backend;
 use shampoo_core::checkpoint::{CheckpointFile, write_atomic};
 
 use crate::optimizer::DistributedShampoo;
@@ -85,24 +86,33 @@ impl Manifest {
     }
 }
 
-impl DistributedShampoo {
+impl<B: Backend> DistributedShampoo<B> {
     /// Collective: every rank writes its own blocks' state into `dir`
     /// (created if needed); rank 0 then writes the manifest. Returns once the
     /// checkpoint is complete on every rank.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    ///
+    /// Checks what the last step left outstanding first
+    /// ([`DistributedShampoo::flush`]). The files hold host tensors in the
+    /// core's per-block format, whatever the backend: a checkpoint written
+    /// by GPU ranks loads on CPU ranks and the reverse.
+    pub fn save(&mut self, dir: &Path) -> Result<()> {
+        // Every rank takes part in every agreement below, errors or not.
+        let flushed = self.flush();
         let comm = self.communicator().clone();
         let g = self.trainers_per_group();
         let rank = comm.rank();
         let mine: Result<()> = if rank < g {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| cerr(dir, format!("cannot create: {e}")))
-                .and_then(|_| {
-                    let (tensors, meta) = self.local().state_tensors()?;
-                    write_atomic(&dir.join(rank_file(rank)), &tensors, meta)?;
-                    Ok(())
-                })
+            flushed.and_then(|()| {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| cerr(dir, format!("cannot create: {e}")))
+                    .and_then(|_| {
+                        let (tensors, meta) = self.local().state_tensors()?;
+                        write_atomic(&dir.join(rank_file(rank)), &tensors, meta)?;
+                        Ok(())
+                    })
+            })
         } else {
-            Ok(())
+            flushed
         };
         agree(comm.as_ref(), mine, dir, "write its checkpoint file")?;
         let manifest: Result<()> = if rank == 0 {
@@ -122,12 +132,19 @@ impl DistributedShampoo {
     }
 
     /// Collective: loads the state of this rank's blocks from a checkpoint
-    /// written by [`DistributedShampoo::save`] with any world size. If any
-    /// rank fails, every rank returns an error and no rank's state changes
-    /// meaning (each rank's load is all-or-nothing).
+    /// written by [`DistributedShampoo::save`] with any world size and
+    /// any backend (or from one file of `shampoo_core::Shampoo::save`,
+    /// which holds every block). If any rank fails, every rank returns an
+    /// error and no rank's state changes meaning (each rank's load is
+    /// all-or-nothing).
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let comm = self.communicator().clone();
         let mine = (|| -> Result<()> {
+            if dir.is_file() {
+                let file = CheckpointFile::open(dir)?;
+                self.inner_mut().load_from(&[file])?;
+                return Ok(());
+            }
             let m = Manifest::read(dir)?;
             if m.blocks != self.assignment().len() {
                 return Err(cerr(

@@ -90,6 +90,36 @@ pub enum Error {
     /// A transport is not available in this build or on this machine.
     #[error("{0}")]
     Unavailable(String),
+
+    /// A parameter had a gradient on some ranks only (counted exactly over
+    /// the ranks; the same error on every rank).
+    #[error(
+        "parameter {param} has a gradient on {count} of {world} ranks at step {step}; pass a gradient for it on every rank or on none"
+    )]
+    Presence {
+        /// Parameter index (in the optimizer's parameter list).
+        param: usize,
+        /// The optimizer step whose gradients these were.
+        step: u64,
+        /// Ranks that had a gradient.
+        count: usize,
+        /// Number of ranks.
+        world: usize,
+    },
+
+    /// Work queued on a device (an NCCL collective) did not complete within
+    /// the collective timeout: a peer is hung or dead, or NCCL failed.
+    #[error("rank {rank}: {op} did not complete within {timeout:?} on the device ({detail})")]
+    DeviceTimeout {
+        /// The rank reporting the error.
+        rank: usize,
+        /// What was waited for.
+        op: String,
+        /// The configured timeout.
+        timeout: Duration,
+        /// NCCL's asynchronous error state, or what else is known.
+        detail: String,
+    },
 }
 
 impl Error {

@@ -3,8 +3,11 @@
 //! Data-parallel Shampoo: the blocks of a parameter group are spread over
 //! ranks by a deterministic longest-processing-time assignment, each rank
 //! computes only its own blocks' search directions and keeps only their
-//! state, and one all-gather per step shares the directions. See
-//! `docs/distributed.md`.
+//! state, and one all-gather per step shares the directions. The optimizer
+//! is written once over `shampoo_core`'s backend trait: CPU ranks exchange
+//! host memory (in-process or TCP), GPU ranks device memory (NCCL on the
+//! backend's stream, or staged through the host), through one
+//! [`Collective`] trait. See `docs/distributed.md`.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -46,9 +49,10 @@
 
 pub mod assign;
 mod checkpoint;
-mod codec;
+pub mod collective;
 pub mod comm;
 mod error;
+mod gradients;
 mod optimizer;
 
 /// The guide, `docs/distributed.md`; its Rust examples run as doctests.
@@ -56,9 +60,14 @@ mod optimizer;
 pub mod guide {}
 
 pub use checkpoint::{MANIFEST, MANIFEST_FORMAT, Manifest};
+pub use collective::{
+    Collective, CollectiveKind, Collectives, FlagCounter, HostCollective, HostStaged,
+    IntoCollective,
+};
 pub use comm::{
     CommDType, CommOptions, Communicator, SingleProcess, communicator_from_env, in_process,
     mean_in_rank_order,
 };
 pub use error::{Error, Result};
-pub use optimizer::{DistOptions, DistTimes, DistributedShampoo, average_gradients, state_bytes};
+pub use gradients::GradientAverager;
+pub use optimizer::{DistOptions, DistTimes, DistributedShampoo, average_gradients};

@@ -1,40 +1,50 @@
 //! [`DistributedShampoo`]: one parameter group's Shampoo, its blocks spread
-//! over the ranks of a communicator.
+//! over the ranks of a collective, written once over any [`Backend`].
 //!
 //! A step:
 //!
-//! 1. gradients are averaged over ranks by one flat all-reduce
-//!    ([`DistributedShampoo::reduce_gradients`]);
+//! 1. gradients are averaged over ranks by one flat all-reduce on the
+//!    backend's memory ([`DistributedShampoo::reduce_gradients`], a
+//!    [`GradientAverager`]);
 //! 2. each rank computes the search directions `-lr * P` of its own blocks
-//!    (steps 1-7 of the algorithm, [`Shampoo::compute_directions`]) into its
-//!    slot of a preallocated flat buffer;
-//! 3. one all-gather of the slots, in the communication dtype;
+//!    (steps 1-7 of the algorithm, [`Shampoo::compute_directions`]);
+//! 3. one all-gather of every rank's directions, each rank's slot padded to
+//!    the longest, in the communication dtype (16-bit formats are packed and
+//!    unpacked by the backend, [`WireJob`]);
 //! 4. every rank adds all blocks' directions to its parameters (step 8).
 //!
-//! With `communicate_params`, step 4 becomes: each rank updates its own
-//! blocks, and the all-gather carries the updated parameter blocks (in the
-//! parameters' dtype), which every rank copies into place.
+//! With `communicate_params`, each rank updates its own blocks, and the
+//! all-gather carries the updated parameter blocks (in the parameters'
+//! dtype), which every rank copies into place.
 //!
 //! With `num_trainers_per_group = G`, ranks form `world / G` groups of `G`
 //! consecutive ranks; each group spreads all blocks over its own ranks, so a
-//! block's state lives on one rank per group.
+//! block's state lives on one rank per group. `num_trainers_per_group = 1`
+//! is the replicated mode: every rank computes every block and nothing is
+//! all-gathered (sharded mode all-gathers even in a world of one, where the
+//! collective copies, so that one process runs the whole path).
 //!
-//! Block results do not depend on which other blocks a rank owns, and
-//! gradients are averaged in rank order, so with full-precision
-//! communication every rank ends with bitwise the parameters of one process
-//! that averages the same gradients with
+//! Block results do not depend on which other blocks a rank owns, and host
+//! collectives average gradients in rank order, so on CPU ranks with
+//! full-precision communication every rank ends with bitwise the parameters
+//! of one process that averages the same gradients with
 //! [`mean_in_rank_order`](crate::mean_in_rank_order).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use shampoo_core::backend::{
+    Backend, GatherJob, Map, ScatterJob, TableEntry, ViewMutOps, ViewOps, WireFormat, WireJob,
+    wire16_len,
+};
 use shampoo_core::layout::Layout;
-use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, Shampoo, ShampooConfig};
+use shampoo_core::{CpuBackend, DType, Shampoo, ShampooConfig};
 
 use crate::assign::{assign_blocks, block_costs};
-use crate::codec;
+use crate::collective::{Collective, IntoCollective};
 use crate::comm::{CommDType, Communicator};
+use crate::gradients::GradientAverager;
 use crate::{Error, Result};
 
 /// Options of the distributed step.
@@ -45,18 +55,37 @@ pub struct DistOptions {
     /// All-gather updated parameter blocks instead of directions.
     pub communicate_params: bool,
     /// Ranks per group that together cover all blocks (`None`: the whole
-    /// world). Must divide the world size.
+    /// world; `Some(1)`: replicated, every rank computes every block). Must
+    /// divide the world size.
     pub num_trainers_per_group: Option<usize>,
 }
 
-/// Wall-clock time of each part of the last step.
+impl DistOptions {
+    /// Replicated mode: every rank computes every block
+    /// (`num_trainers_per_group = 1`), nothing is all-gathered.
+    pub fn replicated() -> Self {
+        DistOptions {
+            num_trainers_per_group: Some(1),
+            ..DistOptions::default()
+        }
+    }
+
+    /// Whether these options ask for replicated mode
+    /// (`num_trainers_per_group = 1`).
+    pub fn is_replicated(&self) -> bool {
+        self.num_trainers_per_group == Some(1)
+    }
+}
+
+/// Wall-clock time of each part of the last step (on a device: the time to
+/// queue the work, which runs asynchronously).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DistTimes {
     /// Gradient all-reduce (including copying into and out of the bucket).
     pub reduce: Duration,
     /// Computing this rank's own blocks' directions.
     pub optimizer: Duration,
-    /// The all-gather (including encoding and decoding).
+    /// The all-gather (including packing and unpacking).
     pub all_gather: Duration,
     /// Adding the directions (or copying the parameters) into place.
     pub apply: Duration,
@@ -81,39 +110,30 @@ struct Fingerprint {
     trainers_per_group: usize,
 }
 
-/// Host memory of the parameters' dtype.
-#[derive(Debug, Clone)]
-pub(crate) enum HostVec {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-}
-
-impl HostVec {
-    fn zeros(dtype: DType, n: usize) -> HostVec {
-        match dtype {
-            DType::F32 => HostVec::F32(vec![0.0; n]),
-            DType::F64 => HostVec::F64(vec![0.0; n]),
-        }
-    }
-    fn view(&self) -> HostView<'_> {
-        match self {
-            HostVec::F32(v) => HostView::F32(v),
-            HostVec::F64(v) => HostView::F64(v),
-        }
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        match self {
-            HostVec::F32(v) => bytemuck::cast_slice_mut(v),
-            HostVec::F64(v) => bytemuck::cast_slice_mut(v),
-        }
-    }
+/// The buffers of the all-gather (groups of more than one rank).
+struct Exchange<B: Backend> {
+    /// This rank's slot, in wire format (full precision: the parameters'
+    /// dtype; 16-bit: a wire buffer).
+    send: B::Buffer,
+    /// Every slot of the group in 16-bit wire format.
+    recv16: Option<B::Buffer>,
+    /// Every slot of the group, full precision.
+    gathered: B::Buffer,
+    /// Elements per slot (a multiple of 4, so that 16-bit slots are whole
+    /// elements of either dtype).
+    slot_len: usize,
+    /// Apply tables over `gathered` (every block).
+    tables: Vec<B::BlockTable>,
+    /// The own blocks at their offsets in this rank's slot, for gathering
+    /// updated parameters (`communicate_params`).
+    own_gather: B::BlockTable,
 }
 
 /// Data-parallel Shampoo for one parameter group (several groups: several
-/// of these sharing one communicator), over the CPU backend.
-pub struct DistributedShampoo {
-    inner: Shampoo<CpuBackend>,
-    comm: Arc<dyn Communicator>,
+/// of these sharing one collective) over backend `B`.
+pub struct DistributedShampoo<B: Backend = CpuBackend> {
+    inner: Shampoo<B>,
+    comm: Arc<dyn Collective<B>>,
     opts: DistOptions,
     shapes: Vec<Vec<usize>>,
     /// Ranks per group (`G`).
@@ -123,29 +143,16 @@ pub struct DistributedShampoo {
     /// Owner of every block, as a rank inside a group (`0..G`).
     owner: Vec<usize>,
     owned: Vec<usize>,
-    /// Offset of every block in the gathered buffer (this group's slots).
-    gathered_offsets: Vec<usize>,
-    /// Offset of every owned block in this rank's own slot.
-    local_offsets: Vec<Option<usize>>,
-    /// Apply tables over the gathered buffer (all blocks).
-    tables: Vec<shampoo_core::backend::cpu::CpuBlockTable>,
-    /// Apply tables over the own-directions buffer (own blocks only).
-    own_tables: Vec<shampoo_core::backend::cpu::CpuBlockTable>,
-    /// Outgoing slot, in wire format.
-    send: Vec<u8>,
-    /// Incoming slots of all ranks, in wire format (16-bit communication).
-    recv16: Vec<u16>,
-    /// Incoming slots of all ranks, decoded (full precision).
-    gathered: HostVec,
-    /// Gradient bucket: all parameters' elements, then one presence flag
-    /// per parameter.
-    bucket: HostVec,
+    exchange: Option<Exchange<B>>,
+    averager: GradientAverager<B>,
     times: DistTimes,
-    state_bytes: usize,
 }
 
-impl DistributedShampoo {
-    /// Builds this rank's share of the optimizer for parameters of `shapes`.
+impl<B: Backend> DistributedShampoo<B> {
+    /// Builds this rank's share of the optimizer for parameters of `shapes`
+    /// on `backend`, communicating through `comm` (an
+    /// `Arc<dyn Collective<B>>`, a [`HostStaged`](crate::HostStaged), or for
+    /// the CPU backend a host `Arc<dyn Communicator>`).
     ///
     /// Collective: every rank must call it; ranks exchange a fingerprint of
     /// shapes, dtype, config and options, and any difference is the same
@@ -154,10 +161,11 @@ impl DistributedShampoo {
         config: ShampooConfig,
         shapes: &[Vec<usize>],
         dtype: DType,
-        backend: CpuBackend,
-        comm: Arc<dyn Communicator>,
+        backend: B,
+        comm: impl IntoCollective<B>,
         opts: DistOptions,
     ) -> Result<Self> {
+        let comm = comm.into_collective();
         config.validate()?;
         let world = comm.world_size();
         let rank = comm.rank();
@@ -177,58 +185,36 @@ impl DistributedShampoo {
             communicate_params: opts.communicate_params,
             trainers_per_group: g,
         };
-        check_fingerprints(comm.as_ref(), &fp)?;
+        check_fingerprints(comm.host().as_ref(), &fp)?;
 
         let full = Layout::new(shapes, &config, &|_| true)?;
         let costs = block_costs(&full, &config);
         let owner = assign_blocks(&costs, g);
         let local_rank = rank % g;
         let group_base = rank - local_rank;
-        // Every group rank's own-directions layout: slot sizes and offsets.
-        let mut slot_len = 0;
-        let mut offsets_in_slot = vec![0usize; owner.len()];
-        for r in 0..g {
-            let l = Layout::new(shapes, &config, &|id| owner[id] == r)?;
-            slot_len = slot_len.max(l.direction_len);
-            for (id, off) in l.direction_offsets().into_iter().enumerate() {
-                if let Some(off) = off {
-                    offsets_in_slot[id] = off;
-                }
-            }
-        }
         let inner = Shampoo::with_owned_blocks(config, shapes, dtype, backend, &|id| {
             owner[id] == local_rank
         })?;
-        let local_offsets = inner.layout().direction_offsets();
         let owned: Vec<usize> = (0..owner.len())
             .filter(|&id| owner[id] == local_rank)
             .collect();
-        let gathered_offsets: Vec<usize> = owner
-            .iter()
-            .zip(&offsets_in_slot)
-            .map(|(&o, &off)| o * slot_len + off)
-            .collect();
-        let tables = inner.apply_tables(
-            &gathered_offsets
-                .iter()
-                .map(|&o| Some(o))
-                .collect::<Vec<_>>(),
-        )?;
-        let own_tables = inner.apply_tables(&local_offsets)?;
-        let wire = if opts.communicate_params {
-            dtype.size()
+        // Sharded mode all-gathers even in a group of one (where the
+        // collective copies), so that a world of one runs the whole path.
+        let exchange = if opts.is_replicated() {
+            None
         } else {
-            opts.comm_dtype.wire_size(dtype)
+            Some(Self::exchange(&inner, shapes, &owner, g, &opts)?)
         };
-        let sixteen = wire == 2;
-        let numel = full.numel();
-        let state_bytes = state_bytes(&inner);
+        let lens: Vec<usize> = inner.layout().params.iter().map(|p| p.numel).collect();
+        let averager = GradientAverager::new(comm.as_ref(), inner.backend(), dtype, &lens)?;
         tracing::debug!(
             rank,
             world,
             owned = owned.len(),
             blocks = owner.len(),
-            slot_len,
+            slot_len = exchange.as_ref().map_or(0, |e| e.slot_len),
+            collective = %comm.kind(),
+            backend = %inner.backend().name(),
             "distributed shampoo built"
         );
         Ok(DistributedShampoo {
@@ -236,24 +222,73 @@ impl DistributedShampoo {
             shapes: shapes.to_vec(),
             group_size: g,
             group_base,
-            send: vec![0u8; slot_len * wire],
-            recv16: if sixteen {
-                vec![0u16; g * slot_len]
-            } else {
-                Vec::new()
-            },
-            gathered: HostVec::zeros(dtype, g * slot_len),
-            bucket: HostVec::zeros(dtype, numel + shapes.len()),
             opts,
             owner,
             owned,
-            gathered_offsets,
-            local_offsets,
-            tables,
-            own_tables,
+            exchange,
+            averager,
             inner,
             times: DistTimes::default(),
-            state_bytes,
+        })
+    }
+
+    /// The all-gather's buffers and tables for groups of `g` ranks.
+    fn exchange(
+        inner: &Shampoo<B>,
+        shapes: &[Vec<usize>],
+        owner: &[usize],
+        g: usize,
+        opts: &DistOptions,
+    ) -> Result<Exchange<B>> {
+        let config = inner.config();
+        let (be, dtype) = (inner.backend(), inner.dtype());
+        // Every group rank's own-directions layout: slot sizes and offsets.
+        let mut slot_len = 0;
+        let mut offsets_in_slot = vec![0usize; owner.len()];
+        for r in 0..g {
+            let l = Layout::new(shapes, config, &|id| owner[id] == r)?;
+            slot_len = slot_len.max(l.direction_len);
+            for (id, off) in l.direction_offsets().into_iter().enumerate() {
+                if let Some(off) = off {
+                    offsets_in_slot[id] = off;
+                }
+            }
+        }
+        let slot_len = slot_len.next_multiple_of(4);
+        let gathered_offsets: Vec<Option<usize>> = owner
+            .iter()
+            .zip(&offsets_in_slot)
+            .map(|(&o, &off)| Some(o * slot_len + off))
+            .collect();
+        let tables = inner.apply_tables(&gathered_offsets)?;
+        let layout = inner.layout();
+        let local = layout.direction_offsets();
+        let own_gather = be.block_table(
+            local
+                .iter()
+                .enumerate()
+                .filter_map(|(id, off)| {
+                    off.map(|packed_offset| TableEntry {
+                        block: layout.blocks[id].clone(),
+                        packed_offset,
+                    })
+                })
+                .collect(),
+        )?;
+        let sixteen = wire_format(opts).is_some();
+        let (send, recv16) = if sixteen {
+            let w = wire16_len(dtype, slot_len);
+            (be.alloc(dtype, w)?, Some(be.alloc(dtype, g * w)?))
+        } else {
+            (be.alloc(dtype, slot_len)?, None)
+        };
+        Ok(Exchange {
+            send,
+            recv16,
+            gathered: be.alloc(dtype, g * slot_len)?,
+            slot_len,
+            tables,
+            own_gather,
         })
     }
 
@@ -265,9 +300,13 @@ impl DistributedShampoo {
     pub fn world_size(&self) -> usize {
         self.comm.world_size()
     }
-    /// The communicator.
-    pub fn communicator(&self) -> &Arc<dyn Communicator> {
+    /// The collective.
+    pub fn collective(&self) -> &Arc<dyn Collective<B>> {
         &self.comm
+    }
+    /// The host communicator of the collective's world.
+    pub fn communicator(&self) -> &Arc<dyn Communicator> {
+        self.comm.host()
     }
     /// Global ids of the blocks this rank computes, ascending.
     pub fn owned_blocks(&self) -> &[usize] {
@@ -282,7 +321,7 @@ impl DistributedShampoo {
         self.group_size
     }
     /// The single-process optimizer that holds this rank's blocks.
-    pub fn local(&self) -> &Shampoo<CpuBackend> {
+    pub fn local(&self) -> &Shampoo<B> {
         &self.inner
     }
     /// The options.
@@ -301,129 +340,202 @@ impl DistributedShampoo {
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         Ok(self.inner.set_lr(lr)?)
     }
-    /// Bytes of persistent optimizer state on this rank (what its checkpoint
-    /// file holds: factors, roots, failure counters, grafting, filtered
-    /// gradient, momentum, corrected second moments).
+    /// Bytes of persistent optimizer state on this rank, as the core
+    /// allocated it ([`Shampoo::state_bytes`]: what its checkpoint file
+    /// holds).
     pub fn state_bytes(&self) -> usize {
-        self.state_bytes
+        self.inner.state_bytes()
     }
     /// Bytes one rank receives from other ranks per step, independent of
     /// how the transport moves them: the gradient all-reduce buffer (all
-    /// elements plus one flag per parameter, counted once) and the slots of
-    /// the other ranks of its group. Zero for a world of one.
+    /// elements, counted once) and the slots of the other ranks of its
+    /// group (presence flags, a few bytes, not counted). Zero for a world
+    /// of one.
     pub fn comm_bytes_per_step(&self) -> usize {
         let world = self.world_size();
         if world == 1 {
             return 0;
         }
         let elem = self.inner.dtype().size();
-        (self.inner.layout().numel() + self.shapes.len()) * elem
-            + (self.group_size - 1) * self.send.len()
+        self.inner.layout().numel() * elem + (self.group_size - 1) * self.slot_bytes()
     }
-    /// Bytes of the all-gather's result (every slot of this rank's group,
-    /// own included).
+    /// Bytes of the all-gather's result per step (every slot of this rank's
+    /// group, own included; zero when nothing is all-gathered).
     pub fn gather_bytes(&self) -> usize {
-        self.group_size * self.send.len()
+        self.group_size * self.slot_bytes()
+    }
+
+    /// Bytes of one rank's slot on the wire.
+    fn slot_bytes(&self) -> usize {
+        let Some(x) = &self.exchange else {
+            return 0;
+        };
+        let dtype = self.inner.dtype();
+        if wire_format(&self.opts).is_some() {
+            wire16_len(dtype, x.slot_len) * dtype.size()
+        } else {
+            x.slot_len * dtype.size()
+        }
     }
 
     /// Averages gradients in place across ranks (one flat all-reduce).
     ///
     /// A parameter must have a gradient on every rank or on none; anything
-    /// else is the same error on every rank.
-    pub fn reduce_gradients(&mut self, grads: &mut [Option<HostViewMut<'_>>]) -> Result<()> {
+    /// else is the same [`Error::Presence`] on every rank, from this call
+    /// (host collectives) or the next one (device collectives, which do not
+    /// wait for the GPU: see [`DistributedShampoo::flush`]).
+    pub fn reduce_gradients(&mut self, grads: &mut [Option<B::ViewMut<'_>>]) -> Result<()> {
         let t = Instant::now();
-        let lens: Vec<usize> = self.inner.layout().params.iter().map(|p| p.numel).collect();
-        let dtype = self.inner.dtype();
-        reduce_with(self.comm.as_ref(), &mut self.bucket, dtype, &lens, grads)?;
+        let step = self.inner.step_count() + 1;
+        self.averager
+            .average(self.comm.as_ref(), self.inner.backend(), grads, step)?;
         self.times.reduce = t.elapsed();
         Ok(())
+    }
+
+    /// Waits for what a step leaves outstanding and checks it: the
+    /// gradient presence counts that device collectives check a step late.
+    /// Call it after the last step (saving a checkpoint does).
+    pub fn flush(&mut self) -> Result<()> {
+        self.averager.check()?;
+        self.comm.wait_idle(self.inner.backend())
     }
 
     /// Computes the own blocks' directions, all-gathers them and applies all
     /// blocks' directions to `params` (gradients already averaged).
     pub fn step_reduced(
         &mut self,
-        params: &mut [HostViewMut<'_>],
-        grads: &[Option<HostView<'_>>],
+        params: &mut [B::ViewMut<'_>],
+        grads: &[Option<B::View<'_>>],
     ) -> Result<()> {
+        self.times.all_gather = Duration::ZERO;
+        self.times.apply = Duration::ZERO;
+        if self.exchange.is_none() {
+            // Replicated: every block is this rank's.
+            let t = Instant::now();
+            self.inner.step(params, grads)?;
+            self.times.optimizer = t.elapsed();
+            return Ok(());
+        }
+        if self.opts.communicate_params {
+            return self.exchange_params(params, grads);
+        }
         let t = Instant::now();
         {
-            let views: Vec<HostView<'_>> = params.iter().map(|p| p.as_view()).collect();
-            self.inner.compute_directions(&views, grads)?;
+            let be = self.inner.backend();
+            let views: Vec<B::View<'_>> = params.iter().map(|p| be.as_view(p)).collect();
+            let grads: Vec<Option<B::View<'_>>> = grads.iter().map(|g| g.map(B::shorten)).collect();
+            self.inner.compute_directions(&views, &grads)?;
         }
         self.times.optimizer = t.elapsed();
-        if self.opts.communicate_params {
-            return self.exchange_params(params);
-        }
 
         let t = Instant::now();
+        let group = self.group();
+        let format = wire_format(&self.opts);
+        let x = self.exchange.as_mut().expect("groups of several ranks");
+        let be = self.inner.backend();
         let dirs = self.inner.directions();
-        match self.opts.comm_dtype {
-            CommDType::F32 => {
-                codec::pack_full(dirs, &mut self.send);
-                let group = self.group();
+        match format {
+            None if dirs.len() == x.slot_len => {
                 self.comm
-                    .all_gather_group_bytes(&self.send, self.gathered.bytes_mut(), group)?;
+                    .all_gather_group(be, dirs, be.view_mut(&mut x.gathered), group)?;
             }
-            c => {
-                codec::pack_16(dirs, c, &mut self.send);
-                let group = self.group();
-                let recv: &mut [u8] = bytemuck::cast_slice_mut(&mut self.recv16);
-                self.comm.all_gather_group_bytes(&self.send, recv, group)?;
-                codec::unpack_16(&self.recv16, c, &mut self.gathered, 0);
+            None => {
+                {
+                    let (head, _) = be.view_mut(&mut x.send).split_at(dirs.len());
+                    copy(be, B::shorten(dirs), head)?;
+                }
+                self.comm.all_gather_group(
+                    be,
+                    be.view(&x.send),
+                    be.view_mut(&mut x.gathered),
+                    group,
+                )?;
+            }
+            Some(format) => {
+                be.wire(&mut [WireJob::Pack {
+                    src: dirs,
+                    wire: be.view_mut(&mut x.send),
+                    format,
+                }])?;
+                let recv = x.recv16.as_mut().expect("16-bit buffers");
+                self.comm
+                    .all_gather_group(be, be.view(&x.send), be.view_mut(recv), group)?;
+                be.wire(&mut [WireJob::Unpack {
+                    wire: be.view(recv),
+                    dst: be.view_mut(&mut x.gathered),
+                    format,
+                }])?;
             }
         }
         self.times.all_gather = t.elapsed();
 
         let t = Instant::now();
-        self.inner
-            .apply_directions(params, self.gathered.view(), &self.tables)?;
+        let x = self.exchange.as_ref().expect("groups of several ranks");
+        let source = self.inner.backend().view(&x.gathered);
+        self.inner.apply_directions(params, source, &x.tables)?;
         self.times.apply = t.elapsed();
         Ok(())
     }
 
     /// `communicate_params`: update own blocks, all-gather them, copy.
-    fn exchange_params(&mut self, params: &mut [HostViewMut<'_>]) -> Result<()> {
+    fn exchange_params(
+        &mut self,
+        params: &mut [B::ViewMut<'_>],
+        grads: &[Option<B::View<'_>>],
+    ) -> Result<()> {
         let t = Instant::now();
-        // Own directions into the (not yet used) gathered buffer, so that
-        // the optimizer is free to be borrowed mutably for the update.
-        codec::copy_into(self.inner.directions(), &mut self.gathered);
-        self.inner
-            .apply_directions(params, self.gathered.view(), &self.own_tables)?;
-        codec::pack_blocks(
-            params,
-            self.inner.layout(),
-            &self.owned,
-            &self.local_offsets,
-            &mut self.send,
-        );
-        self.times.apply = t.elapsed();
+        // Own directions applied to own blocks in place.
+        self.inner.step(params, grads)?;
+        self.times.optimizer = t.elapsed();
         let t = Instant::now();
         let group = self.group();
+        let x = self.exchange.as_mut().expect("groups of several ranks");
+        let be = self.inner.backend();
+        {
+            let sources: Vec<Option<B::View<'_>>> =
+                params.iter().map(|p| Some(be.as_view(p))).collect();
+            be.gather(&mut [GatherJob {
+                table: &x.own_gather,
+                sources: &sources,
+                add: None,
+                out: be.view_mut(&mut x.send),
+                select: None,
+            }])?;
+        }
         self.comm
-            .all_gather_group_bytes(&self.send, self.gathered.bytes_mut(), group)?;
+            .all_gather_group(be, be.view(&x.send), be.view_mut(&mut x.gathered), group)?;
         self.times.all_gather = t.elapsed();
         let t = Instant::now();
-        codec::unpack_blocks(
-            self.gathered.view(),
-            self.inner.layout(),
-            &self.gathered_offsets,
-            params,
-        );
-        self.times.apply += t.elapsed();
+        let source = be.view(&x.gathered);
+        let mut jobs: Vec<ScatterJob<'_, B>> = params
+            .iter_mut()
+            .zip(&x.tables)
+            .filter(|(p, _)| !p.is_empty())
+            .map(|(p, table)| ScatterJob {
+                table,
+                source,
+                dst: be.reborrow(p),
+                add: false,
+            })
+            .collect();
+        be.scatter(&mut jobs)?;
+        self.times.apply = t.elapsed();
         Ok(())
     }
 
     /// Averages the gradients, then [`DistributedShampoo::step_reduced`].
     pub fn step(
         &mut self,
-        params: &mut [HostViewMut<'_>],
-        grads: &mut [Option<HostViewMut<'_>>],
+        params: &mut [B::ViewMut<'_>],
+        grads: &mut [Option<B::ViewMut<'_>>],
     ) -> Result<()> {
         self.reduce_gradients(grads)?;
-        let views: Vec<Option<HostView<'_>>> = grads
+        let be = self.inner.backend();
+        // The views borrow `grads`, not the optimizer.
+        let views: Vec<Option<B::View<'_>>> = grads
             .iter()
-            .map(|g| g.as_ref().map(|g| g.as_view()))
+            .map(|g| g.as_ref().map(|g| be.as_view(g)))
             .collect();
         self.step_reduced(params, &views)
     }
@@ -433,9 +545,38 @@ impl DistributedShampoo {
         self.group_base..self.group_base + self.group_size
     }
 
-    pub(crate) fn inner_mut(&mut self) -> &mut Shampoo<CpuBackend> {
+    pub(crate) fn inner_mut(&mut self) -> &mut Shampoo<B> {
         &mut self.inner
     }
+}
+
+/// The 16-bit format of the direction all-gather, if any (parameters always
+/// travel in their own dtype).
+fn wire_format(opts: &DistOptions) -> Option<WireFormat> {
+    if opts.communicate_params {
+        return None;
+    }
+    match opts.comm_dtype {
+        CommDType::Full => None,
+        CommDType::Bf16 => Some(WireFormat::Bf16),
+        CommDType::F16 => Some(WireFormat::F16),
+    }
+}
+
+/// `dst = src` on the backend.
+fn copy<'a, B: Backend>(be: &B, src: B::View<'a>, dst: B::ViewMut<'a>) -> Result<()> {
+    let n = src.len();
+    if n == 0 {
+        return Ok(());
+    }
+    be.map(&mut [Map::Copy {
+        src,
+        dst,
+        numel: n,
+        count: 1,
+        select: None,
+    }])?;
+    Ok(())
 }
 
 /// Exchanges fingerprints; any difference is the same error on every rank.
@@ -531,171 +672,21 @@ fn diff(a: &Fingerprint, b: &Fingerprint, r: usize) -> String {
     )
 }
 
-trait BucketElem: Copy + Default + PartialEq + Into<f64> + From<u8> + Send + Sync + 'static {
-    fn slice<'a>(v: HostView<'a>) -> &'a [Self];
-    fn slice_mut<'a>(v: HostViewMut<'a>) -> &'a mut [Self];
-}
-impl BucketElem for f32 {
-    fn slice<'a>(v: HostView<'a>) -> &'a [Self] {
-        v.typed::<f32>().expect("dtype checked")
-    }
-    fn slice_mut<'a>(v: HostViewMut<'a>) -> &'a mut [Self] {
-        v.typed::<f32>().expect("dtype checked")
-    }
-}
-impl BucketElem for f64 {
-    fn slice<'a>(v: HostView<'a>) -> &'a [Self] {
-        v.typed::<f64>().expect("dtype checked")
-    }
-    fn slice_mut<'a>(v: HostViewMut<'a>) -> &'a mut [Self] {
-        v.typed::<f64>().expect("dtype checked")
-    }
-}
-
 /// Averages the gradients of parameters of `lens` elements each across the
-/// ranks of `comm`, in place, in rank order: one all-reduce of one buffer
-/// holding every gradient of `dtype` and one presence flag per parameter
-/// (as [`DistributedShampoo::reduce_gradients`] does).
+/// ranks of `comm`, in place ([`GradientAverager`], allocated for this call:
+/// a loop that averages every step keeps a [`GradientAverager`] instead).
 ///
 /// Collective. A parameter must have a gradient (`Some`) on every rank or
-/// on none; anything else is the same error on every rank.
-pub fn average_gradients(
-    comm: &dyn Communicator,
+/// on none; anything else is the same [`Error::Presence`] on every rank
+/// (waited for, also with a device collective).
+pub fn average_gradients<B: Backend>(
+    comm: &dyn Collective<B>,
+    backend: &B,
     dtype: DType,
     lens: &[usize],
-    grads: &mut [Option<HostViewMut<'_>>],
+    grads: &mut [Option<B::ViewMut<'_>>],
 ) -> Result<()> {
-    let numel: usize = lens.iter().sum();
-    let mut bucket = HostVec::zeros(dtype, numel + lens.len());
-    reduce_with(comm, &mut bucket, dtype, lens, grads)
-}
-
-/// [`average_gradients`] with a preallocated bucket of `dtype` and
-/// `sum(lens) + lens.len()` elements.
-fn reduce_with(
-    comm: &dyn Communicator,
-    bucket: &mut HostVec,
-    dtype: DType,
-    lens: &[usize],
-    grads: &mut [Option<HostViewMut<'_>>],
-) -> Result<()> {
-    if grads.len() != lens.len() {
-        return Err(Error::invalid(format!(
-            "{} gradients for {} parameters",
-            grads.len(),
-            lens.len()
-        )));
-    }
-    for (i, (g, &n)) in grads.iter().zip(lens).enumerate() {
-        if let Some(g) = g
-            && (g.dtype() != dtype || g.len() != n)
-        {
-            return Err(Error::invalid(format!(
-                "gradient {i} is {} x {}, parameter {i} is {dtype} x {n}",
-                g.dtype(),
-                g.len(),
-            )));
-        }
-    }
-    let world = comm.world_size();
-    if world == 1 {
-        return Ok(());
-    }
-    let numel: usize = lens.iter().sum();
-    match bucket {
-        HostVec::F32(b) => {
-            fill_bucket(b, grads, lens, numel);
-            comm.all_reduce_mean(b)?;
-            drain_bucket(b, grads, lens, numel, world)
-        }
-        HostVec::F64(b) => {
-            fill_bucket(b, grads, lens, numel);
-            comm.all_reduce_mean_f64(b)?;
-            drain_bucket(b, grads, lens, numel, world)
-        }
-    }
-}
-
-fn fill_bucket<T: BucketElem>(
-    b: &mut [T],
-    grads: &[Option<HostViewMut<'_>>],
-    lens: &[usize],
-    numel: usize,
-) {
-    let mut off = 0;
-    for (i, (g, &n)) in grads.iter().zip(lens).enumerate() {
-        let dst = &mut b[off..off + n];
-        match g {
-            Some(g) => {
-                dst.copy_from_slice(T::slice(g.as_view()));
-                b[numel + i] = T::from(1);
-            }
-            None => {
-                dst.fill(T::default());
-                b[numel + i] = T::default();
-            }
-        }
-        off += n;
-    }
-}
-
-fn drain_bucket<T: BucketElem>(
-    b: &[T],
-    grads: &mut [Option<HostViewMut<'_>>],
-    lens: &[usize],
-    numel: usize,
-    world: usize,
-) -> Result<()> {
-    // Check presence first: the flags are identical on every rank, so every
-    // rank returns the same error.
-    for i in 0..lens.len() {
-        let share: f64 = b[numel + i].into();
-        if share != 0.0 && share != 1.0 {
-            let k = (share * world as f64).round() as usize;
-            return Err(Error::invalid(format!(
-                "parameter {i} has a gradient on {k} of {world} ranks; pass a gradient for it on every rank or on none"
-            )));
-        }
-    }
-    let mut off = 0;
-    for (g, &n) in grads.iter_mut().zip(lens) {
-        if let Some(g) = g {
-            T::slice_mut(g.reborrow()).copy_from_slice(&b[off..off + n]);
-        }
-        off += n;
-    }
-    Ok(())
-}
-
-/// Persistent state bytes of an optimizer's owned blocks: what its
-/// checkpoint holds (factors, roots, failure counters, grafting, filtered
-/// gradient, momentum, corrected second moments), without workspace.
-pub fn state_bytes(opt: &Shampoo<CpuBackend>) -> usize {
-    let config = opt.config();
-    let dtype = opt.dtype();
-    let fdtype = config.factor_dtype_for(dtype);
-    let per_elem_buffers = usize::from(config.grafting.is_some_and(|g| g.has_accumulator()))
-        + usize::from(config.betas[0] != 0.0)
-        + usize::from(config.momentum.is_some())
-        + usize::from(matches!(
-            config.preconditioner,
-            shampoo_core::config::Preconditioner::EigenvalueCorrected
-        ));
-    opt.layout()
-        .groups
-        .iter()
-        .map(|g| {
-            let factors: usize = g
-                .factors
-                .iter()
-                .map(|f| f.size * f.size * (fdtype.size() + dtype.size()))
-                .sum();
-            let failures = if g.factors.is_empty() {
-                0
-            } else {
-                4 * g.factors.len()
-            };
-            g.count() * (factors + failures + per_elem_buffers * g.numel * dtype.size())
-        })
-        .sum()
+    let mut avg = GradientAverager::new(comm, backend, dtype, lens)?;
+    avg.average(comm, backend, grads, 1)?;
+    avg.check()
 }

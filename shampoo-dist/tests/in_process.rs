@@ -122,7 +122,7 @@ fn a_gradient_on_some_ranks_only_is_the_same_error_everywhere() {
     for e in errs {
         assert_eq!(
             e,
-            "invalid argument: parameter 0 has a gradient on 2 of 3 ranks; pass a gradient for it on every rank or on none"
+            "parameter 0 has a gradient on 2 of 3 ranks at step 1; pass a gradient for it on every rank or on none"
         );
     }
 }

@@ -1,12 +1,45 @@
 //! CPU ranks launched by `shampoo-run`: bitwise equal to one process, and
 //! the failures of the issue (exit code, SIGKILL, a hung rank, mismatched
 //! shapes) end the job quickly with the right error and nothing left over.
+//!
+//! Each rank runs the least-squares fixture ([`lsq`]): this test executable
+//! itself, running only its ignored test `lsq_fixture`.
 
+mod lsq;
+
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const LSQ: &str = env!("CARGO_BIN_EXE_shampoo-dist-lsq");
+/// The fixture's process (see `lsq`): never returns there.
+#[test]
+#[ignore = "the least-squares fixture process of the launch tests, started by them"]
+fn lsq_fixture() {
+    if std::env::var_os(lsq::ARGS_VAR).is_some() {
+        lsq::main();
+    }
+}
+
+/// The program and arguments that run the fixture.
+fn lsq_command() -> (PathBuf, [&'static str; 5]) {
+    (
+        std::env::current_exe().unwrap(),
+        ["--exact", "lsq_fixture", "--ignored", "--nocapture", "--quiet"],
+    )
+}
+
+/// The fixture's arguments as [`lsq::ARGS_VAR`] holds them.
+fn lsq_args(out: &Path, args: &[&str]) -> OsString {
+    let mut v = OsString::from("--out-dir");
+    v.push(lsq::SEP.to_string());
+    v.push(out);
+    for a in args {
+        v.push(lsq::SEP.to_string());
+        v.push(a);
+    }
+    v
+}
 
 /// The `shampoo-run` binary of this build profile, built if needed.
 fn launcher_bin() -> PathBuf {
@@ -26,9 +59,10 @@ fn launcher_bin() -> PathBuf {
     bin
 }
 
-/// `shampoo-run --nproc-per-node N -- shampoo-dist-lsq ARGS`, in an
+/// `shampoo-run --nproc-per-node N -- <the fixture> ARGS`, in an
 /// environment free of variables that would change the plan.
 fn launch(nproc: usize, out: &Path, args: &[&str]) -> (Output, Duration) {
+    let (exe, harness) = lsq_command();
     let mut cmd = Command::new(launcher_bin());
     cmd.args([
         "--nproc-per-node",
@@ -37,10 +71,9 @@ fn launch(nproc: usize, out: &Path, args: &[&str]) -> (Output, Duration) {
         "1",
         "--",
     ])
-    .arg(LSQ)
-    .arg("--out-dir")
-    .arg(out)
-    .args(args)
+    .arg(exe)
+    .args(harness)
+    .env(lsq::ARGS_VAR, lsq_args(out, args))
     .stdin(Stdio::null());
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
@@ -99,15 +132,16 @@ fn two_to_four_launched_ranks_equal_one_process_bitwise() {
         let dir = tempfile::tempdir().unwrap();
         let (out, _) = launch(world, dir.path(), &["--steps", "9"]);
         assert!(out.status.success(), "world {world}:\n{}", text(&out));
-        let sim = Command::new(LSQ)
-            .args([
-                "--steps",
-                "9",
-                "--simulate-world",
-                &world.to_string(),
-                "--out-dir",
-            ])
-            .arg(dir.path())
+        let (exe, harness) = lsq_command();
+        let sim = Command::new(exe)
+            .args(harness)
+            .env(
+                lsq::ARGS_VAR,
+                lsq_args(
+                    dir.path(),
+                    &["--steps", "9", "--simulate-world", &world.to_string()],
+                ),
+            )
             .output()
             .unwrap();
         assert!(sim.status.success(), "{}", text(&sim));
@@ -213,12 +247,13 @@ fn a_hanging_rank_makes_the_others_time_out_naming_it() {
     // The first rank to report it is the root cause; both say who is silent.
     let reported: Vec<&str> = t
         .lines()
-        .filter(|l| l.contains("shampoo-dist-lsq: error: step 3: rank "))
+        .filter(|l| l.contains("lsq: error: step 3: rank "))
         .collect();
     assert!(!reported.is_empty(), "{t}");
     for l in reported {
         assert!(
-            l.contains(": rank 2 did not answer within 2s in all_reduce #"),
+            // The step's first collective: the gradient presence flags.
+            l.contains(": rank 2 did not answer within 2s in all_gather #"),
             "{l}"
         );
     }
@@ -232,7 +267,7 @@ fn mismatched_shapes_give_the_fingerprint_error() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
-    let expected = "shampoo-dist-lsq: error: optimizer fingerprint mismatch across ranks: rank 1 differs from rank 0: parameter 0 has shape [16, 24] on rank 0 and [16, 25] on rank 1";
+    let expected = "lsq: error: optimizer fingerprint mismatch across ranks: rank 1 differs from rank 0: parameter 0 has shape [16, 24] on rank 0 and [16, 25] on rank 1";
     // The launcher stops the job at the first failure; the failed rank's
     // tail is printed whichever rank that is.
     assert!(t.lines().any(|l| l.ends_with(expected)), "{t}");

@@ -25,18 +25,20 @@ use crate::Result;
 pub use env::{EnvRanks, communicator_from_env};
 pub use local::in_process;
 
-/// Element type of the direction all-gather.
+/// Element type of the direction all-gather (`communication_dtype` of the
+/// published implementation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum CommDType {
-    /// Full precision: the parameters' own dtype (f32 travels as f32, f64
-    /// parameters as f64). Results are bitwise those of one process.
+    /// Full precision: the parameters' own dtype (f32 parameters travel as
+    /// f32, f64 parameters as f64). Results are those of one process
+    /// (bitwise on CPU ranks).
     #[default]
-    F32,
-    /// bfloat16: half the bytes of f32, relative rounding error <= 2^-8 per
+    Full,
+    /// bfloat16: 2 bytes per element, relative rounding error <= 2^-8 per
     /// direction element.
     Bf16,
-    /// IEEE half: half the bytes of f32, relative rounding error <= 2^-11
-    /// for directions of magnitude in [6.1e-5, 65504] (smaller ones lose
+    /// IEEE half: 2 bytes per element, relative rounding error <= 2^-11 for
+    /// directions of magnitude in [6.1e-5, 65504] (smaller ones lose
     /// relative precision, larger ones overflow to infinity).
     F16,
 }
@@ -45,14 +47,14 @@ impl CommDType {
     /// Bytes per element on the wire for parameters of `param`'s size.
     pub fn wire_size(self, param: shampoo_core::DType) -> usize {
         match self {
-            CommDType::F32 => param.size(),
+            CommDType::Full => param.size(),
             CommDType::Bf16 | CommDType::F16 => 2,
         }
     }
-    /// Short name (`f32`, `bf16`, `f16`).
+    /// Short name (`full`, `bf16`, `f16`).
     pub fn name(self) -> &'static str {
         match self {
-            CommDType::F32 => "f32",
+            CommDType::Full => "full",
             CommDType::Bf16 => "bf16",
             CommDType::F16 => "f16",
         }
@@ -61,13 +63,20 @@ impl CommDType {
 
 impl std::str::FromStr for CommDType {
     type Err = String;
+    /// `full` (also `default`, the published `DEFAULT`), `bf16`
+    /// (`bfloat16`), `f16` (`float16`, `half`). `f32`/`float32` are refused
+    /// with a hint: full precision is the parameters' dtype, which may be
+    /// f64.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f32" | "float32" => Ok(CommDType::F32),
+        match s.to_ascii_lowercase().as_str() {
+            "full" | "default" => Ok(CommDType::Full),
             "bf16" | "bfloat16" => Ok(CommDType::Bf16),
-            "f16" | "float16" | "half" => Ok(CommDType::F16),
+            "f16" | "fp16" | "float16" | "half" => Ok(CommDType::F16),
+            "f32" | "fp32" | "float32" => Err(format!(
+                "communication dtype {s:?} is ambiguous: use `full` (the parameters' own dtype, f32 or f64), bf16 or f16"
+            )),
             _ => Err(format!(
-                "unknown communication dtype {s:?} (expected f32, bf16 or f16)"
+                "unknown communication dtype {s:?} (expected full, bf16 or f16)"
             )),
         }
     }

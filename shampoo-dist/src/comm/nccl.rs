@@ -107,6 +107,11 @@ type AllGather = unsafe extern "C" fn(
 ) -> ncclResult_t;
 type GetErrorString = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
 type GetVersion = unsafe extern "C" fn(*mut c_int) -> ncclResult_t;
+/// `ncclCommSplit(comm, color, key, newcomm, config)` (NCCL >= 2.18).
+type CommSplit =
+    unsafe extern "C" fn(ncclComm_t, c_int, c_int, *mut ncclComm_t, *mut c_void) -> ncclResult_t;
+type CommGetAsyncError = unsafe extern "C" fn(ncclComm_t, *mut ncclResult_t) -> ncclResult_t;
+type CommAbort = unsafe extern "C" fn(ncclComm_t) -> ncclResult_t;
 
 /// NCCL's entry points, resolved from one loaded library. Loaded once and
 /// never unloaded: NCCL starts background threads (bootstrap, proxy) that
@@ -119,6 +124,10 @@ struct NcclLib {
     all_gather: AllGather,
     get_error_string: GetErrorString,
     get_version: GetVersion,
+    /// Absent before NCCL 2.18 (groups of ranks then fail with an error).
+    comm_split: Option<CommSplit>,
+    comm_get_async_error: CommGetAsyncError,
+    comm_abort: CommAbort,
     path: PathBuf,
     /// Keeps the function pointers valid.
     _lib: libloading::Library,
@@ -153,7 +162,14 @@ impl NcclLib {
                 *unsafe { lib.get::<$ty>($name) }.map_err(fail)?
             };
         }
+        // SAFETY: as in `sym!`: NCCL's ncclCommSplit has this signature.
+        let comm_split = unsafe { lib.get::<CommSplit>(b"ncclCommSplit") }
+            .ok()
+            .map(|f| *f);
         Ok(NcclLib {
+            comm_split,
+            comm_get_async_error: sym!(b"ncclCommGetAsyncError", CommGetAsyncError),
+            comm_abort: sym!(b"ncclCommAbort", CommAbort),
             get_unique_id: sym!(b"ncclGetUniqueId", GetUniqueId),
             comm_init_rank: sym!(b"ncclCommInitRank", CommInitRank),
             comm_destroy: sym!(b"ncclCommDestroy", CommDestroy),
@@ -199,6 +215,8 @@ pub enum NcclDType {
     F16,
     /// bytes.
     U8,
+    /// 32-bit signed integers.
+    I32,
 }
 
 impl NcclDType {
@@ -209,6 +227,7 @@ impl NcclDType {
             NcclDType::Bf16 => ncclDataType_t::ncclBfloat16,
             NcclDType::F16 => ncclDataType_t::ncclFloat16,
             NcclDType::U8 => ncclDataType_t::ncclUint8,
+            NcclDType::I32 => ncclDataType_t::ncclInt32,
         }
     }
 }
@@ -343,6 +362,7 @@ impl NcclCommunicator {
         dtype: NcclDType,
         stream: *mut c_void,
     ) -> Result<()> {
+        self.live("ncclAllReduce")?;
         let p = buf as *mut c_void;
         // SAFETY: the caller guarantees the pointers (see above).
         let r = unsafe {
@@ -359,6 +379,103 @@ impl NcclCommunicator {
         self.lib.check(r, "ncclAllReduce (avg)")
     }
 
+    /// In-place sum of `count` elements at device address `buf`, queued on
+    /// `stream` (exact for integers).
+    ///
+    /// # Safety
+    /// As [`NcclCommunicator::all_reduce_mean`].
+    pub unsafe fn all_reduce_sum(
+        &mut self,
+        buf: u64,
+        count: usize,
+        dtype: NcclDType,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        self.live("ncclAllReduce")?;
+        let p = buf as *mut c_void;
+        // SAFETY: the caller guarantees the pointers (see above).
+        let r = unsafe {
+            (self.lib.all_reduce)(
+                p,
+                p,
+                count,
+                dtype.raw(),
+                ncclRedOp_t::ncclSum,
+                self.comm,
+                stream.cast(),
+            )
+        };
+        self.lib.check(r, "ncclAllReduce (sum)")
+    }
+
+    /// The communicator of a group: the ranks that pass the same `color`,
+    /// this one as `rank` of `size` (`ncclCommSplit`, ranks ordered by
+    /// `rank`; collective over this communicator's ranks).
+    pub fn split(&mut self, color: usize, rank: usize, size: usize) -> Result<NcclCommunicator> {
+        self.live("ncclCommSplit")?;
+        let split = self.lib.comm_split.ok_or_else(|| {
+            Error::Unavailable(format!(
+                "NCCL at {} has no ncclCommSplit (groups of ranks need NCCL 2.18 or later)",
+                self.lib.path.display()
+            ))
+        })?;
+        let mut comm: ncclComm_t = std::ptr::null_mut();
+        let (c, k) = (
+            c_int::try_from(color).map_err(|_| Error::invalid("split color too large"))?,
+            c_int::try_from(rank).map_err(|_| Error::invalid("split key too large"))?,
+        );
+        // SAFETY: `self.comm` is a live communicator; `comm` is a valid
+        // out-pointer; a null config inherits the parent's.
+        let r = unsafe { split(self.comm, c, k, &mut comm, std::ptr::null_mut()) };
+        self.lib.check(r, "ncclCommSplit")?;
+        Ok(NcclCommunicator {
+            lib: self.lib,
+            comm,
+            rank,
+            world: size,
+            _ctx: self._ctx.clone(),
+        })
+    }
+
+    /// An error once the communicator was aborted.
+    fn live(&self, what: &str) -> Result<()> {
+        if self.comm.is_null() {
+            return Err(Error::Unavailable(format!(
+                "NCCL {what}: the communicator was aborted after an earlier failure"
+            )));
+        }
+        Ok(())
+    }
+
+    /// NCCL's asynchronous error state (a failed or aborted collective,
+    /// for example a peer that died): `Ok` while there is none.
+    pub fn async_error(&self) -> Result<()> {
+        self.live("ncclCommGetAsyncError")?;
+        let mut state = ncclResult_t::ncclSuccess;
+        // SAFETY: `self.comm` is live; `state` is a valid out-pointer.
+        let r = unsafe { (self.lib.comm_get_async_error)(self.comm, &mut state) };
+        self.lib.check(r, "ncclCommGetAsyncError")?;
+        if state == ncclResult_t::ncclInProgress {
+            return Ok(());
+        }
+        self.lib.check(state, "a queued collective")
+    }
+
+    /// Aborts the communicator's queued collectives (after a timeout): its
+    /// later collectives fail instead of hanging. The communicator is
+    /// unusable afterwards.
+    pub fn abort(&mut self) {
+        if self.comm.is_null() {
+            return;
+        }
+        // SAFETY: `self.comm` is live and is not used after this (nulled).
+        let r = unsafe { (self.lib.comm_abort)(self.comm) };
+        if let Err(e) = self.lib.check(r, "ncclCommAbort") {
+            tracing::warn!("{e}");
+        }
+        self.comm = std::ptr::null_mut();
+    }
+
     /// `recv` = every rank's `count` elements at `send`, in rank order.
     ///
     /// # Safety
@@ -373,6 +490,7 @@ impl NcclCommunicator {
         dtype: NcclDType,
         stream: *mut c_void,
     ) -> Result<()> {
+        self.live("ncclAllGather")?;
         // SAFETY: the caller guarantees the pointers (see above).
         let r = unsafe {
             (self.lib.all_gather)(
