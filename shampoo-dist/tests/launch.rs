@@ -25,7 +25,13 @@ fn lsq_fixture() {
 fn lsq_command() -> (PathBuf, [&'static str; 5]) {
     (
         std::env::current_exe().unwrap(),
-        ["--exact", "lsq_fixture", "--ignored", "--nocapture", "--quiet"],
+        [
+            "--exact",
+            "lsq_fixture",
+            "--ignored",
+            "--nocapture",
+            "--quiet",
+        ],
     )
 }
 

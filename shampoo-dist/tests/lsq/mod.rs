@@ -305,11 +305,13 @@ pub fn main() -> ! {
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect();
-    let result = parse(&list).map_err(fail).and_then(|args| match args.simulate_world {
-        Some(0) => Err(fail("--simulate-world must be at least 1")),
-        Some(w) => simulate(&args, w),
-        None => train(&args),
-    });
+    let result = parse(&list)
+        .map_err(fail)
+        .and_then(|args| match args.simulate_world {
+            Some(0) => Err(fail("--simulate-world must be at least 1")),
+            Some(w) => simulate(&args, w),
+            None => train(&args),
+        });
     match result {
         Ok(()) => std::process::exit(0),
         Err((msg, lost)) => {

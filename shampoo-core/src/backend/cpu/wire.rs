@@ -98,6 +98,9 @@ pub(crate) fn convert(bits: u64, from: Format, to: Format) -> u64 {
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 16;
 
+/// Parallel tasks: `(cost, (input chunk, output chunk))`.
+type Tasks<'a, A, B> = Vec<(u64, (&'a [A], &'a mut [B]))>;
+
 fn pack<T: Copy + Send + Sync>(
     be: &CpuBackend,
     src: &[T],
@@ -108,7 +111,7 @@ fn pack<T: Copy + Send + Sync>(
 ) {
     let (head, pad) = wire.split_at_mut(src.len());
     pad.fill(0);
-    let tasks: Vec<(u64, (&[T], &mut [u16]))> = src
+    let tasks: Tasks<'_, T, u16> = src
         .chunks(CHUNK)
         .zip(head.chunks_mut(CHUNK))
         .map(|t| (t.0.len() as u64, t))
@@ -133,7 +136,7 @@ fn unpack<T: Copy + Send + Sync>(
     from: Format,
     to: Format,
 ) {
-    let tasks: Vec<(u64, (&[u16], &mut [T]))> = wire[..dst.len()]
+    let tasks: Tasks<'_, u16, T> = wire[..dst.len()]
         .chunks(CHUNK)
         .zip(dst.chunks_mut(CHUNK))
         .map(|t| (t.0.len() as u64, t))
