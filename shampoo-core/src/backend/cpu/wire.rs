@@ -281,8 +281,8 @@ mod tests {
             f64::MIN_POSITIVE,
             5.96e-8,
             2.98e-8,
-            2.9802322387695312e-8, // 2^-25: half of f16's smallest subnormal
-            2.98023223876953125e-8 * (1.0 + 1e-12),
+            2f64.powi(-25), // half of f16's smallest subnormal
+            2f64.powi(-25) * (1.0 + 1e-12),
             9.2e-41,
             1.0 + 2f64.powi(-8),
             1.0 + 2f64.powi(-8) + 2f64.powi(-40),
