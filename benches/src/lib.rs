@@ -1,9 +1,11 @@
-//! Library side of `shampoo-bench`: reference parity and step timing.
+//! Library side of `shampoo-bench`: reference parity, step timing and the
+//! data-parallel scaling benchmark.
 //!
-//! The binary is a thin command-line front end over [`parity`], [`step`]
-//! and [`selfcheck`]; shape sets for timings come from [`shapes`].
+//! The binary is a thin command-line front end over [`parity`], [`step`],
+//! [`selfcheck`] and [`scale`]; shape sets for timings come from [`shapes`].
 
 pub mod parity;
+pub mod scale;
 pub mod selfcheck;
 pub mod shapes;
 pub mod step;

@@ -1,8 +1,9 @@
-//! `shampoo-bench`: reference parity, optimizer step timings, and the
-//! CPU-versus-CUDA self-check.
+//! `shampoo-bench`: reference parity, optimizer step timings, the
+//! CPU-versus-CUDA self-check and the data-parallel scaling benchmark.
 //!
 //! Exit codes: 0 success; 1 a parity case over its tolerance (or a
-//! self-check problem over its bound); 2 usage or
+//! self-check problem over its bound, or a rank's state over
+//! `--max-state-ratio` of the ideal in `scale`); 2 usage or
 //! input error (bad file, unknown shape set, invalid config, unavailable
 //! backend).
 
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use shampoo_bench::{parity, selfcheck, shapes, step};
+use shampoo_bench::{parity, scale, selfcheck, shapes, step};
 use shampoo_core::{CpuBackend, DType, ShampooConfig};
 
 #[derive(Parser)]
@@ -83,6 +84,40 @@ enum Command {
         /// CPU threads (0: all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Data-parallel scaling: each world size's ranks built and stepped one
+    /// after the other; per-rank step time, state and device memory against
+    /// the ideal 1/W, and bytes communicated per step. Exits with 1 when a
+    /// rank's state exceeds --max-state-ratio times the ideal.
+    Scale {
+        /// Shape set name (cpu_small, resnet18, resnet50, gpt2_small).
+        #[arg(long, default_value = "resnet18")]
+        shapes: String,
+        /// Shape sets file (default: the one built into this binary).
+        #[arg(long)]
+        shapes_file: Option<PathBuf>,
+        /// World sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        ranks: Vec<usize>,
+        /// max_preconditioner_dim.
+        #[arg(long, default_value_t = 256)]
+        max_dim: usize,
+        /// Timed preconditioned steps without root inverse per rank (median
+        /// reported).
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+        /// Backend of every rank (cpu: one thread per rank).
+        #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+        backend: BackendKind,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Largest state per rank over the ideal 1/W that passes.
+        #[arg(long, default_value_t = 1.1)]
+        max_state_ratio: f64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -240,6 +275,59 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", step::render(&report));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Scale {
+            shapes: set,
+            shapes_file,
+            ranks,
+            max_dim,
+            steps,
+            backend,
+            device,
+            max_state_ratio,
+            json,
+        } => {
+            let bench = scale::ScaleBench {
+                tensors: shapes::load(&set, shapes_file.as_deref())?,
+                set,
+                config: scale::config(max_dim)?,
+                ranks,
+                steps: steps.max(1),
+            };
+            let report = match backend {
+                BackendKind::Cpu => scale::run(&bench, || Ok(CpuBackend::new(1)?), |_| Ok(None))?,
+                #[cfg(feature = "cuda")]
+                BackendKind::Cuda => scale::run(
+                    &bench,
+                    || Ok(shampoo_core::CudaBackend::new(device)?),
+                    |b| Ok(Some(b.memory_info()?.0)),
+                )?,
+                #[cfg(not(feature = "cuda"))]
+                BackendKind::Cuda => {
+                    let _ = device;
+                    return Err(cuda_unavailable());
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", scale::render(&report));
+            }
+            let over: Vec<String> = report
+                .rows
+                .iter()
+                .filter(|r| r.state_ratio > max_state_ratio)
+                .map(|r| format!("W = {}: {:.3}", r.world, r.state_ratio))
+                .collect();
+            if over.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "shampoo-bench: state per rank over {max_state_ratio} times the ideal 1/W: {}",
+                    over.join(", ")
+                );
+                Ok(ExitCode::from(1))
+            }
         }
         Command::Selfcheck {
             dtype,

@@ -70,6 +70,42 @@ pub fn assign_blocks(costs: &[u64], ranks: usize) -> Vec<usize> {
     owner
 }
 
+/// Where every rank's directions travel in the all-gather: each rank's
+/// slot holds its own blocks' directions in its layout's order, slots are
+/// padded to the longest, rounded up to a multiple of 4 elements (so that a
+/// slot of 16-bit values is a whole number of f32 and f64 elements).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slots {
+    /// Elements per slot.
+    pub len: usize,
+    /// Offset of every block in its owner's slot.
+    pub offsets: Vec<usize>,
+}
+
+/// The slots of the assignment `owner` over `ranks` ranks.
+pub fn slots(
+    shapes: &[Vec<usize>],
+    config: &ShampooConfig,
+    owner: &[usize],
+    ranks: usize,
+) -> shampoo_core::Result<Slots> {
+    let mut len = 0;
+    let mut offsets = vec![0usize; owner.len()];
+    for r in 0..ranks {
+        let l = Layout::new(shapes, config, &|id| owner[id] == r)?;
+        len = len.max(l.direction_len);
+        for (id, off) in l.direction_offsets().into_iter().enumerate() {
+            if let Some(off) = off {
+                offsets[id] = off;
+            }
+        }
+    }
+    Ok(Slots {
+        len: len.next_multiple_of(4),
+        offsets,
+    })
+}
+
 /// Total cost per rank of an assignment.
 pub fn loads(costs: &[u64], owner: &[usize], ranks: usize) -> Vec<u64> {
     let mut load = vec![0u64; ranks];

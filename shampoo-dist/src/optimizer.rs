@@ -242,22 +242,11 @@ impl<B: Backend> DistributedShampoo<B> {
     ) -> Result<Exchange<B>> {
         let config = inner.config();
         let (be, dtype) = (inner.backend(), inner.dtype());
-        // Every group rank's own-directions layout: slot sizes and offsets.
-        let mut slot_len = 0;
-        let mut offsets_in_slot = vec![0usize; owner.len()];
-        for r in 0..g {
-            let l = Layout::new(shapes, config, &|id| owner[id] == r)?;
-            slot_len = slot_len.max(l.direction_len);
-            for (id, off) in l.direction_offsets().into_iter().enumerate() {
-                if let Some(off) = off {
-                    offsets_in_slot[id] = off;
-                }
-            }
-        }
-        let slot_len = slot_len.next_multiple_of(4);
+        let slots = crate::assign::slots(shapes, config, owner, g)?;
+        let slot_len = slots.len;
         let gathered_offsets: Vec<Option<usize>> = owner
             .iter()
-            .zip(&offsets_in_slot)
+            .zip(&slots.offsets)
             .map(|(&o, &off)| Some(o * slot_len + off))
             .collect();
         let tables = inner.apply_tables(&gathered_offsets)?;
