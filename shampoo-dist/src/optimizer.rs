@@ -378,7 +378,12 @@ impl<B: Backend> DistributedShampoo<B> {
         let step = self.inner.step_count() + 1;
         self.averager
             .average(self.comm.as_ref(), self.inner.backend(), grads, step)?;
-        self.times.reduce = t.elapsed();
+        // A world of one averages nothing.
+        self.times.reduce = if self.world_size() > 1 {
+            t.elapsed()
+        } else {
+            Duration::ZERO
+        };
         Ok(())
     }
 
@@ -410,13 +415,19 @@ impl<B: Backend> DistributedShampoo<B> {
             return self.exchange_params(params, grads);
         }
         let t = Instant::now();
-        {
+        let computed = {
             let be = self.inner.backend();
             let views: Vec<B::View<'_>> = params.iter().map(|p| be.as_view(p)).collect();
             let grads: Vec<Option<B::View<'_>>> = grads.iter().map(|g| g.map(B::shorten)).collect();
-            self.inner.compute_directions(&views, &grads)?;
-        }
+            self.inner.compute_directions(&views, &grads)
+        };
         self.times.optimizer = t.elapsed();
+        if let Err(e) = computed {
+            // The other ranks wait in this step's all-gather: take part
+            // with no update (zeros) before reporting the error.
+            self.gather_nothing()?;
+            return Err(e.into());
+        }
 
         let t = Instant::now();
         let group = self.group();
@@ -467,6 +478,28 @@ impl<B: Backend> DistributedShampoo<B> {
         Ok(())
     }
 
+    /// Takes part in a step's all-gather with an all-zero slot (directions
+    /// that change nothing), after this rank's own computation failed.
+    fn gather_nothing(&mut self) -> Result<()> {
+        let group = self.group();
+        let x = self.exchange.as_mut().expect("groups of several ranks");
+        let be = self.inner.backend();
+        let n = be.view(&x.send).len();
+        be.map(&mut [Map::Fill {
+            dst: be.view_mut(&mut x.send),
+            value: 0.0,
+            numel: n,
+            count: 1,
+            select: None,
+        }])?;
+        let recv = match x.recv16.as_mut() {
+            Some(r) => r,
+            None => &mut x.gathered,
+        };
+        self.comm
+            .all_gather_group(be, be.view(&x.send), be.view_mut(recv), group)
+    }
+
     /// `communicate_params`: update own blocks, all-gather them, copy.
     fn exchange_params(
         &mut self,
@@ -474,8 +507,9 @@ impl<B: Backend> DistributedShampoo<B> {
         grads: &[Option<B::View<'_>>],
     ) -> Result<()> {
         let t = Instant::now();
-        // Own directions applied to own blocks in place.
-        self.inner.step(params, grads)?;
+        // Own directions applied to own blocks in place. On a failure the
+        // own blocks are unchanged, and every rank still gets them.
+        let stepped = self.inner.step(params, grads);
         self.times.optimizer = t.elapsed();
         let t = Instant::now();
         let group = self.group();
@@ -510,7 +544,7 @@ impl<B: Backend> DistributedShampoo<B> {
             .collect();
         be.scatter(&mut jobs)?;
         self.times.apply = t.elapsed();
-        Ok(())
+        Ok(stepped?)
     }
 
     /// Averages the gradients, then [`DistributedShampoo::step_reduced`].

@@ -2,10 +2,11 @@
 //!
 //! A checkpoint is a directory: `manifest.json` lists the groups, their
 //! segments and each segment's variables (names, shapes, dtype); each
-//! segment's state is a `shampoo_core` checkpoint file next to it (one
-//! process), or a `shampoo_dist` checkpoint directory (data-parallel: every
-//! rank writes its own blocks). The directory is written under a temporary
-//! name and renamed into place.
+//! segment's state is a `shampoo_dist` checkpoint directory next to it
+//! (every rank writes its own blocks; one process is a world of one). The
+//! directory is written under a temporary name and renamed into place.
+//! Earlier checkpoints whose segments are single `shampoo_core` files load
+//! too.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use shampoo_dist::Communicator;
 
-use crate::optimizer::{Engine, Group, Segment, new_segment};
+use crate::optimizer::{Group, new_segment};
 use crate::{Error, Result, Shampoo, vars};
 
 const FORMAT: &str = "shampoo-tch/1";
@@ -74,64 +75,53 @@ impl Shampoo {
     /// (created, or replaced as a whole). The model's weights are not part
     /// of it: save them with `VarStore::save`.
     ///
+    /// Checks what the last step left outstanding first ([`Shampoo::flush`]).
     /// Data-parallel, this is collective: every rank must call it with the
     /// same `path`, on a file system all ranks share; every rank writes its
     /// own blocks' state and rank 0 the manifest.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub fn save(&mut self, path: &Path) -> Result<()> {
         let tmp = sibling(path, ".tmp");
-        let Some(comm) = &self.comm else {
+        let Some(comm) = self.communicator().cloned() else {
+            self.flush()?;
             prepare_dir(&tmp)?;
-            self.write_segments(&tmp, path)?;
+            self.write_segments(&tmp, path, 0, 1)?;
             return replace_dir(&tmp, path);
         };
         let root = comm.rank() == 0;
         let prepared = if root { prepare_dir(&tmp) } else { Ok(()) };
-        agree_root(comm, prepared, path, "prepare the temporary directory")?;
+        agree_root(&comm, prepared, path, "prepare the temporary directory")?;
         // Every rank takes part in every collective below, errors or not, so
         // that no rank waits for one that gave up.
-        let written = self.write_segments(&tmp, path);
+        let written = self.write_segments(&tmp, path, comm.rank(), comm.world_size());
         let what = "write the manifest and move the checkpoint into place";
         if root {
             let done = written.and_then(|()| replace_dir(&tmp, path));
-            agree_root(comm, done, path, what)
+            agree_root(&comm, done, path, what)
         } else {
-            let agreed = agree_root(comm, Ok(()), path, what);
+            let agreed = agree_root(&comm, Ok(()), path, what);
             written.and(agreed)
         }
     }
 
-    /// Writes every segment's state and (on rank 0) the manifest into `tmp`.
-    fn write_segments(&self, tmp: &Path, path: &Path) -> Result<()> {
+    /// Writes every segment's state (a `shampoo_dist` checkpoint directory
+    /// each) and, on rank 0, the manifest into `tmp`.
+    fn write_segments(&mut self, tmp: &Path, path: &Path, rank: usize, world: usize) -> Result<()> {
         let mut groups = Vec::new();
-        for (&gid, group) in &self.groups {
+        for (&gid, group) in &mut self.groups {
             let mut segments = Vec::new();
-            for (i, seg) in group.segments.iter().enumerate() {
-                let state = match &seg.engine {
-                    Engine::Local(o) => {
-                        let state = format!("group{gid}-segment{i}.safetensors");
-                        o.save(&tmp.join(&state))?;
-                        state
-                    }
-                    Engine::Dist(o) => {
-                        let state = format!("group{gid}-segment{i}");
-                        o.save(&tmp.join(&state))?;
-                        state
-                    }
-                    Engine::Replicated(o) => {
-                        // Every rank holds the same state; rank 0 writes it.
-                        let state = format!("group{gid}-segment{i}.safetensors");
-                        if self.comm.as_ref().is_none_or(|c| c.rank() == 0) {
-                            o.save(&tmp.join(&state))?;
-                        }
-                        state
-                    }
-                };
+            for (i, seg) in group.segments.iter_mut().enumerate() {
+                let state = format!("group{gid}-segment{i}");
+                let names = seg.names.clone();
+                seg.engine.save(&tmp.join(&state)).map_err(|e| match e {
+                    Error::Dist(d) => crate::dist::name_presence(d, &names),
+                    e => e,
+                })?;
                 segments.push(ManifestSegment {
                     state,
                     dtype: seg.dtype,
                     names: seg.names.clone(),
                     shapes: seg.shapes.clone(),
-                    replicated: matches!(seg.engine, Engine::Replicated(_)),
+                    replicated: seg.engine.replicated(),
                 });
             }
             groups.push(ManifestGroup {
@@ -139,13 +129,13 @@ impl Shampoo {
                 segments,
             });
         }
-        if self.comm.as_ref().is_some_and(|c| c.rank() != 0) {
+        if rank != 0 {
             return Ok(());
         }
         let manifest = Manifest {
             format: FORMAT.into(),
-            distributed: self.comm.is_some(),
-            world_size: self.comm.as_ref().map_or(1, |c| c.world_size()),
+            distributed: world > 1,
+            world_size: world,
             groups,
         };
         let text = serde_json::to_string_pretty(&manifest)
@@ -154,41 +144,41 @@ impl Shampoo {
         std::fs::write(&mpath, text).map_err(|e| Error::io(&mpath, e))
     }
 
-    /// Loads a state saved by [`Shampoo::save`]. Every variable of the
-    /// checkpoint must be in the `VarStore`, in the same group, with the
-    /// same shape and dtype, and each group's config must match (all but
-    /// the learning rate, which stays this optimizer's). On any error the
-    /// optimizer is left as it was. Variables of the `VarStore` that the
-    /// checkpoint does not know start with fresh state at the next step.
+    /// Loads a state saved by [`Shampoo::save`], by any number of ranks,
+    /// sharded or replicated, on any device (the state follows the
+    /// variables: a GPU checkpoint loads on the CPU and back). Every
+    /// variable of the checkpoint must be in the `VarStore`, in the same
+    /// group, with the same shape and dtype, and each group's config must
+    /// match (all but the learning rate, which stays this optimizer's). On
+    /// any error the optimizer is left as it was. Variables of the
+    /// `VarStore` that the checkpoint does not know start with fresh state
+    /// at the next step.
+    ///
+    /// Data-parallel, this is collective.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let mpath = path.join(MANIFEST);
-        let text = std::fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::checkpoint(path, format!("malformed {MANIFEST}: {e}")))?;
-        if manifest.format != FORMAT {
-            return Err(Error::checkpoint(
-                path,
-                format!("format {:?}, expected {FORMAT:?}", manifest.format),
-            ));
-        }
-        match (manifest.distributed, &self.comm) {
-            (true, None) => {
-                return Err(Error::checkpoint(
-                    path,
-                    format!(
-                        "written by a distributed run of {} ranks; this optimizer runs on one process",
-                        manifest.world_size
-                    ),
-                ));
-            }
-            (false, Some(_)) => {
-                return Err(Error::checkpoint(
-                    path,
-                    "written by one process; this optimizer is distributed",
-                ));
-            }
-            _ => {}
-        }
+        let manifest: Result<Manifest> = std::fs::read_to_string(&mpath)
+            .map_err(|e| Error::io(&mpath, e))
+            .and_then(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::checkpoint(path, format!("malformed {MANIFEST}: {e}")))
+            })
+            .and_then(|m: Manifest| {
+                if m.format == FORMAT {
+                    Ok(m)
+                } else {
+                    Err(Error::checkpoint(
+                        path,
+                        format!("format {:?}, expected {FORMAT:?}", m.format),
+                    ))
+                }
+            });
+        // Every rank reads the manifest; any rank's failure is every rank's,
+        // before the collectives of building and loading segments.
+        let manifest = match self.communicator().cloned() {
+            Some(comm) => agree_all(&comm, manifest, path, "read the manifest")?,
+            None => manifest?,
+        };
         let current = vars::read_groups(&self.variables)?;
         let mut groups = BTreeMap::new();
         for mg in &manifest.groups {
@@ -201,29 +191,10 @@ impl Shampoo {
                     ms.shapes.clone(),
                     (ms.dtype, device),
                     &self.engine_opts,
-                    self.comm.as_ref(),
+                    self.collectives.as_ref(),
                     &self.dist_opts,
                 )?;
-                let replicated = matches!(seg.engine, Engine::Replicated(_));
-                if ms.replicated != replicated {
-                    let how = |r: bool| {
-                        if r {
-                            "replicated on every rank"
-                        } else {
-                            "with its blocks spread over the ranks"
-                        }
-                    };
-                    return Err(Error::checkpoint(
-                        path,
-                        format!(
-                            "group {} was optimized {} but this optimizer runs it {} (CUDA variables and `replicated(true)` run replicated)",
-                            mg.group,
-                            how(ms.replicated),
-                            how(replicated)
-                        ),
-                    ));
-                }
-                load_segment(&mut seg, &path.join(&ms.state))?;
+                seg.engine.load(&path.join(&ms.state))?;
                 segments.push(seg);
             }
             groups.insert(
@@ -237,14 +208,6 @@ impl Shampoo {
         self.groups = groups;
         Ok(())
     }
-}
-
-fn load_segment(seg: &mut Segment, file: &Path) -> Result<()> {
-    match &mut seg.engine {
-        Engine::Local(o) | Engine::Replicated(o) => o.load(file)?,
-        Engine::Dist(o) => o.load(file)?,
-    }
-    Ok(())
 }
 
 /// Checks that the segment's variables are in the `VarStore`, in `group`,
@@ -319,6 +282,33 @@ fn replace_dir(tmp: &Path, path: &Path) -> Result<()> {
     }
     std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
     remove_any(&old)
+}
+
+/// Makes every rank's outcome of `what` everyone's: a rank that failed
+/// returns its own error, the others one naming the failed ranks.
+fn agree_all<T>(
+    comm: &Arc<dyn Communicator>,
+    result: Result<T>,
+    path: &Path,
+    what: &str,
+) -> Result<T> {
+    let mut all = vec![0u8; comm.world_size()];
+    comm.all_gather_bytes(&[u8::from(result.is_err())], &mut all)?;
+    let value = result?;
+    let failed: Vec<String> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| **f != 0)
+        .map(|(r, _)| r.to_string())
+        .collect();
+    if failed.is_empty() {
+        Ok(value)
+    } else {
+        Err(Error::checkpoint(
+            path,
+            format!("rank(s) {} could not {what}", failed.join(", ")),
+        ))
+    }
 }
 
 /// Shares rank 0's outcome of `what` with every rank: rank 0 returns its

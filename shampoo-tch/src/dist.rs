@@ -1,125 +1,215 @@
-//! Averaging gradients across ranks: for loops that do not use
-//! [`crate::Shampoo`] ([`all_reduce_gradients`]), and for replicated
-//! segments of [`crate::Shampoo`].
-//!
-//! The communicators of `shampoo_dist` move host memory, so gradients on a
-//! device are staged through a host copy (and copied back once averaged);
-//! CPU gradients are averaged in place.
+//! Averaging gradients across ranks for loops that step another optimizer
+//! (baselines such as tch's AdamW under several ranks): the same
+//! `shampoo_dist::GradientAverager` the Shampoo engine uses, on each
+//! device's own memory through the collective of its backend (CPU memory
+//! through the host communicator; CUDA memory through NCCL, or staged
+//! through the host).
 
-use shampoo_core::{DType, HostViewMut};
-use shampoo_dist::Communicator;
+use std::sync::Arc;
+
+use shampoo_core::DType;
+use shampoo_dist::{Collective, Collectives, GradientAverager};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
-use crate::{Result, vars};
+use crate::engine::{EngineOptions, TensorBackend};
+use crate::{Error, Result, vars};
 
-/// A gradient as the host reads it: the tensor itself on the CPU, a host
-/// copy on a device.
-struct Staged {
-    tensor: Tensor,
-    host: Option<Tensor>,
+/// A gradient present on some ranks only, as an error naming its variable.
+pub(crate) fn name_presence(e: shampoo_dist::Error, names: &[String]) -> Error {
+    match e {
+        shampoo_dist::Error::Presence {
+            param,
+            step,
+            count,
+            world,
+        } if param < names.len() => Error::variable(
+            &names[param],
+            format!(
+                "had a gradient on {count} of {world} ranks at step {step}; every rank needs a gradient for it, or none"
+            ),
+        ),
+        e => e.into(),
+    }
 }
 
-impl Staged {
-    fn new(g: &Tensor) -> Result<Staged> {
-        let host = if g.device() == Device::Cpu {
-            None
-        } else {
-            // A checked (contiguous) device tensor copies to a contiguous
-            // host tensor.
-            Some(g.f_to(Device::Cpu)?)
-        };
-        Ok(Staged {
-            tensor: g.shallow_clone(),
-            host,
-        })
+/// One backend's averager.
+trait Average: Send {
+    fn average(&mut self, grads: &[Option<&Tensor>], dtype: DType, step: u64) -> Result<()>;
+    fn check(&mut self) -> Result<()>;
+}
+
+struct On<B: TensorBackend> {
+    backend: B,
+    comm: Arc<dyn Collective<B>>,
+    avg: GradientAverager<B>,
+}
+
+impl<B: TensorBackend> Average for On<B> {
+    fn average(&mut self, grads: &[Option<&Tensor>], dtype: DType, step: u64) -> Result<()> {
+        let mut g: Vec<Option<B::ViewMut<'_>>> = grads
+            .iter()
+            .map(|t| {
+                // SAFETY: checked (device, dtype, contiguous), disjoint
+                // gradients that the caller keeps alive; each is viewed once,
+                // and libtorch does not run on them meanwhile.
+                t.map(|t| unsafe { B::tensor_view_mut(t, dtype) })
+            })
+            .collect();
+        self.avg
+            .average(self.comm.as_ref(), &self.backend, &mut g, step)?;
+        Ok(())
+    }
+    fn check(&mut self) -> Result<()> {
+        Ok(self.avg.check()?)
+    }
+}
+
+fn on<B: TensorBackend>(
+    device: Device,
+    collectives: &Collectives,
+    dtype: DType,
+    lens: &[usize],
+) -> Result<Box<dyn Average>> {
+    let backend = B::for_device(device, &EngineOptions::default())?;
+    let comm = B::collective(collectives);
+    let avg = GradientAverager::new(comm.as_ref(), &backend, dtype, lens)?;
+    Ok(Box::new(On { backend, comm, avg }))
+}
+
+/// The variables of one dtype on one device, averaged together.
+struct Set {
+    dtype: DType,
+    device: Device,
+    names: Vec<String>,
+    lens: Vec<usize>,
+    avg: Box<dyn Average>,
+}
+
+/// Averages the gradients of every trainable variable of a `VarStore` over
+/// the ranks, in place, step after step: one all-reduce per dtype and
+/// device, on the device (NCCL when the collectives have it), with buffers
+/// kept from step to step.
+///
+/// A variable must have a gradient on every rank or on none; anything else
+/// is the same [`Error::Variable`] on every rank, naming it and the step
+/// (with NCCL the counts are read back without waiting for the GPU and
+/// checked at the next call, or by [`GradientAveraging::finish`]).
+pub struct GradientAveraging {
+    collectives: Collectives,
+    sets: Vec<Set>,
+    step: u64,
+}
+
+impl GradientAveraging {
+    /// Over the ranks of `collectives`.
+    pub fn new(collectives: Collectives) -> Self {
+        GradientAveraging {
+            collectives,
+            sets: Vec::new(),
+            step: 0,
+        }
     }
 
-    fn host(&self) -> &Tensor {
-        self.host.as_ref().unwrap_or(&self.tensor)
+    /// Averages every gradient of `vs` (collective). Variables are taken
+    /// group by group, each sorted by name; the same checks as
+    /// [`crate::Shampoo::step`] apply (`f32`/`f64`, contiguous, disjoint).
+    pub fn all_reduce(&mut self, vs: &VarStore) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        self.step += 1;
+        if self.collectives.world_size() == 1 {
+            return Ok(());
+        }
+        let groups = vars::read_groups(&vs.variables_)?;
+        let mut grads: Vec<(&vars::Var, Option<Tensor>)> = Vec::new();
+        for v in groups.values().flatten() {
+            grads.push((v, vars::gradient(v)?));
+        }
+        let list: Vec<(&str, &Tensor, DType)> = grads
+            .iter()
+            .filter_map(|(v, g)| g.as_ref().map(|g| (v.name.as_str(), g, v.dtype)))
+            .collect();
+        vars::check_disjoint(&list)?;
+        // (dtype, device) in order of first appearance.
+        let mut keys: Vec<(DType, Device)> = Vec::new();
+        for (v, _) in &grads {
+            if !keys.contains(&(v.dtype, v.device)) {
+                keys.push((v.dtype, v.device));
+            }
+        }
+        for (i, &(dtype, device)) in keys.iter().enumerate() {
+            let of: Vec<&(&vars::Var, Option<Tensor>)> = grads
+                .iter()
+                .filter(|(v, _)| (v.dtype, v.device) == (dtype, device))
+                .collect();
+            let names: Vec<String> = of.iter().map(|(v, _)| v.name.clone()).collect();
+            let lens: Vec<usize> = of.iter().map(|(v, _)| v.tensor.numel()).collect();
+            let fresh = self.sets.get(i).is_none_or(|s| {
+                (s.dtype, s.device) != (dtype, device) || s.names != names || s.lens != lens
+            });
+            if fresh {
+                let avg = match device {
+                    Device::Cpu => {
+                        on::<shampoo_core::CpuBackend>(device, &self.collectives, dtype, &lens)?
+                    }
+                    #[cfg(feature = "cuda")]
+                    Device::Cuda(_) => on::<shampoo_core::backend::cuda::CudaBackend>(
+                        device,
+                        &self.collectives,
+                        dtype,
+                        &lens,
+                    )?,
+                    d => {
+                        return Err(Error::Torch(format!(
+                            "internal: no backend for device {d:?}"
+                        )));
+                    }
+                };
+                let set = Set {
+                    dtype,
+                    device,
+                    names,
+                    lens,
+                    avg,
+                };
+                if i < self.sets.len() {
+                    self.sets[i] = set;
+                } else {
+                    self.sets.push(set);
+                }
+            }
+            let set = &mut self.sets[i];
+            let gs: Vec<Option<&Tensor>> = of.iter().map(|(_, g)| g.as_ref()).collect();
+            set.avg
+                .average(&gs, dtype, self.step)
+                .map_err(|e| match e {
+                    Error::Dist(d) => name_presence(d, &set.names),
+                    e => e,
+                })?;
+        }
+        self.sets.truncate(keys.len());
+        Ok(())
     }
 
-    /// Copies the averaged host copy back to the device.
-    fn finish(self) -> Result<()> {
-        if let Some(h) = self.host {
-            self.tensor.shallow_clone().f_copy_(&h)?;
+    /// Checks the presence counts still outstanding (NCCL checks a step
+    /// late), waiting for them.
+    pub fn finish(&mut self) -> Result<()> {
+        for s in &mut self.sets {
+            s.avg.check().map_err(|e| match e {
+                Error::Dist(d) => name_presence(d, &s.names),
+                e => e,
+            })?;
         }
         Ok(())
     }
 }
 
-/// Averages `grads` (all of `dtype`; `lens[i]` elements each, `None`: no
-/// gradient) across the ranks of `comm` in rank order, in place, with
-/// `shampoo_dist::average_gradients` (one all-reduce; a gradient must be
-/// present on every rank or on none).
-///
-/// Every gradient must have passed `vars::check_tensor` with `dtype`, and no
-/// two may share memory.
-pub(crate) fn average(
-    comm: &dyn Communicator,
-    dtype: DType,
-    lens: &[usize],
-    grads: &[Option<&Tensor>],
-) -> Result<()> {
-    if comm.world_size() == 1 {
-        return Ok(());
-    }
-    let staged: Vec<Option<Staged>> = grads
-        .iter()
-        .map(|g| g.map(Staged::new).transpose())
-        .collect::<Result<_>>()?;
-    {
-        let mut views: Vec<Option<HostViewMut<'_>>> = staged
-            .iter()
-            .map(|s| {
-                s.as_ref().map(|s| {
-                    // SAFETY: a checked CPU tensor or a fresh contiguous
-                    // host copy of a checked device tensor, of `dtype`,
-                    // disjoint from the others, kept alive by `staged`;
-                    // each is viewed once.
-                    unsafe { vars::view_mut(s.host(), dtype) }
-                })
-            })
-            .collect();
-        shampoo_dist::average_gradients(comm, dtype, lens, &mut views)?;
-    }
-    for s in staged.into_iter().flatten() {
-        s.finish()?;
-    }
-    Ok(())
-}
-
 /// Averages the gradient of every trainable variable of `vs` across the
-/// ranks of `comm`, in place: one all-reduce of all `f32` gradients packed
-/// together and one of all `f64` ones (for baselines such as tch's AdamW
-/// under several ranks).
-///
-/// Variables are taken group by group, each sorted by name; a variable
-/// must have a gradient on every rank or on none (otherwise every rank gets
-/// the same error). The same checks as [`crate::Shampoo::step`] apply
-/// (`f32`/`f64`, contiguous). Gradients on a CUDA device are averaged
-/// through a host copy.
-pub fn all_reduce_gradients(vs: &VarStore, comm: &dyn Communicator) -> Result<()> {
-    let _guard = tch::no_grad_guard();
-    let groups = vars::read_groups(&vs.variables_)?;
-    let mut grads: Vec<(&str, Option<Tensor>, DType, usize)> = Vec::new();
-    for v in groups.values().flatten() {
-        grads.push((&v.name, vars::gradient(v)?, v.dtype, v.tensor.numel()));
-    }
-    let list: Vec<(&str, &Tensor, DType)> = grads
-        .iter()
-        .filter_map(|(n, g, d, _)| g.as_ref().map(|g| (*n, g, *d)))
-        .collect();
-    vars::check_disjoint(&list)?;
-    for dtype in [DType::F32, DType::F64] {
-        let of: Vec<&(&str, Option<Tensor>, DType, usize)> =
-            grads.iter().filter(|g| g.2 == dtype).collect();
-        if of.is_empty() {
-            continue;
-        }
-        let lens: Vec<usize> = of.iter().map(|g| g.3).collect();
-        let gs: Vec<Option<&Tensor>> = of.iter().map(|g| g.1.as_ref()).collect();
-        average(comm, dtype, &lens, &gs)?;
-    }
-    Ok(())
+/// ranks of `collectives`, in place, once ([`GradientAveraging`] for one
+/// step, checked before returning). Gradients on a CUDA device are averaged
+/// on the device (NCCL, or staged through the host).
+pub fn all_reduce_gradients(vs: &VarStore, collectives: &Collectives) -> Result<()> {
+    let mut avg = GradientAveraging::new(collectives.clone());
+    avg.all_reduce(vs)?;
+    avg.finish()
 }

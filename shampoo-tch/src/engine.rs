@@ -1,16 +1,21 @@
-//! The single-process engine: `shampoo_core::Shampoo` over whichever
-//! backend owns the variables' memory, stepped on libtorch tensors viewed in
-//! place.
+//! The one engine of a segment: `shampoo_dist::DistributedShampoo` over
+//! whichever backend owns the variables' memory, stepped on libtorch
+//! tensors viewed in place. One process is a world of one (replicated: no
+//! all-gather, the local optimizer's step).
 //!
-//! The adapter is written once over [`LocalEngine`]; a backend takes part by
-//! saying how a checked libtorch tensor is viewed as its memory
-//! ([`TensorBackend`]): host slices for [`CpuBackend`], device pointers for
-//! `CudaBackend` (feature `cuda`).
+//! A backend takes part by saying how a checked libtorch tensor is viewed as
+//! its memory and which collective moves its memory ([`TensorBackend`]):
+//! host slices and the host collective for [`CpuBackend`]; device pointers
+//! and NCCL (or the host-staged collective) for `CudaBackend` (feature
+//! `cuda`). The distribution policy (sharded or replicated, the
+//! communication dtype) is `shampoo_dist`'s [`DistOptions`].
 
 use std::path::Path;
+use std::sync::Arc;
 
 use shampoo_core::backend::Backend;
 use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, ShampooConfig};
+use shampoo_dist::{Collective, Collectives, DistOptions, DistTimes, DistributedShampoo};
 use tch::{Device, Tensor};
 
 use crate::{Error, Result};
@@ -19,6 +24,9 @@ use crate::{Error, Result};
 pub(crate) trait TensorBackend: Backend {
     /// A backend for tensors on `device`.
     fn for_device(device: Device, options: &EngineOptions) -> Result<Self>;
+
+    /// The collective that moves this backend's memory among `c`'s ranks.
+    fn collective(c: &Collectives) -> Arc<dyn Collective<Self>>;
 
     /// An exclusive view of a checked tensor.
     ///
@@ -59,6 +67,10 @@ impl TensorBackend for CpuBackend {
         Ok(CpuBackend::new(options.threads)?)
     }
 
+    fn collective(c: &Collectives) -> Arc<dyn Collective<Self>> {
+        c.cpu()
+    }
+
     unsafe fn tensor_view_mut<'a>(t: &'a Tensor, dtype: DType) -> HostViewMut<'a> {
         let n = t.numel();
         let p = t.data_ptr();
@@ -89,8 +101,11 @@ impl TensorBackend for CpuBackend {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use std::sync::Arc;
+
     use shampoo_core::DType;
     use shampoo_core::backend::cuda::{CudaBackend, CudaView, CudaViewMut};
+    use shampoo_dist::{Collective, Collectives};
     use tch::{Device, Tensor};
 
     use super::{EngineOptions, TensorBackend};
@@ -113,6 +128,10 @@ mod cuda {
             Ok(backend)
         }
 
+        fn collective(c: &Collectives) -> Arc<dyn Collective<Self>> {
+            c.cuda()
+        }
+
         unsafe fn tensor_view_mut<'a>(t: &'a Tensor, dtype: DType) -> CudaViewMut<'a> {
             // SAFETY: the caller guarantees a contiguous tensor of `dtype` on
             // this backend's device (libtorch uses the device's primary
@@ -128,83 +147,159 @@ mod cuda {
     }
 }
 
-/// One process's optimizer for one segment, whatever its backend.
-pub(crate) trait LocalEngine: Send {
+/// A segment's optimizer, whatever its backend.
+///
+/// Every tensor handed in must have passed `vars::check_tensor` with the
+/// segment's dtype on the engine's device, be alive, and share no memory
+/// with another.
+pub(crate) trait Engine: Send {
+    /// Averages `grads` in place over the ranks.
+    fn reduce(&mut self, grads: &[Option<&Tensor>], dtype: DType) -> Result<()>;
     /// One step: `params[i]` updated in place with `grads[i]` (`None`: no
-    /// gradient this step).
-    ///
-    /// Every tensor must have passed `vars::check_tensor` with `dtype` on
-    /// the engine's device, be alive, and share no memory with another.
-    fn step(&mut self, params: &[&Tensor], grads: &[Option<&Tensor>], dtype: DType) -> Result<()>;
+    /// gradient this step), averaging the gradients first unless `reduced`.
+    fn step(
+        &mut self,
+        params: &[&Tensor],
+        grads: &[Option<&Tensor>],
+        dtype: DType,
+        reduced: bool,
+    ) -> Result<()>;
+    /// Checks what the last step left outstanding.
+    fn flush(&mut self) -> Result<()>;
     fn set_lr(&mut self, lr: f64) -> Result<()>;
     fn step_count(&self) -> u64;
-    fn save(&self, path: &Path) -> Result<()>;
+    fn times(&self) -> DistTimes;
+    /// Bytes the last step's all-gather produced (0 when replicated).
+    fn gather_bytes(&self) -> usize;
+    /// Bytes of optimizer state this rank holds.
+    fn state_bytes(&self) -> usize;
+    /// Whether every rank computes every block.
+    fn replicated(&self) -> bool;
+    fn save(&mut self, dir: &Path) -> Result<()>;
     fn load(&mut self, path: &Path) -> Result<()>;
 }
 
-impl<B: TensorBackend> LocalEngine for shampoo_core::Shampoo<B> {
-    fn step(&mut self, params: &[&Tensor], grads: &[Option<&Tensor>], dtype: DType) -> Result<()> {
-        // SAFETY: the trait's contract: checked tensors of `dtype` on this
-        // backend's device, pairwise disjoint, kept alive by the caller;
-        // libtorch does not run on them during the step (gradient tracking
-        // is off and the caller holds them), and later libtorch work on them
-        // is queued after ours (same stream) or on the host after we return.
-        let mut p: Vec<B::ViewMut<'_>> = params
-            .iter()
-            .map(|t| unsafe { B::tensor_view_mut(t, dtype) })
-            .collect();
-        let g: Vec<Option<B::View<'_>>> = grads
-            .iter()
-            .map(|g| {
-                // SAFETY: as above; gradients are only read.
-                g.map(|t| unsafe { B::tensor_view(t, dtype) })
-            })
-            .collect();
-        shampoo_core::Shampoo::step(self, &mut p, &g)?;
+/// Views of checked tensors as backend memory.
+///
+/// # Safety
+///
+/// As [`TensorBackend::tensor_view_mut`] for every tensor.
+unsafe fn views_mut<'a, B: TensorBackend>(
+    ts: &[Option<&'a Tensor>],
+    dtype: DType,
+) -> Vec<Option<B::ViewMut<'a>>> {
+    ts.iter()
+        .map(|t| {
+            // SAFETY: forwarded contract.
+            t.map(|t| unsafe { B::tensor_view_mut(t, dtype) })
+        })
+        .collect()
+}
+
+impl<B: TensorBackend> Engine for DistributedShampoo<B> {
+    fn reduce(&mut self, grads: &[Option<&Tensor>], dtype: DType) -> Result<()> {
+        // SAFETY: the trait's contract: checked, disjoint tensors kept
+        // alive by the caller; libtorch does not run on them meanwhile
+        // (gradient tracking is off and the caller holds them), and later
+        // libtorch work on them is queued after ours (same stream) or runs
+        // on the host after we return.
+        let mut g = unsafe { views_mut::<B>(grads, dtype) };
+        self.reduce_gradients(&mut g)?;
         Ok(())
     }
+
+    fn step(
+        &mut self,
+        params: &[&Tensor],
+        grads: &[Option<&Tensor>],
+        dtype: DType,
+        reduced: bool,
+    ) -> Result<()> {
+        let ps: Vec<Option<&Tensor>> = params.iter().map(|t| Some(*t)).collect();
+        // SAFETY: as in `reduce`; parameters and gradients are disjoint.
+        let mut p: Vec<B::ViewMut<'_>> = unsafe { views_mut::<B>(&ps, dtype) }
+            .into_iter()
+            .map(|v| v.expect("every parameter"))
+            .collect();
+        if reduced {
+            let g: Vec<Option<B::View<'_>>> = grads
+                .iter()
+                .map(|g| {
+                    // SAFETY: as above; gradients are only read.
+                    g.map(|t| unsafe { B::tensor_view(t, dtype) })
+                })
+                .collect();
+            self.step_reduced(&mut p, &g)?;
+        } else {
+            // SAFETY: as above.
+            let mut g = unsafe { views_mut::<B>(grads, dtype) };
+            DistributedShampoo::step(self, &mut p, &mut g)?;
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<()> {
+        Ok(DistributedShampoo::flush(self)?)
+    }
     fn set_lr(&mut self, lr: f64) -> Result<()> {
-        Ok(shampoo_core::Shampoo::set_lr(self, lr)?)
+        Ok(DistributedShampoo::set_lr(self, lr)?)
     }
     fn step_count(&self) -> u64 {
-        shampoo_core::Shampoo::step_count(self)
+        self.local().step_count()
     }
-    fn save(&self, path: &Path) -> Result<()> {
-        Ok(shampoo_core::Shampoo::save(self, path)?)
+    fn times(&self) -> DistTimes {
+        DistributedShampoo::times(self)
+    }
+    fn gather_bytes(&self) -> usize {
+        DistributedShampoo::gather_bytes(self)
+    }
+    fn state_bytes(&self) -> usize {
+        DistributedShampoo::state_bytes(self)
+    }
+    fn replicated(&self) -> bool {
+        self.options().is_replicated()
+    }
+    fn save(&mut self, dir: &Path) -> Result<()> {
+        Ok(DistributedShampoo::save(self, dir)?)
     }
     fn load(&mut self, path: &Path) -> Result<()> {
-        Ok(shampoo_core::Shampoo::load(self, path)?)
+        Ok(DistributedShampoo::load(self, path)?)
     }
 }
 
-/// A single-process engine for tensors on `device`.
-pub(crate) fn local_engine(
+/// The engine of a segment of variables of `shapes` and `dtype` on `device`
+/// (collective over `collectives`' ranks).
+pub(crate) fn build(
     config: &ShampooConfig,
     shapes: &[Vec<usize>],
-    dtype: DType,
-    device: Device,
+    (dtype, device): (DType, Device),
     options: &EngineOptions,
-) -> Result<Box<dyn LocalEngine>> {
+    collectives: &Collectives,
+    dist: &DistOptions,
+) -> Result<Box<dyn Engine>> {
     fn build<B: TensorBackend>(
         config: &ShampooConfig,
         shapes: &[Vec<usize>],
-        dtype: DType,
-        device: Device,
+        (dtype, device): (DType, Device),
         options: &EngineOptions,
-    ) -> Result<Box<dyn LocalEngine>> {
+        collectives: &Collectives,
+        dist: &DistOptions,
+    ) -> Result<Box<dyn Engine>> {
         let backend = B::for_device(device, options)?;
-        Ok(Box::new(shampoo_core::Shampoo::new(
+        Ok(Box::new(DistributedShampoo::new(
             config.clone(),
             shapes,
             dtype,
             backend,
+            B::collective(collectives),
+            dist.clone(),
         )?))
     }
+    let args = (config, shapes, (dtype, device), options, collectives, dist);
     match device {
-        Device::Cpu => build::<CpuBackend>(config, shapes, dtype, device, options),
+        Device::Cpu => build::<CpuBackend>(args.0, args.1, args.2, args.3, args.4, args.5),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => build::<shampoo_core::backend::cuda::CudaBackend>(
-            config, shapes, dtype, device, options,
+            args.0, args.1, args.2, args.3, args.4, args.5,
         ),
         d => Err(Error::Torch(format!(
             "internal: no backend for device {d:?} (vars::check_tensor refuses it)"

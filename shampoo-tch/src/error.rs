@@ -6,6 +6,13 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong when Shampoo drives a `tch` model.
+///
+/// Flat: an error of the optimizer's numerics, config or state is always
+/// [`Error::Core`], whatever the world size and the device (the distributed
+/// optimizer's wrapper around it is removed), and [`Error::Dist`] is only
+/// what communication adds (a peer, a timeout, a fingerprint, a
+/// distributed checkpoint). A gradient present on some ranks only is an
+/// [`Error::Variable`] naming the variable.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -13,9 +20,11 @@ pub enum Error {
     #[error(transparent)]
     Core(#[from] shampoo_core::Error),
 
-    /// A collective or the distributed optimizer failed.
+    /// Communication failed: a collective, a peer, the ranks' agreement, or
+    /// a distributed checkpoint (never an optimizer error, which is
+    /// [`Error::Core`]).
     #[error(transparent)]
-    Dist(#[from] shampoo_dist::Error),
+    Dist(shampoo_dist::Error),
 
     /// libtorch reported an error (for example in `backward`): its message,
     /// without libtorch's C++ backtrace.
@@ -63,6 +72,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<shampoo_dist::Error> for Error {
+    fn from(e: shampoo_dist::Error) -> Self {
+        match e {
+            shampoo_dist::Error::Core(c) => Error::Core(c),
+            other => Error::Dist(other),
+        }
+    }
 }
 
 impl From<tch::TchError> for Error {

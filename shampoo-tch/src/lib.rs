@@ -30,7 +30,11 @@
 //! ```
 //!
 //! Data-parallel: give the builder a `shampoo_dist` communicator
-//! ([`ShampooBuilder::communicator`]); the loop stays the same.
+//! ([`ShampooBuilder::communicator`], or [`ShampooBuilder::collectives`]
+//! with NCCL for GPU ranks); the loop stays the same. Each rank computes
+//! the directions of its own share of the blocks, on the CPU and on GPUs,
+//! and one all-gather per step shares them; replicated mode
+//! ([`ShampooBuilder::replicated`]) is an explicit choice.
 //!
 //! The guide with groups, data-parallel training and checkpoints is
 //! `docs/tch.md`.
@@ -41,15 +45,11 @@ mod checkpoint;
 mod dist;
 mod engine;
 mod error;
-#[cfg(feature = "nccl")]
-mod nccl;
 mod optimizer;
 mod vars;
 
-pub use dist::all_reduce_gradients;
+pub use dist::{GradientAveraging, all_reduce_gradients};
 pub use error::{Error, Result};
-#[cfg(feature = "nccl")]
-pub use nccl::{SharedNccl, all_reduce_gradients_nccl};
 pub use optimizer::{Shampoo, ShampooBuilder, StepTimings};
 pub use vars::CUDA_UNSUPPORTED;
 

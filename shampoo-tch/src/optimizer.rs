@@ -4,55 +4,33 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, ShampooConfig};
-use shampoo_dist::{Communicator, DistOptions, DistributedShampoo};
+use shampoo_core::{DType, HostView, HostViewMut, ShampooConfig};
+use shampoo_dist::{Collectives, Communicator, DistOptions, SingleProcess};
 use tch::nn::{VarStore, Variables};
 use tch::{COptimizer, Device, Kind, Tensor};
 
-use crate::engine::{self, EngineOptions, LocalEngine};
+use crate::dist::name_presence;
+use crate::engine::{self, Engine, EngineOptions};
 use crate::vars::{self, Var};
 use crate::{Error, Result};
 
-/// Where the time of the last [`Shampoo::step`] went, summed over groups.
+/// Where the time of the last [`Shampoo::step`] went, and what it moved,
+/// summed over groups. On a GPU the times are those of queueing the work,
+/// which runs asynchronously.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepTimings {
     /// Averaging gradients across ranks (zero on one process).
     pub all_reduce: Duration,
-    /// Computing directions and, on one process, updating the parameters.
+    /// Computing this rank's directions (and, replicated, updating the
+    /// parameters).
     pub optimizer: Duration,
-    /// Sharing directions across ranks and applying them (zero on one
-    /// process).
+    /// Sharing directions across ranks and applying them (zero when
+    /// replicated).
     pub all_gather: Duration,
-}
-
-/// The per-segment optimizer.
-pub(crate) enum Engine {
-    /// One process: `shampoo_core` on the variables' device (CPU, or CUDA
-    /// with feature `cuda`).
-    Local(Box<dyn LocalEngine>),
-    /// Data-parallel: this rank's share, through a communicator.
-    Dist(Box<DistributedShampoo>),
-    /// Data-parallel without sharding: gradients averaged across ranks,
-    /// then every rank computes every block (CUDA variables, or
-    /// [`ShampooBuilder::replicated`]).
-    Replicated(Box<dyn LocalEngine>),
-}
-
-impl Engine {
-    fn set_lr(&mut self, lr: f64) -> Result<()> {
-        match self {
-            Engine::Local(o) | Engine::Replicated(o) => o.set_lr(lr)?,
-            Engine::Dist(o) => o.set_lr(lr)?,
-        }
-        Ok(())
-    }
-
-    fn step_count(&self) -> u64 {
-        match self {
-            Engine::Local(o) | Engine::Replicated(o) => o.step_count(),
-            Engine::Dist(o) => o.local().step_count(),
-        }
-    }
+    /// Bytes the all-gathers of the step produced on this rank (every
+    /// rank's directions, in the communication dtype; zero when
+    /// replicated).
+    pub gathered_bytes: usize,
 }
 
 /// A set of variables of one group optimized together by one engine.
@@ -64,7 +42,18 @@ pub(crate) struct Segment {
     pub shapes: Vec<Vec<usize>>,
     pub dtype: DType,
     pub device: Device,
-    pub engine: Engine,
+    pub engine: Box<dyn Engine>,
+}
+
+impl Segment {
+    /// An engine error, with a gradient present on some ranks only named by
+    /// its variable.
+    fn err(&self, e: Error) -> Error {
+        match e {
+            Error::Dist(d) => name_presence(d, &self.names),
+            e => e,
+        }
+    }
 }
 
 /// One `VarStore` group: its config and its segments.
@@ -89,14 +78,11 @@ pub struct Shampoo {
     pub(crate) configs: BTreeMap<usize, ShampooConfig>,
     pub(crate) groups: BTreeMap<usize, Group>,
     pub(crate) engine_opts: EngineOptions,
-    pub(crate) comm: Option<Arc<dyn Communicator>>,
+    /// The ranks (`None`: one process).
+    pub(crate) collectives: Option<Collectives>,
     pub(crate) dist_opts: DistOptions,
-    #[cfg(feature = "nccl")]
-    nccl: Option<crate::nccl::SharedNccl>,
-    /// The gradients were averaged already (by `clip_grad_norm`).
+    /// The gradients were averaged already (by a clip).
     grads_reduced: bool,
-    /// An error of `clip_grad_norm`, returned by the next `step`.
-    pending_error: Option<Error>,
     zeroer: COptimizer,
     zeroer_vars: usize,
     timings: StepTimings,
@@ -109,9 +95,10 @@ pub struct ShampooBuilder {
     configs: BTreeMap<usize, ShampooConfig>,
     engine_opts: EngineOptions,
     comm: Option<Arc<dyn Communicator>>,
+    collectives: Option<Collectives>,
     dist_opts: DistOptions,
     #[cfg(feature = "nccl")]
-    nccl: Option<crate::nccl::SharedNccl>,
+    nccl: Option<Arc<shampoo_dist::collective::nccl::NcclCollective>>,
 }
 
 impl ShampooBuilder {
@@ -148,36 +135,45 @@ impl ShampooBuilder {
         self
     }
 
-    /// Data-parallel: every step averages the gradients across the ranks of
-    /// `comm` and shares the directions each rank computed for its own
-    /// blocks (`shampoo_dist::DistributedShampoo`, one per group, all on
-    /// this communicator). Every rank must build the optimizer over the same
-    /// variables and call the same methods in the same order.
+    /// Data-parallel over the ranks of a host communicator: every step
+    /// averages the gradients across the ranks, each rank computes the
+    /// directions of its own share of the blocks, and one all-gather shares
+    /// them (`shampoo_dist::DistributedShampoo`, one per segment, all on
+    /// this communicator). CPU variables communicate through it directly,
+    /// CUDA variables through it staged through host memory, unless the
+    /// builder also has NCCL ([`ShampooBuilder::nccl`]). Every rank must
+    /// build the optimizer over the same variables and call the same methods
+    /// in the same order.
     pub fn communicator(mut self, comm: Arc<dyn Communicator>) -> Self {
         self.comm = Some(comm);
         self
     }
 
-    /// Data-parallel without sharding (with [`ShampooBuilder::communicator`]):
-    /// every step averages the gradients across ranks, then every rank
-    /// computes the directions of every block, so no directions are
-    /// exchanged. This is how CUDA variables are trained data-parallel in
-    /// this version (their gradients are averaged through host memory, as
-    /// `shampoo_dist`'s communicators move host memory); blocks are spread
-    /// over ranks for CPU variables only. Results are those of sharding with
-    /// full-precision communication (bitwise, on the CPU).
+    /// Data-parallel over `collectives` (a host communicator and, for GPU
+    /// ranks, NCCL): as [`ShampooBuilder::communicator`], with the device
+    /// collective chosen by the caller.
+    pub fn collectives(mut self, collectives: Collectives) -> Self {
+        self.collectives = Some(collectives);
+        self
+    }
+
+    /// Data-parallel without sharding: every step averages the gradients
+    /// across ranks, then every rank computes the directions of every block,
+    /// so no directions are exchanged (`DistOptions::replicated`). An
+    /// explicit choice, never a fallback: by default blocks are spread over
+    /// the ranks, on the CPU and on GPUs. Results are those of sharding with
+    /// full-precision communication (bitwise on the CPU).
     pub fn replicated(mut self, on: bool) -> Self {
         self.engine_opts.replicated = on;
         self
     }
 
-    /// Average the gradients of CUDA groups on their GPU with this NCCL
-    /// communicator (one `ncclAllReduce` per segment, on the legacy default
-    /// stream) instead of through host memory. Used with
-    /// [`ShampooBuilder::communicator`], whose ranks it must have (checked
-    /// by `build`); CPU groups keep the host communicator.
+    /// Communicate CUDA memory with this NCCL collective (on the device, on
+    /// the backend's stream) instead of staging it through the host. Used
+    /// with [`ShampooBuilder::communicator`], whose ranks it must have
+    /// (checked by `build`); CPU groups keep the host communicator.
     #[cfg(feature = "nccl")]
-    pub fn nccl(mut self, nccl: crate::nccl::SharedNccl) -> Self {
+    pub fn nccl(mut self, nccl: Arc<shampoo_dist::collective::nccl::NcclCollective>) -> Self {
         self.nccl = Some(nccl);
         self
     }
@@ -191,7 +187,7 @@ impl ShampooBuilder {
 
     /// Validates the configs and builds the optimizer over the variables
     /// the `VarStore` holds now (later ones are picked up at each step).
-    pub fn build(self) -> Result<Shampoo> {
+    pub fn build(#[allow(unused_mut)] mut self) -> Result<Shampoo> {
         self.default.validate()?;
         for (&group, c) in &self.configs {
             c.validate().map_err(|e| Error::Group {
@@ -199,28 +195,33 @@ impl ShampooBuilder {
                 reason: e.to_string(),
             })?;
         }
-        #[cfg(feature = "nccl")]
-        if let Some(nccl) = &self.nccl {
-            let (rank, world) = {
-                let n = crate::nccl::lock(nccl)?;
-                (n.rank(), n.world_size())
-            };
-            match &self.comm {
-                None => {
-                    return Err(Error::Options(
-                        "an NCCL communicator needs a host communicator too (`communicator`)"
-                            .into(),
-                    ));
-                }
-                Some(c) if (c.rank(), c.world_size()) != (rank, world) => {
-                    return Err(Error::Options(format!(
-                        "the NCCL communicator is rank {rank} of {world}, the host communicator rank {} of {}",
-                        c.rank(),
-                        c.world_size()
-                    )));
-                }
-                Some(_) => {}
+        let collectives = match (self.collectives, self.comm) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Options(
+                    "give the ranks either as `communicator` or as `collectives`, not both".into(),
+                ));
             }
+            (Some(c), None) => Some(c),
+            (None, Some(comm)) => {
+                #[cfg(feature = "nccl")]
+                if let Some(nccl) = self.nccl.take() {
+                    Some(
+                        Collectives::with_nccl(comm, nccl)
+                            .map_err(|e| Error::Options(e.to_string()))?,
+                    )
+                } else {
+                    Some(Collectives::host(comm))
+                }
+                #[cfg(not(feature = "nccl"))]
+                Some(Collectives::host(comm))
+            }
+            (None, None) => None,
+        };
+        #[cfg(feature = "nccl")]
+        if self.nccl.is_some() {
+            return Err(Error::Options(
+                "an NCCL communicator needs a host communicator too (`communicator`)".into(),
+            ));
         }
         let zeroer = COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false)?;
         let mut opt = Shampoo {
@@ -229,12 +230,9 @@ impl ShampooBuilder {
             configs: self.configs,
             groups: BTreeMap::new(),
             engine_opts: self.engine_opts,
-            comm: self.comm,
+            collectives,
             dist_opts: self.dist_opts,
-            #[cfg(feature = "nccl")]
-            nccl: self.nccl,
             grads_reduced: false,
-            pending_error: None,
             zeroer,
             zeroer_vars: 0,
             timings: StepTimings::default(),
@@ -260,6 +258,7 @@ impl Shampoo {
             configs: BTreeMap::new(),
             engine_opts: EngineOptions::default(),
             comm: None,
+            collectives: None,
             dist_opts: DistOptions::default(),
             #[cfg(feature = "nccl")]
             nccl: None,
@@ -291,9 +290,24 @@ impl Shampoo {
         Some(seg.engine.step_count())
     }
 
-    /// The communicator of a data-parallel optimizer.
+    /// The host communicator of a data-parallel optimizer.
     pub fn communicator(&self) -> Option<&Arc<dyn Communicator>> {
-        self.comm.as_ref()
+        self.collectives.as_ref().map(Collectives::communicator)
+    }
+
+    /// The collectives of a data-parallel optimizer.
+    pub fn collectives(&self) -> Option<&Collectives> {
+        self.collectives.as_ref()
+    }
+
+    /// Bytes of optimizer state this rank holds (on the variables'
+    /// devices), over every group: about `1/W` of the whole when sharded.
+    pub fn state_bytes(&self) -> usize {
+        self.groups
+            .values()
+            .flat_map(|g| &g.segments)
+            .map(|s| s.engine.state_bytes())
+            .sum()
     }
 
     /// Resets every gradient to undefined, as tch's `nn::Optimizer` does
@@ -330,13 +344,56 @@ impl Shampoo {
         self.step()
     }
 
-    /// As [`Shampoo::backward_step`], clipping the gradients' total L2 norm
-    /// to `max_norm` ([`Shampoo::clip_grad_norm`]) before stepping.
-    pub fn backward_step_clip(&mut self, loss: &Tensor, max_norm: f64) -> Result<()> {
+    /// As [`Shampoo::backward_step`], clamping every gradient value to
+    /// `[-max, max]` ([`Shampoo::clip_grad_value`]) before stepping, as
+    /// tch's `backward_step_clip`.
+    pub fn backward_step_clip(&mut self, loss: &Tensor, max: f64) -> Result<()> {
         self.zero_grad();
         loss.f_backward()?;
-        self.clip_grad_norm_checked(max_norm)?;
+        self.clip_grad_value(max)?;
         self.step()
+    }
+
+    /// As [`Shampoo::backward_step`], clipping the gradients' total L2 norm
+    /// to `max_norm` ([`Shampoo::clip_grad_norm`]) before stepping, as tch's
+    /// `backward_step_clip_norm`.
+    pub fn backward_step_clip_norm(&mut self, loss: &Tensor, max_norm: f64) -> Result<()> {
+        self.zero_grad();
+        loss.f_backward()?;
+        self.clip_grad_norm(max_norm)?;
+        self.step()
+    }
+
+    /// Clamps every gradient value to `[-max, max]` (tch's
+    /// `clip_grad_value`, `torch.nn.utils.clip_grad_value_`).
+    ///
+    /// Data-parallel, it first averages the gradients across ranks (the
+    /// next step does not average them again), so every rank clips the same
+    /// averaged gradients, as one process would. On an error nothing is
+    /// clipped.
+    pub fn clip_grad_value(&mut self, max: f64) -> Result<()> {
+        if !max.is_finite() || max < 0.0 {
+            return Err(Error::Options(format!(
+                "clip_grad_value: max must be finite and >= 0, got {max}"
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        if self.collectives.is_some() && !self.grads_reduced {
+            self.reduce_gradients()?;
+        }
+        let groups = vars::read_groups(&self.variables)?;
+        let mut grads = Vec::new();
+        for v in groups.values().flatten() {
+            if let Some(g) = vars::gradient(v)? {
+                grads.push((v.name.as_str(), g, v.dtype));
+            }
+        }
+        let list: Vec<(&str, &Tensor, DType)> = grads.iter().map(|(n, g, d)| (*n, g, *d)).collect();
+        vars::check_disjoint(&list)?;
+        for (_, g, _) in &grads {
+            let _clamped = g.shallow_clone().f_clamp_(-max, max)?;
+        }
+        Ok(())
     }
 
     /// Scales every gradient by `max_norm / (norm + 1e-6)` when that is
@@ -349,23 +406,15 @@ impl Shampoo {
     ///
     /// The norm is accumulated in `f64`; the factor is applied in the
     /// gradients' dtype. On an error (a variable that cannot be used, see
-    /// [`Shampoo::step`]; a failed all-reduce) it returns NaN, leaves the
-    /// gradients unscaled, and the next [`Shampoo::step`] returns the error
-    /// without updating anything.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        match self.clip_grad_norm_checked(max_norm) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("clip_grad_norm: {e}");
-                self.pending_error = Some(e);
-                f64::NAN
-            }
+    /// [`Shampoo::step`]; a failed all-reduce) nothing is scaled.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        if !max_norm.is_finite() || max_norm < 0.0 {
+            return Err(Error::Options(format!(
+                "clip_grad_norm: max_norm must be finite and >= 0, got {max_norm}"
+            )));
         }
-    }
-
-    fn clip_grad_norm_checked(&mut self, max_norm: f64) -> Result<f64> {
         let _guard = tch::no_grad_guard();
-        if self.comm.is_some() && !self.grads_reduced {
+        if self.collectives.is_some() && !self.grads_reduced {
             self.reduce_gradients()?;
         }
         let groups = vars::read_groups(&self.variables)?;
@@ -556,7 +605,7 @@ impl Shampoo {
                     shapes,
                     (new[0].dtype, new[0].device),
                     &self.engine_opts,
-                    self.comm.as_ref(),
+                    self.collectives.as_ref(),
                     &self.dist_opts,
                 )?;
                 group.segments.push(seg);
@@ -576,22 +625,27 @@ impl Shampoo {
     /// otherwise this is an [`Error::Variable`] naming it, and nothing is
     /// updated. A numerical error of one group (`shampoo_core`'s
     /// `NonFinite`, ...) is returned as soon as it happens; groups stepped
-    /// before it keep their update.
+    /// before it keep their update. Data-parallel, a variable with a
+    /// gradient on some ranks only is an [`Error::Variable`] naming it and
+    /// the step, from that step (CPU variables, host-staged GPU variables)
+    /// or from the next one (GPU variables with NCCL, whose counts are read
+    /// back without waiting for the GPU; [`Shampoo::flush`] checks the
+    /// last step's).
     pub fn step(&mut self) -> Result<()> {
         let reduced = std::mem::take(&mut self.grads_reduced);
-        if let Some(e) = self.pending_error.take() {
-            return Err(e);
-        }
         self.step_inner(reduced)
     }
 
-    /// How replicated segments average gradients (`None`: one process).
-    fn averaging(&self) -> Option<Averaging> {
-        Some(Averaging {
-            comm: self.comm.clone()?,
-            #[cfg(feature = "nccl")]
-            nccl: self.nccl.clone(),
-        })
+    /// Checks what the last step left outstanding: with NCCL, the gradient
+    /// presence counts that are read back a step late (call it after the
+    /// last step; [`Shampoo::save`] does).
+    pub fn flush(&mut self) -> Result<()> {
+        for group in self.groups.values_mut() {
+            for seg in &mut group.segments {
+                seg.engine.flush().map_err(|e| seg.err(e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Averages the gradients of every group across ranks, in place.
@@ -600,34 +654,18 @@ impl Shampoo {
         let grads = gradients(&current)?;
         check_all_disjoint(&current, &grads)?;
         let mut timings = StepTimings::default();
-        let averaging = self.averaging();
         for (gid, group) in &mut self.groups {
-            let vars = &current[gid];
-            let index = name_index(vars);
+            let index = name_index(&current[gid]);
             let gs = &grads[gid];
             for seg in &mut group.segments {
-                if let (Engine::Replicated(_), Some(avg)) = (&seg.engine, &averaging) {
-                    let t = Instant::now();
-                    avg.average(seg, &index, gs)?;
-                    timings.all_reduce += t.elapsed();
-                }
-                if let Engine::Dist(o) = &mut seg.engine {
-                    let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
-                    // SAFETY: the gradients were checked (CPU, contiguous,
-                    // dtype) and are disjoint; `grads` keeps them alive.
-                    let mut g: Vec<Option<HostViewMut<'_>>> = idx
-                        .iter()
-                        .map(|&i| {
-                            gs[i].as_ref().map(|g| {
-                                // SAFETY: checked, disjoint gradients kept
-                                // alive by `grads`; each is viewed once.
-                                unsafe { vars::view_mut(g, seg.dtype) }
-                            })
-                        })
-                        .collect();
-                    o.reduce_gradients(&mut g)?;
-                    timings.all_reduce += o.times().reduce;
-                }
+                let g: Vec<Option<&Tensor>> = seg
+                    .names
+                    .iter()
+                    .map(|n| gs[index[n.as_str()]].as_ref())
+                    .collect();
+                let t = Instant::now();
+                seg.engine.reduce(&g, seg.dtype).map_err(|e| seg.err(e))?;
+                timings.all_reduce += t.elapsed();
             }
         }
         self.grads_reduced = true;
@@ -641,7 +679,7 @@ impl Shampoo {
         let grads = gradients(&current)?;
         check_all_disjoint(&current, &grads)?;
 
-        // The all-reduce time of a `clip_grad_norm` before this step.
+        // The all-reduce time of a clip before this step.
         let mut timings = StepTimings {
             all_reduce: if reduced {
                 self.timings.all_reduce
@@ -650,67 +688,26 @@ impl Shampoo {
             },
             ..StepTimings::default()
         };
-        let averaging = self.averaging();
         for (gid, group) in &mut self.groups {
             let vars = &current[gid];
             let index = name_index(vars);
+            let gs = &grads[gid];
             for seg in &mut group.segments {
                 let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
-                let gs = &grads[gid];
-                if let (Engine::Replicated(_), Some(avg), false) =
-                    (&seg.engine, &averaging, reduced)
-                {
-                    let t = Instant::now();
-                    avg.average(seg, &index, gs)?;
-                    timings.all_reduce += t.elapsed();
+                // Checked (device, contiguous, dtype) and disjoint tensors,
+                // kept alive by `current` and `grads`.
+                let params: Vec<&Tensor> = idx.iter().map(|&i| &vars[i].tensor).collect();
+                let g: Vec<Option<&Tensor>> = idx.iter().map(|&i| gs[i].as_ref()).collect();
+                seg.engine
+                    .step(&params, &g, seg.dtype, reduced)
+                    .map_err(|e| seg.err(e))?;
+                let t = seg.engine.times();
+                if !reduced {
+                    timings.all_reduce += t.reduce;
                 }
-                let t = Instant::now();
-                match &mut seg.engine {
-                    Engine::Local(o) | Engine::Replicated(o) => {
-                        // Checked (device, contiguous, dtype) and disjoint
-                        // tensors, kept alive by `current` and `grads`.
-                        let params: Vec<&Tensor> = idx.iter().map(|&i| &vars[i].tensor).collect();
-                        let g: Vec<Option<&Tensor>> = idx.iter().map(|&i| gs[i].as_ref()).collect();
-                        o.step(&params, &g, seg.dtype)?;
-                        timings.optimizer += t.elapsed();
-                    }
-                    Engine::Dist(o) => {
-                        // SAFETY: every tensor was checked (CPU: `new_segment`
-                        // builds no distributed engine for a device;
-                        // contiguous, dtype) and no two of them overlap
-                        // (check_disjoint); `current` and `grads` keep them
-                        // alive; libtorch does not run on them during the
-                        // step (gradient tracking is off and we hold them).
-                        let mut params: Vec<HostViewMut<'_>> = idx
-                            .iter()
-                            .map(|&i| unsafe { vars::view_mut(&vars[i].tensor, seg.dtype) })
-                            .collect();
-                        // SAFETY: as above.
-                        let mut g: Vec<Option<HostViewMut<'_>>> = idx
-                            .iter()
-                            .map(|&i| {
-                                gs[i].as_ref().map(|g| {
-                                    // SAFETY: checked, disjoint gradients kept
-                                    // alive by `grads`; each is viewed once.
-                                    unsafe { vars::view_mut(g, seg.dtype) }
-                                })
-                            })
-                            .collect();
-                        if reduced {
-                            let g: Vec<Option<HostView<'_>>> =
-                                g.iter().map(|g| g.as_ref().map(|g| g.as_view())).collect();
-                            o.step_reduced(&mut params, &g)?;
-                        } else {
-                            o.step(&mut params, &mut g)?;
-                        }
-                        let times = o.times();
-                        if !reduced {
-                            timings.all_reduce += times.reduce;
-                        }
-                        timings.optimizer += times.optimizer;
-                        timings.all_gather += times.all_gather + times.apply;
-                    }
-                }
+                timings.optimizer += t.optimizer;
+                timings.all_gather += t.all_gather + t.apply;
+                timings.gathered_bytes += seg.engine.gather_bytes();
             }
         }
         self.timings = timings;
@@ -719,36 +716,39 @@ impl Shampoo {
 }
 
 /// A fresh engine for one segment of variables of `dtype` on `device`
-/// (collective when `comm` is set).
+/// (collective when `collectives` is set): sharded over the ranks unless
+/// `engine_opts.replicated`; one process is a world of one, replicated.
 pub(crate) fn new_segment(
     config: &ShampooConfig,
     names: Vec<String>,
     shapes: Vec<Vec<usize>>,
     (dtype, device): (DType, Device),
     engine_opts: &EngineOptions,
-    comm: Option<&Arc<dyn Communicator>>,
+    collectives: Option<&Collectives>,
     opts: &DistOptions,
 ) -> Result<Segment> {
-    let engine = match comm {
-        None => Engine::Local(engine::local_engine(
-            config,
-            &shapes,
-            dtype,
-            device,
-            engine_opts,
-        )?),
-        Some(_) if engine_opts.replicated || device != Device::Cpu => Engine::Replicated(
-            engine::local_engine(config, &shapes, dtype, device, engine_opts)?,
+    let (collectives, opts) = match collectives {
+        None => (
+            Collectives::host(Arc::new(SingleProcess)),
+            DistOptions::replicated(),
         ),
-        Some(comm) => Engine::Dist(Box::new(DistributedShampoo::new(
-            config.clone(),
-            &shapes,
-            dtype,
-            CpuBackend::new(engine_opts.threads)?,
-            comm.clone(),
-            opts.clone(),
-        )?)),
+        Some(c) if engine_opts.replicated => (
+            c.clone(),
+            DistOptions {
+                num_trainers_per_group: Some(1),
+                ..opts.clone()
+            },
+        ),
+        Some(c) => (c.clone(), opts.clone()),
     };
+    let engine = engine::build(
+        config,
+        &shapes,
+        (dtype, device),
+        engine_opts,
+        &collectives,
+        &opts,
+    )?;
     Ok(Segment {
         names,
         shapes,
@@ -756,39 +756,6 @@ pub(crate) fn new_segment(
         device,
         engine,
     })
-}
-
-/// How replicated segments average their gradients across ranks.
-pub(crate) struct Averaging {
-    comm: Arc<dyn Communicator>,
-    /// Averages CUDA gradients on their device.
-    #[cfg(feature = "nccl")]
-    nccl: Option<crate::nccl::SharedNccl>,
-}
-
-impl Averaging {
-    /// Averages the gradients of a replicated segment, in place: with NCCL
-    /// on the device when it has one and the segment is on a GPU, otherwise
-    /// through host memory.
-    fn average(
-        &self,
-        seg: &Segment,
-        index: &HashMap<&str, usize>,
-        grads: &[Option<Tensor>],
-    ) -> Result<()> {
-        let lens: Vec<usize> = seg.shapes.iter().map(|s| s.iter().product()).collect();
-        let gs: Vec<Option<&Tensor>> = seg
-            .names
-            .iter()
-            .map(|n| grads[index[n.as_str()]].as_ref())
-            .collect();
-        #[cfg(feature = "nccl")]
-        if let (Some(nccl), Device::Cuda(_)) = (&self.nccl, seg.device) {
-            let names: Vec<&str> = seg.names.iter().map(String::as_str).collect();
-            return crate::nccl::average(nccl, (seg.dtype, seg.device), &names, &lens, &gs);
-        }
-        crate::dist::average(self.comm.as_ref(), seg.dtype, &lens, &gs)
-    }
 }
 
 fn check_lr(lr: f64) -> Result<()> {

@@ -1,7 +1,10 @@
 //! CUDA variables (feature `cuda`; every test returns early, saying so,
 //! where libtorch sees no GPU): the adapter updates them in place through
 //! shampoo-core's CUDA backend and matches the CPU adapter on the same
-//! gradients; data-parallel CUDA ranks run replicated and agree bit for bit.
+//! gradients; data-parallel CUDA ranks shard their blocks by default (each
+//! holds about half the state) and agree bit for bit, replicated as an
+//! explicit choice; with NCCL in a world of one the sharded path gives bit
+//! for bit the run without a communicator.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -68,7 +71,7 @@ fn run(device: Device, kind: Kind, clip: Option<f64>) -> (VarStore, Vec<f64>) {
         opt.zero_grad();
         l.backward();
         if let Some(c) = clip {
-            norms.push(opt.clip_grad_norm(c));
+            norms.push(opt.clip_grad_norm(c).unwrap());
         }
         opt.step().unwrap();
     }
@@ -134,16 +137,19 @@ fn a_group_on_two_devices_is_refused() {
     );
 }
 
-#[test]
-fn data_parallel_cuda_ranks_run_replicated_and_agree_bitwise() {
-    let Some(gpu) = gpu() else { return };
+/// A rank's weights (as bits, by name) and state bytes.
+type RankResult = (Vec<(String, Vec<u32>)>, usize);
+
+/// Two data-parallel CUDA ranks (threads sharing GPU 0, host-staged
+/// collective): their weights, and each rank's state bytes.
+fn two_cuda_ranks(gpu: Device, replicated: bool) -> Vec<RankResult> {
     let comms = in_process(
         2,
         &CommOptions {
             timeout: Duration::from_secs(120),
         },
     );
-    let results: Vec<Vec<(String, Vec<u32>)>> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|c: Arc<dyn Communicator>| {
@@ -152,6 +158,7 @@ fn data_parallel_cuda_ranks_run_replicated_and_agree_bitwise() {
                     let (vs, m) = model(gpu, Kind::Float);
                     let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
                         .communicator(c)
+                        .replicated(replicated)
                         .build()
                         .unwrap();
                     for step in 0..STEPS {
@@ -159,54 +166,71 @@ fn data_parallel_cuda_ranks_run_replicated_and_agree_bitwise() {
                         opt.backward_step(&l).unwrap();
                         let t = opt.timings();
                         assert!(t.all_reduce > Duration::ZERO);
-                        assert_eq!(t.all_gather, Duration::ZERO);
+                        assert_eq!(t.gathered_bytes > 0, !replicated);
                     }
-                    bits(&vs)
+                    opt.flush().unwrap();
+                    (bits(&vs), opt.state_bytes())
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(results[0], results[1], "CUDA ranks hold different weights");
+    })
 }
 
-/// NCCL in a world of one on GPU 0: the whole device-averaging path runs
-/// (pack, `ncclAllReduce`, flags, unpack) and, an average of one rank being
-/// exact, gives bit for bit the run without a communicator.
+#[test]
+fn data_parallel_cuda_ranks_shard_by_default_and_agree_bitwise() {
+    let Some(gpu) = gpu() else { return };
+    let sharded = two_cuda_ranks(gpu, false);
+    assert_eq!(
+        sharded[0].0, sharded[1].0,
+        "CUDA ranks hold different weights"
+    );
+    let replicated = two_cuda_ranks(gpu, true);
+    assert_eq!(replicated[0].0, replicated[1].0);
+    // Sharded, the two ranks hold the whole state between them.
+    let whole = replicated[0].1;
+    assert_eq!(sharded[0].1 + sharded[1].1, whole);
+    assert!(sharded[0].1 < whole && sharded[1].1 < whole);
+}
+
+/// NCCL in a world of one on GPU 0: the sharded path runs (own directions
+/// packed into a slot, all-gathered by NCCL on the device, applied from the
+/// gathered buffer; a world of one averages no gradients) and gives bit for
+/// bit the replicated run without a communicator.
 #[cfg(feature = "nccl")]
 #[test]
-fn nccl_averaging_in_a_world_of_one_changes_nothing() {
-    use shampoo_dist::SingleProcess;
-    use shampoo_dist::comm::nccl::{NcclCommunicator, probe_device};
-    use std::sync::Mutex;
+fn nccl_in_a_world_of_one_changes_nothing() {
+    use shampoo_dist::collective::nccl::NcclCollective;
+    use shampoo_dist::comm::nccl::probe_device;
+    use shampoo_dist::{Collectives, SingleProcess};
 
     let Some(gpu) = gpu() else { return };
     if let Err(e) = probe_device(0) {
         eprintln!("skipped: {e}");
         return;
     }
-    let nccl = Arc::new(Mutex::new(
-        NcclCommunicator::on_device(&SingleProcess, 0).unwrap(),
-    ));
     let single: Arc<dyn Communicator> = Arc::new(SingleProcess);
+    let nccl = Arc::new(NcclCollective::new(single.clone(), 0, &CommOptions::default()).unwrap());
+    let collectives = Collectives::with_nccl(single, nccl).unwrap();
     let run = |with_nccl: bool| {
         let (vs, m) = model(gpu, Kind::Float);
         let mut b = Shampoo::builder(&vs, shampoo_config(0.01));
         if with_nccl {
-            b = b.communicator(single.clone()).nccl(nccl.clone());
+            b = b.collectives(collectives.clone());
         }
         let mut opt = b.build().unwrap();
         for step in 0..STEPS {
             opt.zero_grad();
             loss_on(&m, step, Kind::Float, gpu).backward();
             if with_nccl && step == 0 {
-                // The baselines' helper, on the same gradients: unchanged.
+                // The baselines' helper: a world of one changes nothing.
                 let before = bits_of_grads(&vs);
-                shampoo_tch::all_reduce_gradients_nccl(&vs, &nccl).unwrap();
+                shampoo_tch::all_reduce_gradients(&vs, &collectives).unwrap();
                 assert_eq!(bits_of_grads(&vs), before);
             }
             opt.step().unwrap();
         }
+        opt.flush().unwrap();
         bits(&vs)
     };
     assert_eq!(run(true), run(false));

@@ -61,13 +61,129 @@ fn tied_variables_are_refused() {
     let mut opt = Shampoo::new(&vs, shampoo_config(0.01)).unwrap();
     let tied = r#"variable "b": shares memory with variable "a" (or a gradient does); tied or aliased variables are not supported"#;
     assert_eq!(message(opt.step()), tied);
-    // clip_grad_norm cannot return the error: it returns NaN, and the next
-    // step returns the error.
+    // Clipping returns the error itself and scales nothing.
     (vs.variables()["a"].shallow_clone() * 2.0)
         .sum(Kind::Float)
         .backward();
-    assert!(opt.clip_grad_norm(1.0).is_nan());
+    assert_eq!(message(opt.clip_grad_norm(1.0)), tied);
+    assert_eq!(message(opt.clip_grad_value(1.0)), tied);
+    assert_eq!(common::host(&vs.variables()["a"].grad()), vec![2.0; 3]);
     assert_eq!(message(opt.step()), tied);
+    assert_eq!(
+        message(opt.clip_grad_norm(f64::NAN)),
+        "optimizer options: clip_grad_norm: max_norm must be finite and >= 0, got NaN"
+    );
+}
+
+/// A step with a NaN gradient for `w` (and a finite one for `v`): its
+/// outcome. `w` and `v` are one block each (on two ranks, one per rank).
+fn nan_step(
+    comm: Option<std::sync::Arc<dyn shampoo_dist::Communicator>>,
+    nan_v: bool,
+) -> shampoo_tch::Result<()> {
+    let vs = VarStore::new(Device::Cpu);
+    let w = vs.root().var("w", &[4, 4], Init::Const(0.5));
+    let v = vs.root().var("v", &[4, 4], Init::Const(0.5));
+    let config = shampoo_core::ShampooConfig::from_json(
+        r#"{"lr": 0.01, "precondition_frequency": 1, "start_preconditioning_step": 1}"#,
+    )
+    .unwrap();
+    let mut b = Shampoo::builder(&vs, config);
+    if let Some(c) = comm {
+        b = b.communicator(c);
+    }
+    let mut opt = b.build().unwrap();
+    let nan = Tensor::full([4, 4], f64::NAN, (Kind::Float, Device::Cpu));
+    let gv = if nan_v {
+        &nan * &v
+    } else {
+        v.shallow_clone() * 2.0
+    };
+    ((&w * &nan).sum(Kind::Float) + gv.sum(Kind::Float)).backward();
+    opt.step()
+}
+
+fn on_two_ranks(nan_v: bool) -> Vec<shampoo_tch::Result<()>> {
+    let comms = shampoo_dist::in_process(2, &shampoo_dist::CommOptions::default());
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| s.spawn(move || nan_step(Some(c), nan_v)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn a_non_finite_value_is_the_same_flat_core_error_on_one_process_and_on_ranks() {
+    use shampoo_tch::Error;
+    let mut all = vec![nan_step(None, true)];
+    all.extend(on_two_ranks(true));
+    for r in &all {
+        assert!(
+            matches!(r, Err(Error::Core(shampoo_core::Error::NonFinite { .. }))),
+            "{r:?}"
+        );
+    }
+}
+
+#[test]
+fn a_rank_whose_block_fails_still_joins_the_step_so_the_others_finish_it() {
+    // Only `w`'s rank sees the NaN; the other rank ends the step at once
+    // (not at the collective timeout).
+    let t = std::time::Instant::now();
+    let r = on_two_ranks(false);
+    assert!(t.elapsed() < std::time::Duration::from_secs(30));
+    assert_eq!(r.iter().filter(|r| r.is_ok()).count(), 1, "{r:?}");
+    assert!(
+        r.iter().any(|r| matches!(
+            r,
+            Err(shampoo_tch::Error::Core(
+                shampoo_core::Error::NonFinite { .. }
+            ))
+        )),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_gradient_on_some_ranks_only_names_the_variable_and_the_step() {
+    let comms = shampoo_dist::in_process(2, &shampoo_dist::CommOptions::default());
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let rank = c.rank();
+                    let vs = VarStore::new(Device::Cpu);
+                    let m = Mlp::new(vs.root());
+                    let extra = vs.root().var("extra", &[3], Init::Const(0.5));
+                    let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+                        .communicator(c)
+                        .build()
+                        .unwrap();
+                    let both = loss(&m, 0, Kind::Float) + extra.sum(Kind::Float);
+                    opt.backward_step(&both).unwrap();
+                    // Step 2: `extra` takes part on rank 0 only.
+                    let l = if rank == 0 {
+                        loss(&m, 1, Kind::Float) + extra.sum(Kind::Float)
+                    } else {
+                        loss(&m, 1, Kind::Float)
+                    };
+                    opt.zero_grad();
+                    l.backward();
+                    message(opt.step())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in errs {
+        assert_eq!(
+            e,
+            r#"variable "extra": had a gradient on 1 of 2 ranks at step 2; every rank needs a gradient for it, or none"#
+        );
+    }
 }
 
 #[test]

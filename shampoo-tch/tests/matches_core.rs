@@ -187,7 +187,7 @@ fn clip_grad_norm_returns_the_norm_and_scales_like_torch() {
     assert!(norm > 0.0);
 
     // Above the norm: nothing changes.
-    assert_eq!(opt.clip_grad_norm(norm * 2.0), norm);
+    assert_eq!(opt.clip_grad_norm(norm * 2.0).unwrap(), norm);
     let same: Vec<Vec<f32>> = common::snapshot(&vs, &names)
         .into_iter()
         .map(|s| s.1.unwrap())
@@ -196,7 +196,7 @@ fn clip_grad_norm_returns_the_norm_and_scales_like_torch() {
 
     // Below: every gradient is scaled by max / (norm + 1e-6).
     let max = norm / 4.0;
-    assert_eq!(opt.clip_grad_norm(max), norm);
+    assert_eq!(opt.clip_grad_norm(max).unwrap(), norm);
     let c = (max / (norm + 1e-6)) as f32;
     let after: Vec<Vec<f32>> = common::snapshot(&vs, &names)
         .into_iter()
@@ -207,6 +207,58 @@ fn clip_grad_norm_returns_the_norm_and_scales_like_torch() {
         .map(|g| g.iter().map(|&x| x * c).collect())
         .collect();
     assert_eq!(after, want);
+
+    // Clipping values clamps each element to [-max, max], as tch's
+    // clip_grad_value does.
+    let v = after.iter().flatten().map(|x| x.abs()).fold(0f32, f32::max) / 2.0;
+    opt.clip_grad_value(v as f64).unwrap();
+    let clamped: Vec<Vec<f32>> = common::snapshot(&vs, &names)
+        .into_iter()
+        .map(|s| s.1.unwrap())
+        .collect();
+    let want: Vec<Vec<f32>> = after
+        .iter()
+        .map(|g| g.iter().map(|&x| x.clamp(-v, v)).collect())
+        .collect();
+    assert_eq!(clamped, want);
+    assert!(clamped.iter().flatten().any(|&x| x == v || x == -v));
+}
+
+/// tch's names, tch's semantics: `backward_step_clip` clips values,
+/// `backward_step_clip_norm` clips the norm; each equals clipping by hand
+/// between `backward` and `step`.
+#[test]
+fn backward_step_clip_clips_values_and_backward_step_clip_norm_the_norm() {
+    let run = |how: &dyn Fn(&mut Shampoo, &Tensor)| {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let mlp = Mlp::new(vs.root());
+        let mut opt = Shampoo::builder(&vs, shampoo_config(0.01))
+            .threads(1)
+            .build()
+            .unwrap();
+        for step in 0..3 {
+            how(&mut opt, &loss(&mlp, step, Kind::Float));
+        }
+        common::bits(&vs)
+    };
+    let values = run(&|o, l| o.backward_step_clip(l, 0.01).unwrap());
+    let by_hand = run(&|o, l| {
+        o.zero_grad();
+        l.backward();
+        o.clip_grad_value(0.01).unwrap();
+        o.step().unwrap();
+    });
+    assert_eq!(values, by_hand);
+    let norm = run(&|o, l| o.backward_step_clip_norm(l, 0.01).unwrap());
+    let by_hand = run(&|o, l| {
+        o.zero_grad();
+        l.backward();
+        o.clip_grad_norm(0.01).unwrap();
+        o.step().unwrap();
+    });
+    assert_eq!(norm, by_hand);
+    assert_ne!(values, norm);
 }
 
 #[test]
