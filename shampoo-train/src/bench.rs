@@ -43,6 +43,56 @@ pub struct BenchResult {
     pub optimizer_s: f64,
     /// Mean all-gather time.
     pub all_gather_s: f64,
+    /// Ranks.
+    pub world_size: usize,
+    /// How GPU ranks communicated (`nccl`, `host-staged`; `host` on CPUs).
+    pub collective: String,
+    /// Shampoo computed every block on every rank.
+    pub replicated: bool,
+    /// Every rank's mean optimizer time, as `optimizer_s`.
+    pub optimizer_s_per_rank: Vec<f64>,
+    /// Bytes all-gathered per step on a rank (every rank's directions).
+    pub gathered_bytes: usize,
+    /// Every rank's optimizer state (bytes; Shampoo).
+    pub state_bytes_per_rank: Vec<usize>,
+    /// Every rank's final weights' digest (FNV-1a over their bytes, in
+    /// name order), in hex.
+    pub weights_digest_per_rank: Vec<String>,
+    /// Whether every rank ended with the same weights, bit for bit.
+    pub weights_identical: bool,
+}
+
+/// FNV-1a of every variable's bytes, in name order (on the host).
+fn weights_digest(vs: &VarStore) -> Result<u64> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, t) in vars {
+        let t = t.f_to(Device::Cpu)?.f_contiguous()?;
+        let n = t.numel() * t.kind().elt_size_in_bytes();
+        let mut bytes = vec![0u8; n];
+        t.f_copy_data_u8(&mut bytes, n)?;
+        for b in name.bytes().chain(bytes) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(h)
+}
+
+/// Every rank's `values`, gathered on every rank.
+fn gather_u64(comm: &dyn Communicator, values: &[u64]) -> Result<Vec<Vec<u64>>> {
+    let send: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut all = vec![0u8; send.len() * comm.world_size()];
+    comm.all_gather_bytes(&send, &mut all)?;
+    Ok(all
+        .chunks(send.len().max(1))
+        .map(|c| {
+            c.chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect()
+        })
+        .collect())
 }
 
 fn sync(device: Device) {
@@ -65,7 +115,7 @@ pub fn bench_step(
     }
     let world = comm.world_size();
     let device = train::device_for(cfg)?;
-    crate::comm::init_gpu(device, &comm);
+    let collectives = crate::comm::collectives(device, &comm, cfg.collective)?;
     train::apply_threads(cfg);
     let kind = cfg.model.unwrap_or(ModelKind::Resnet50);
     let (channels, classes) = if kind == ModelKind::Cnn {
@@ -84,7 +134,7 @@ pub fn bench_step(
     let vs = VarStore::new(device);
     let net = model::build(&vs, kind, classes);
     train::maybe_channels_last(cfg, &vs)?;
-    let mut opt = train::build_optimizer(cfg, &vs, &comm)?;
+    let mut opt = train::build_optimizer(cfg, &vs, &collectives)?;
     let r = cfg.resolution as i64;
     let mut x = Tensor::f_randn([per_rank, channels, r, r], (Kind::Float, device))?;
     if cfg.channels_last {
@@ -93,6 +143,7 @@ pub fn bench_step(
     let y = Tensor::f_randint(classes, [per_rank], (Kind::Int64, device))?;
     let lr = cfg.lr.unwrap_or(1e-3);
     let mut sums = [0f64; 5];
+    let mut gathered_bytes = 0;
     for i in 0..warmup + steps {
         sync(device);
         let t0 = Instant::now();
@@ -104,7 +155,8 @@ pub fn bench_step(
             .f_backward()?;
         sync(device);
         let fb = t0.elapsed().as_secs_f64();
-        let t: OptTimes = opt.step(&vs, &*comm)?;
+        let t: OptTimes = opt.step(&vs)?;
+        gathered_bytes = t.gathered_bytes;
         sync(device);
         let total = t0.elapsed().as_secs_f64();
         // On a GPU the optimizer returns once its work is queued; what the
@@ -121,8 +173,27 @@ pub fn bench_step(
             }
         }
     }
+    opt.finish()?;
     let n = steps as f64;
+    let digest = weights_digest(&vs)?;
+    let per_rank = gather_u64(
+        &*comm,
+        &[(sums[3] / n).to_bits(), opt.state_bytes() as u64, digest],
+    )?;
+    let collective = match device {
+        Device::Cpu => "host".to_string(),
+        _ if world == 1 => "none".to_string(),
+        _ => cfg.collective.name().to_string(),
+    };
     Ok(BenchResult {
+        world_size: world,
+        collective,
+        replicated: cfg.replicated,
+        optimizer_s_per_rank: per_rank.iter().map(|r| f64::from_bits(r[0])).collect(),
+        gathered_bytes,
+        state_bytes_per_rank: per_rank.iter().map(|r| r[1] as usize).collect(),
+        weights_digest_per_rank: per_rank.iter().map(|r| format!("{:016x}", r[2])).collect(),
+        weights_identical: per_rank.iter().all(|r| r[2] == per_rank[0][2]),
         optimizer: cfg.optimizer.name().into(),
         model: kind.name().into(),
         batch_size: cfg.batch_size,

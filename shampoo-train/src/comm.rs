@@ -1,10 +1,11 @@
-//! The communicator the training loop uses: `shampoo_dist`'s, from the
-//! variables `shampoo-run` (or torchrun) sets.
+//! The communicators the training loop uses: `shampoo_dist`'s host
+//! communicator, from the variables `shampoo-run` (or torchrun) sets, and
+//! on GPU ranks the collective that moves device memory (`--collective`).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use std::sync::Arc;
 
-pub use shampoo_dist::{CommOptions, Communicator, SingleProcess};
+pub use shampoo_dist::{Collectives, CommOptions, Communicator, SingleProcess};
 
 /// The communicator the launcher's variables describe (one process without
 /// them).
@@ -17,81 +18,90 @@ pub fn single() -> Arc<dyn Communicator> {
     Arc::new(SingleProcess)
 }
 
-/// Averages every gradient of `vs` over the ranks (baseline optimizers;
-/// Shampoo averages its own), in place: with NCCL on the GPU when
-/// [`init_gpu`] set it up (`shampoo_tch::all_reduce_gradients_nccl`),
-/// otherwise through host memory (`shampoo_tch::all_reduce_gradients`).
-pub fn all_reduce_gradients(vs: &tch::nn::VarStore, comm: &dyn Communicator) -> Result<()> {
-    if comm.world_size() == 1 {
-        return Ok(());
-    }
-    #[cfg(feature = "nccl")]
-    if let Some(nccl) = gpu() {
-        return Ok(shampoo_tch::all_reduce_gradients_nccl(vs, nccl)?);
-    }
-    Ok(shampoo_tch::all_reduce_gradients(vs, comm)?)
+/// How GPU ranks move device memory (gradients, directions).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum CollectiveChoice {
+    /// NCCL on the GPUs, on the optimizer's stream (one GPU per rank).
+    #[default]
+    Nccl,
+    /// Through host memory over the ranks' TCP connections: for machines
+    /// without NCCL, or several ranks sharing one GPU (which NCCL refuses).
+    HostStaged,
 }
 
-/// The NCCL communicator of this process's GPU rank (see [`init_gpu`]).
-#[cfg(feature = "nccl")]
-static GPU: std::sync::OnceLock<shampoo_tch::SharedNccl> = std::sync::OnceLock::new();
-
-/// The NCCL communicator set up by [`init_gpu`], if any.
-#[cfg(feature = "nccl")]
-pub fn gpu() -> Option<&'static shampoo_tch::SharedNccl> {
-    GPU.get()
+impl CollectiveChoice {
+    /// Name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            CollectiveChoice::Nccl => "nccl",
+            CollectiveChoice::HostStaged => "host-staged",
+        }
+    }
 }
 
-/// On a CUDA device with several ranks, creates the NCCL communicator of
-/// `comm`'s world (collective: every rank calls it), so that gradients are
-/// averaged on the GPUs. When NCCL cannot be set up (or this build lacks
-/// the `nccl` feature) gradients are averaged through host memory, with a
-/// warning that says why.
-pub fn init_gpu(device: tch::Device, comm: &Arc<dyn Communicator>) {
+/// The collectives of this rank (collective: every rank calls it with the
+/// same choice). CPU ranks and worlds of one use the host communicator;
+/// GPU ranks of a larger world use NCCL unless `choice` is
+/// [`CollectiveChoice::HostStaged`]. When NCCL cannot run on every rank the
+/// error says why and suggests `--collective host-staged`: it is never
+/// replaced silently.
+pub fn collectives(
+    device: tch::Device,
+    comm: &Arc<dyn Communicator>,
+    choice: CollectiveChoice,
+) -> Result<Collectives> {
+    let host = Collectives::host(comm.clone());
     let tch::Device::Cuda(ordinal) = device else {
-        return;
+        return Ok(host);
     };
-    if comm.world_size() == 1 {
-        return;
+    if comm.world_size() == 1 || choice == CollectiveChoice::HostStaged {
+        if comm.world_size() > 1 {
+            tracing::info!(ordinal, "GPU memory is communicated through the host");
+        }
+        return Ok(host);
     }
-    #[cfg(feature = "nccl")]
-    {
-        if GPU.get().is_some() {
-            return;
-        }
-        use shampoo_dist::comm::nccl;
-        // Every rank must take the same path: agree on the probe first (the
-        // creation below is collective).
-        let probe = nccl::probe_device(ordinal);
-        let mut ready = [if probe.is_ok() { 1.0f32 } else { 0.0 }];
-        if let Err(e) = comm.all_reduce_mean(&mut ready) {
-            tracing::warn!(
-                "cannot agree on NCCL ({e}); gradients are averaged through host memory"
-            );
-            return;
-        }
-        if ready[0] != 1.0 {
-            let why = probe
-                .err()
-                .map_or("not on every rank".to_string(), |e| e.to_string());
-            tracing::warn!(
-                "NCCL is not available ({why}); gradients are averaged through host memory"
-            );
-            return;
-        }
-        match nccl::NcclCommunicator::on_device(&**comm, ordinal) {
-            Ok(n) => {
-                tracing::info!(ordinal, "gradients are averaged with NCCL");
-                let _ = GPU.set(Arc::new(std::sync::Mutex::new(n)));
-            }
-            Err(e) => tracing::warn!(
-                "NCCL is not available ({e}); gradients are averaged through host memory"
-            ),
-        }
+    nccl(ordinal, comm)
+}
+
+#[cfg(feature = "nccl")]
+fn nccl(ordinal: usize, comm: &Arc<dyn Communicator>) -> Result<Collectives> {
+    use shampoo_dist::collective::nccl::NcclCollective;
+    use shampoo_dist::comm::nccl;
+    // Every rank must take the same path: agree on the probe first (the
+    // creation below is collective).
+    let probe = nccl::probe_device(ordinal);
+    let mut ok = vec![0u8; comm.world_size()];
+    comm.all_gather_bytes(&[u8::from(probe.is_ok())], &mut ok)?;
+    let hint = "(--collective host-staged communicates through the host instead)";
+    if let Err(e) = probe {
+        return Err(Error::Invalid(format!("NCCL cannot run here: {e} {hint}")));
     }
-    #[cfg(not(feature = "nccl"))]
-    tracing::warn!(
-        ordinal,
-        "built without the `nccl` feature: gradients are averaged through host memory"
-    );
+    if let Some(r) = ok.iter().position(|&x| x == 0) {
+        return Err(Error::Invalid(format!(
+            "NCCL cannot run on rank {r} (see its error) {hint}"
+        )));
+    }
+    let n = NcclCollective::new(comm.clone(), ordinal, &CommOptions::default())
+        .map_err(|e| Error::Invalid(format!("setting up NCCL on cuda:{ordinal}: {e} {hint}")))?;
+    tracing::info!(ordinal, "GPU memory is communicated with NCCL");
+    Ok(Collectives::with_nccl(comm.clone(), Arc::new(n))?)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl(_ordinal: usize, _comm: &Arc<dyn Communicator>) -> Result<Collectives> {
+    Err(Error::Invalid(
+        "this shampoo-train was built without the `nccl` feature: use --collective host-staged"
+            .into(),
+    ))
 }

@@ -164,6 +164,19 @@ struct TrainArgs {
     /// that the ranks agree).
     #[arg(long)]
     write_rank_weights: bool,
+    /// Shampoo computes every block on every rank (no all-gather) instead of
+    /// sharding the blocks over the ranks, on CPUs and GPUs alike.
+    #[arg(long)]
+    replicated: bool,
+    /// How GPU ranks communicate device memory: NCCL on the GPUs, or through
+    /// the host (no NCCL, or several ranks sharing one GPU).
+    #[arg(long, value_enum, default_value = "nccl")]
+    collective: shampoo_train::comm::CollectiveChoice,
+    /// The CUDA device of this rank [default: SHAMPOO_RUN_CUDA_DEVICE, else
+    /// LOCAL_RANK]; several ranks may share one (with --collective
+    /// host-staged).
+    #[arg(long, value_name = "INDEX")]
+    cuda_device: Option<usize>,
 }
 
 impl TrainArgs {
@@ -203,6 +216,9 @@ impl TrainArgs {
             threads: self.threads,
             progress: !self.no_progress,
             write_rank_weights: self.write_rank_weights,
+            replicated: self.replicated,
+            collective: self.collective,
+            cuda_device: self.cuda_device,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! checkpoints.
 
 use crate::checkpoint::{self, State};
-use crate::comm::Communicator;
+use crate::comm::{CollectiveChoice, Collectives, Communicator};
 use crate::data::fashion_mnist::{self, FashionMnist};
 use crate::data::imagenet::{ImageFolder, OnCorrupt};
 use crate::data::{self, Dataset, Split};
@@ -129,6 +129,16 @@ pub struct TrainConfig {
     /// Every rank writes its final weights to `OUT/weights.rank<R>.ot` (to
     /// check that the ranks agree).
     pub write_rank_weights: bool,
+    /// Shampoo computes every block on every rank instead of sharding them.
+    #[serde(default)]
+    pub replicated: bool,
+    /// How GPU ranks communicate device memory.
+    #[serde(default)]
+    pub collective: CollectiveChoice,
+    /// The CUDA device of this rank (default: SHAMPOO_RUN_CUDA_DEVICE,
+    /// else LOCAL_RANK); several ranks may share one.
+    #[serde(default)]
+    pub cuda_device: Option<usize>,
 }
 
 impl TrainConfig {
@@ -170,6 +180,9 @@ impl TrainConfig {
             threads: None,
             progress: true,
             write_rank_weights: false,
+            replicated: false,
+            collective: CollectiveChoice::Nccl,
+            cuda_device: None,
         }
     }
 
@@ -227,14 +240,23 @@ pub(crate) fn device_for(cfg: &TrainConfig) -> Result<Device> {
             if !tch::Cuda::is_available() {
                 return Err(Error::NoCuda);
             }
-            // shampoo-run says which device this rank sees as its own (0
-            // with --bind-gpus); torchrun gives LOCAL_RANK.
-            let (var, index) = ["SHAMPOO_RUN_CUDA_DEVICE", "LOCAL_RANK"]
-                .iter()
-                .find_map(|v| std::env::var(v).ok().map(|x| (*v, x)))
-                .map_or(("(default)", Ok(0)), |(v, x)| (v, x.parse::<usize>()));
-            let index =
-                index.map_err(|_| Error::Invalid(format!("{var} is not a device index")))?;
+            // --cuda-device decides; else shampoo-run says which device this
+            // rank sees as its own (0 with --bind-gpus); torchrun gives
+            // LOCAL_RANK.
+            let (var, index) = match cfg.cuda_device {
+                Some(i) => ("--cuda-device", i),
+                None => {
+                    let (var, index) = ["SHAMPOO_RUN_CUDA_DEVICE", "LOCAL_RANK"]
+                        .iter()
+                        .find_map(|v| std::env::var(v).ok().map(|x| (*v, x)))
+                        .map_or(("(default)", Ok(0)), |(v, x)| (v, x.parse::<usize>()));
+                    (
+                        var,
+                        index
+                            .map_err(|_| Error::Invalid(format!("{var} is not a device index")))?,
+                    )
+                }
+            };
             let count = tch::Cuda::device_count().max(0) as usize;
             if index >= count {
                 return Err(Error::Invalid(format!(
@@ -306,26 +328,35 @@ fn validate(cfg: &TrainConfig, world: usize) -> Result<()> {
     Ok(())
 }
 
+/// The optimizer of `cfg` over `vs`'s variables, communicating over
+/// `collectives` (Shampoo shards its blocks over the ranks, on GPU ranks
+/// too, unless `--replicated`).
 pub(crate) fn build_optimizer(
     cfg: &TrainConfig,
     vs: &VarStore,
-    comm: &Arc<dyn Communicator>,
+    collectives: &Collectives,
 ) -> Result<Optimizer> {
     Ok(match cfg.optimizer {
-        OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(
-            vs,
-            cfg.lr.unwrap_or(1e-3),
-            cfg.betas,
-            cfg.adam_eps,
-            cfg.weight_decay.unwrap_or(1e-4),
-        )),
-        OptimizerKind::Sgd => Optimizer::Sgd(Sgd::new(
-            vs,
-            cfg.lr.unwrap_or(1e-3),
-            cfg.momentum,
-            cfg.weight_decay.unwrap_or(1e-4),
-            false,
-        )),
+        OptimizerKind::Adamw => Optimizer::adamw(
+            AdamW::new(
+                vs,
+                cfg.lr.unwrap_or(1e-3),
+                cfg.betas,
+                cfg.adam_eps,
+                cfg.weight_decay.unwrap_or(1e-4),
+            ),
+            collectives,
+        ),
+        OptimizerKind::Sgd => Optimizer::sgd(
+            Sgd::new(
+                vs,
+                cfg.lr.unwrap_or(1e-3),
+                cfg.momentum,
+                cfg.weight_decay.unwrap_or(1e-4),
+                false,
+            ),
+            collectives,
+        ),
         OptimizerKind::Shampoo => {
             let (text, origin) = match &cfg.shampoo_config {
                 Some(p) => (
@@ -347,13 +378,9 @@ pub(crate) fn build_optimizer(
                 sc.weight_decay = wd;
             }
             let lr = sc.lr;
-            let mut b = shampoo_tch::Shampoo::builder(vs, sc);
-            if comm.world_size() > 1 {
-                b = b.communicator(comm.clone());
-                #[cfg(feature = "nccl")]
-                if let Some(nccl) = crate::comm::gpu() {
-                    b = b.nccl(nccl.clone());
-                }
+            let mut b = shampoo_tch::Shampoo::builder(vs, sc).replicated(cfg.replicated);
+            if collectives.world_size() > 1 {
+                b = b.collectives(collectives.clone());
             }
             if let Some(t) = threads(cfg) {
                 b = b.threads(t);
@@ -456,7 +483,7 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
     let (rank, world) = (comm.rank(), comm.world_size());
     validate(cfg, world)?;
     let device = device_for(cfg)?;
-    crate::comm::init_gpu(device, &comm);
+    let collectives = crate::comm::collectives(device, &comm, cfg.collective)?;
     apply_threads(cfg);
     std::fs::create_dir_all(&cfg.out).map_err(io_err(format!("creating {}", cfg.out.display())))?;
     let train = open_data(cfg, Split::Train)?;
@@ -482,7 +509,7 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
     let mut vs = VarStore::new(device);
     let net = model::build(&vs, model_kind, train.num_classes() as i64);
     maybe_channels_last(cfg, &vs)?;
-    let mut opt = build_optimizer(cfg, &vs, &comm)?;
+    let mut opt = build_optimizer(cfg, &vs, &collectives)?;
     let schedule = Schedule {
         lr: opt.lr(),
         warmup: cfg.warmup_steps,
@@ -583,7 +610,7 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
             logits.f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0)?;
         loss.f_backward()?;
         let t2 = Instant::now();
-        let opt_times = opt.step(&vs, &*comm)?;
+        let opt_times = opt.step(&vs)?;
         let times = StepTimes {
             data: (t1 - t0).as_secs_f64(),
             fwd_bwd: (t2 - t1).as_secs_f64(),
@@ -600,8 +627,18 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
                 .f_sum(Kind::Float)?
                 .f_double_value(&[])?)
         })?;
-        let mut sums = [loss.f_double_value(&[])? * n as f64, correct, n as f64];
-        comm.all_reduce_mean_f64(&mut sums)?;
+        // One host exchange per step: the batch's loss and accuracy sums
+        // (averaged in rank order, as an all-reduce would) and every rank's
+        // optimizer time.
+        let (sums, optimizer_per_rank) = exchange_step_figures(
+            &*comm,
+            [
+                loss.f_double_value(&[])? * n as f64,
+                correct,
+                n as f64,
+                times.opt.optimizer,
+            ],
+        )?;
         for (acc, s) in state.epoch_sums.iter_mut().zip(sums) {
             *acc += s;
         }
@@ -611,15 +648,18 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
             "kind": "step", "step": step, "epoch": epoch + 1, "lr": lr, "loss": bl, "acc": ba,
             "images_per_s": ips, "data": times.data, "fwd_bwd": times.fwd_bwd,
             "all_reduce": times.opt.all_reduce, "optimizer": times.opt.optimizer,
-            "all_gather": times.opt.all_gather, "step_time": times.total,
+            "optimizer_per_rank": optimizer_per_rank,
+            "all_gather": times.opt.all_gather, "gathered_bytes": times.opt.gathered_bytes,
+            "step_time": times.total,
         }))?;
         let split = format!(
-            "loss {bl:.4} acc {:.1}% {ips:.0} img/s | fwd+bwd {:.1} ms, all-reduce {:.1} ms, optimizer {:.1} ms, all-gather {:.1} ms",
+            "loss {bl:.4} acc {:.1}% {ips:.0} img/s | fwd+bwd {:.1} ms, all-reduce {:.1} ms, optimizer {}, all-gather {:.1} ms ({})",
             100.0 * ba,
             1e3 * times.fwd_bwd,
             1e3 * times.opt.all_reduce,
-            1e3 * times.opt.optimizer,
-            1e3 * times.opt.all_gather
+            per_rank_ms(&optimizer_per_rank),
+            1e3 * times.opt.all_gather,
+            mib(times.opt.gathered_bytes)
         );
         if let Some(b) = &bar {
             b.set_position(pos as u64 + 1);
@@ -669,7 +709,7 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
             && step < stop
         {
             state.step = step;
-            save_checkpoint(cfg, &state, &vs, &opt, &*comm)?;
+            save_checkpoint(cfg, &state, &vs, &mut opt, &*comm)?;
             last_ckpt = step;
         }
     }
@@ -679,8 +719,9 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
     metrics.flush()?;
     state.step = step;
     if last_ckpt != step || !checkpoint::dir(&cfg.out).exists() {
-        save_checkpoint(cfg, &state, &vs, &opt, &*comm)?;
+        save_checkpoint(cfg, &state, &vs, &mut opt, &*comm)?;
     }
+    opt.finish()?;
     if cfg.write_rank_weights {
         vs.save(cfg.out.join(format!("weights.rank{rank}.ot")))?;
     }
@@ -715,11 +756,66 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
     Ok(summary)
 }
 
+/// Every rank's `[loss sum, correct, images, optimizer seconds]`: the first
+/// three averaged over the ranks in rank order (the transports' all-reduce
+/// arithmetic, `shampoo_dist::mean_in_rank_order`), and the optimizer
+/// seconds of every rank.
+fn exchange_step_figures(comm: &dyn Communicator, mine: [f64; 4]) -> Result<([f64; 3], Vec<f64>)> {
+    let world = comm.world_size();
+    let send: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut all = vec![0u8; send.len() * world];
+    comm.all_gather_bytes(&send, &mut all)?;
+    let ranks: Vec<[f64; 4]> = all
+        .chunks_exact(32)
+        .map(|c| {
+            let mut v = [0f64; 4];
+            for (x, b) in v.iter_mut().zip(c.chunks_exact(8)) {
+                *x = f64::from_le_bytes(b.try_into().expect("8 bytes"));
+            }
+            v
+        })
+        .collect();
+    let mut sums = [0f64; 3];
+    for (k, s) in sums.iter_mut().enumerate() {
+        let parts: Vec<[f64; 1]> = ranks.iter().map(|r| [r[k]]).collect();
+        let parts: Vec<&[f64]> = parts.iter().map(|p| p.as_slice()).collect();
+        let mut out = [0f64];
+        shampoo_dist::mean_in_rank_order(&parts, &mut out);
+        *s = out[0];
+    }
+    Ok((sums, ranks.iter().map(|r| r[3]).collect()))
+}
+
+/// Every rank's time in milliseconds: `12.3 ms` for one rank, `12.1 | 12.5
+/// ms` for up to eight, `12.1..12.9 ms` (fastest..slowest) beyond.
+fn per_rank_ms(secs: &[f64]) -> String {
+    match secs {
+        [one] => format!("{:.1} ms", 1e3 * one),
+        s if s.len() <= 8 => format!(
+            "{} ms",
+            s.iter()
+                .map(|x| format!("{:.1}", 1e3 * x))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ),
+        s => {
+            let lo = s.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = s.iter().copied().fold(0.0, f64::max);
+            format!("{:.1}..{:.1} ms", 1e3 * lo, 1e3 * hi)
+        }
+    }
+}
+
+/// Bytes as `12.3 MiB gathered`.
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB gathered", bytes as f64 / (1u64 << 20) as f64)
+}
+
 fn save_checkpoint(
     cfg: &TrainConfig,
     state: &State,
     vs: &VarStore,
-    opt: &Optimizer,
+    opt: &mut Optimizer,
     comm: &dyn Communicator,
 ) -> Result<()> {
     let tmp = checkpoint::tmp_dir(&cfg.out);

@@ -152,6 +152,21 @@ fn two_ranks_agree(optimizer: &str, extra: &[&str]) {
         &dir.path().join("weights.rank0.ot"),
         &dir.path().join("weights.rank1.ot"),
     );
+    // Every step's metrics carry each rank's optimizer time and the bytes
+    // all-gathered (Shampoo shards; the baselines gather nothing).
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 8);
+    for v in &steps {
+        assert_eq!(v["optimizer_per_rank"].as_array().unwrap().len(), 2, "{v}");
+        let gathered = v["gathered_bytes"].as_u64().unwrap();
+        let sharded = optimizer == "shampoo" && !extra.contains(&"--replicated");
+        assert_eq!(gathered > 0, sharded, "{v}");
+    }
 }
 
 #[test]
@@ -165,4 +180,6 @@ fn two_ranks_through_the_launcher_end_with_identical_weights_shampoo() {
     let dir = tempfile::tempdir().unwrap();
     let conf = fast_shampoo_config(dir.path());
     two_ranks_agree("shampoo", &["--shampoo-config", &conf]);
+    // Replicated: every rank computes every block, nothing is all-gathered.
+    two_ranks_agree("shampoo", &["--shampoo-config", &conf, "--replicated"]);
 }

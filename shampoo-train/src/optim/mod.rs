@@ -11,13 +11,15 @@ mod baselines;
 
 pub use baselines::{AdamW, Sgd};
 
-use crate::comm::{self, Communicator};
+use crate::comm::{Collectives, Communicator};
 use crate::error::Result;
+use shampoo_tch::GradientAveraging;
 use std::path::Path;
 use std::time::Instant;
 use tch::nn::VarStore;
 
-/// Seconds spent in the parts of a step after the backward pass.
+/// Seconds spent in the parts of a step after the backward pass, and the
+/// bytes the step all-gathered.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct OptTimes {
     /// Gradient averaging across ranks.
@@ -26,6 +28,9 @@ pub struct OptTimes {
     pub optimizer: f64,
     /// Sharing the directions between ranks (distributed Shampoo).
     pub all_gather: f64,
+    /// Bytes all-gathered on this rank (every rank's directions; zero when
+    /// nothing is sharded).
+    pub gathered_bytes: usize,
 }
 
 /// Which optimizer.
@@ -55,10 +60,10 @@ impl OptimizerKind {
 
 /// An optimizer over every trainable variable of a `VarStore`.
 pub enum Optimizer {
-    /// AdamW baseline.
-    AdamW(AdamW),
-    /// SGD baseline.
-    Sgd(Sgd),
+    /// AdamW baseline, and how its gradients are averaged over the ranks.
+    AdamW(AdamW, GradientAveraging),
+    /// SGD baseline, and how its gradients are averaged over the ranks.
+    Sgd(Sgd, GradientAveraging),
     /// Shampoo (which averages gradients and shares directions itself).
     Shampoo {
         /// The optimizer.
@@ -83,8 +88,8 @@ impl Optimizer {
     /// The learning rate the optimizer was built with (the schedule's peak).
     pub fn lr(&self) -> f64 {
         match self {
-            Optimizer::AdamW(o) => o.lr,
-            Optimizer::Sgd(o) => o.lr,
+            Optimizer::AdamW(o, _) => o.lr,
+            Optimizer::Sgd(o, _) => o.lr,
             Optimizer::Shampoo { lr, .. } => *lr,
         }
     }
@@ -92,29 +97,45 @@ impl Optimizer {
     /// Sets the learning rate of the next step.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         match self {
-            Optimizer::AdamW(o) => o.lr = lr,
-            Optimizer::Sgd(o) => o.lr = lr,
+            Optimizer::AdamW(o, _) => o.lr = lr,
+            Optimizer::Sgd(o, _) => o.lr = lr,
             Optimizer::Shampoo { opt, .. } => opt.set_lr(lr)?,
         }
         Ok(())
     }
 
+    /// A baseline over `vs`'s variables whose gradients are averaged over
+    /// the ranks of `collectives` (on the device for GPU ranks).
+    pub fn adamw(o: AdamW, collectives: &Collectives) -> Self {
+        Optimizer::AdamW(o, GradientAveraging::new(collectives.clone()))
+    }
+
+    /// As [`Optimizer::adamw`] for SGD.
+    pub fn sgd(o: Sgd, collectives: &Collectives) -> Self {
+        Optimizer::Sgd(o, GradientAveraging::new(collectives.clone()))
+    }
+
     /// Averages the gradients over the ranks and updates the variables.
-    pub fn step(&mut self, vs: &VarStore, comm: &dyn Communicator) -> Result<OptTimes> {
-        let baseline_step = |step: &mut dyn FnMut() -> Result<()>| -> Result<OptTimes> {
+    pub fn step(&mut self, vs: &VarStore) -> Result<OptTimes> {
+        fn baseline_step(
+            avg: &mut GradientAveraging,
+            vs: &VarStore,
+            step: &mut dyn FnMut() -> Result<()>,
+        ) -> Result<OptTimes> {
             let t0 = Instant::now();
-            comm::all_reduce_gradients(vs, comm)?;
+            avg.all_reduce(vs)?;
             let t1 = Instant::now();
             step()?;
             Ok(OptTimes {
                 all_reduce: (t1 - t0).as_secs_f64(),
                 optimizer: t1.elapsed().as_secs_f64(),
                 all_gather: 0.0,
+                gathered_bytes: 0,
             })
-        };
+        }
         match self {
-            Optimizer::AdamW(o) => baseline_step(&mut || o.step(vs)),
-            Optimizer::Sgd(o) => baseline_step(&mut || o.step(vs)),
+            Optimizer::AdamW(o, avg) => baseline_step(avg, vs, &mut || o.step(vs)),
+            Optimizer::Sgd(o, avg) => baseline_step(avg, vs, &mut || o.step(vs)),
             Optimizer::Shampoo { opt, .. } => {
                 opt.step()?;
                 let t = opt.timings();
@@ -122,8 +143,27 @@ impl Optimizer {
                     all_reduce: t.all_reduce.as_secs_f64(),
                     optimizer: t.optimizer.as_secs_f64(),
                     all_gather: t.all_gather.as_secs_f64(),
+                    gathered_bytes: t.gathered_bytes,
                 })
             }
+        }
+    }
+
+    /// Checks what the last step left outstanding (with NCCL, gradient
+    /// presence is checked a step late).
+    pub fn finish(&mut self) -> Result<()> {
+        match self {
+            Optimizer::AdamW(_, avg) | Optimizer::Sgd(_, avg) => Ok(avg.finish()?),
+            Optimizer::Shampoo { opt, .. } => Ok(opt.flush()?),
+        }
+    }
+
+    /// Bytes of optimizer state this rank holds (Shampoo; the baselines'
+    /// state is not counted).
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Optimizer::Shampoo { opt, .. } => opt.state_bytes(),
+            _ => 0,
         }
     }
 
@@ -131,20 +171,20 @@ impl Optimizer {
     /// Collective: every rank calls it (Shampoo's ranks each write their
     /// part; the baselines' state, the same on every rank, is written by
     /// rank 0).
-    pub fn save(&self, dir: &Path, comm: &dyn Communicator) -> Result<()> {
+    pub fn save(&mut self, dir: &Path, comm: &dyn Communicator) -> Result<()> {
         match self {
             Optimizer::Shampoo { opt, .. } => Ok(opt.save(&dir.join("shampoo"))?),
             _ if comm.rank() != 0 => Ok(()),
-            Optimizer::AdamW(o) => o.save(&dir.join("adamw.ot")),
-            Optimizer::Sgd(o) => o.save(&dir.join("sgd.ot")),
+            Optimizer::AdamW(o, _) => o.save(&dir.join("adamw.ot")),
+            Optimizer::Sgd(o, _) => o.save(&dir.join("sgd.ot")),
         }
     }
 
     /// Reads the state [`Optimizer::save`] wrote.
     pub fn load(&mut self, dir: &Path, vs: &VarStore) -> Result<()> {
         match self {
-            Optimizer::AdamW(o) => o.load(&dir.join("adamw.ot"), vs),
-            Optimizer::Sgd(o) => o.load(&dir.join("sgd.ot"), vs),
+            Optimizer::AdamW(o, _) => o.load(&dir.join("adamw.ot"), vs),
+            Optimizer::Sgd(o, _) => o.load(&dir.join("sgd.ot"), vs),
             Optimizer::Shampoo { opt, .. } => Ok(opt.load(&dir.join("shampoo"))?),
         }
     }
