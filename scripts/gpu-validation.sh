@@ -6,6 +6,7 @@
 #
 #   scripts/gpu-validation.sh [--bin PATH] [--tests PATH] [--nccl-tests PATH]
 #                             [--tch-tests PATH] [--train PATH]
+#                             [--launcher PATH] [--only GROUPS]
 #                             [--python PATH] [--out DIR]
 #
 #   --bin     shampoo-bench built with `cargo build --release -p shampoo-bench
@@ -23,7 +24,18 @@
 #             --features nccl --test cuda --no-run` (optional)
 #   --train   shampoo-train built with `cargo build --release -p
 #             shampoo-train`: times a ResNet-50 training step (batch 128,
-#             bf16) with AdamW and with Shampoo (optional)
+#             bf16) with AdamW and with Shampoo, and runs check (c) of the
+#             distributed group (optional)
+#   --launcher  shampoo-run built with `cargo build --release -p
+#             shampoo-launcher` (default: target/release/shampoo-run; the
+#             distributed group's check (c) needs it)
+#   --only    comma-separated groups to run (default: all): parity,
+#             cuda-tests, nccl-tests, tch-tests, selfcheck, step, train,
+#             distributed. `--only distributed` is issue 11's run (under 8
+#             minutes): (a) NCCL in a world of one, sharded == local bit for
+#             bit; (b) two processes on the GPU through the host-staged
+#             collective; (c) shampoo-train, ResNet-18, 2 ranks on the GPU,
+#             20 steps, identical weights; the CUDA memory benchmark
 #   --python  the Python whose site-packages hold torch and nvidia/*
 #             (default: .venv/bin/python if present, else python3)
 #   --out     where the logs go (default: gpu-validation-<UTC time>)
@@ -39,6 +51,8 @@ TESTS=""
 NCCL_TESTS=""
 TCH_TESTS=""
 TRAIN=""
+LAUNCHER=target/release/shampoo-run
+ONLY=all
 PY=""
 OUT="gpu-validation-$(date -u +%Y%m%dT%H%M%SZ)"
 while [ $# -gt 0 ]; do
@@ -48,9 +62,11 @@ while [ $# -gt 0 ]; do
         --nccl-tests) NCCL_TESTS="$2"; shift 2 ;;
         --tch-tests) TCH_TESTS="$2"; shift 2 ;;
         --train) TRAIN="$2"; shift 2 ;;
+        --launcher) LAUNCHER="$2"; shift 2 ;;
+        --only) ONLY="$2"; shift 2 ;;
         --python) PY="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) echo "gpu-validation: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -60,11 +76,22 @@ fi
 
 log() { printf '\033[1m[gpu-validation]\033[0m %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 2; }
+# want GROUP: whether --only selects GROUP.
+want() { [ "$ONLY" = all ] || [[ ",$ONLY," == *",$1,"* ]]; }
+for g in ${ONLY//,/ }; do
+    case "$g" in
+        all|parity|cuda-tests|nccl-tests|tch-tests|selfcheck|step|train|distributed) ;;
+        *) die "unknown group $g in --only (see --help)" ;;
+    esac
+done
 
 [ -z "$TESTS" ] || [ -x "$TESTS" ] || die "no executable $TESTS (see --tests)"
 [ -z "$NCCL_TESTS" ] || [ -x "$NCCL_TESTS" ] || die "no executable $NCCL_TESTS (see --nccl-tests)"
 [ -z "$TCH_TESTS" ] || [ -x "$TCH_TESTS" ] || die "no executable $TCH_TESTS (see --tch-tests)"
 [ -z "$TRAIN" ] || [ -x "$TRAIN" ] || die "no executable $TRAIN (see --train)"
+if want distributed && [ -n "$TRAIN" ] && [ ! -x "$LAUNCHER" ]; then
+    die "no executable $LAUNCHER; build it with: cargo build --release -p shampoo-launcher (or pass --launcher)"
+fi
 [ -x "$BIN" ] || die "no executable $BIN; build it with: cargo build --release -p shampoo-bench --features cuda"
 command -v "$PY" >/dev/null 2>&1 || die "no Python at $PY (pass --python)"
 SITE="$("$PY" -c 'import site; print(site.getsitepackages()[0])')" || die "$PY cannot name its site-packages"
@@ -109,73 +136,128 @@ check() {
     fi
 }
 
-shopt -s nullglob
-CASES=(testdata/reference/*.safetensors)
-shopt -u nullglob
-if [ ${#CASES[@]} -eq 0 ]; then
-    echo "FAILED  parity (no testdata/reference/*.safetensors)" >>"$SUMMARY"
-    FAILED=1
-else
-    check parity 1200 "$BIN" parity --backend cuda "${CASES[@]}"
+if want parity; then
+    shopt -s nullglob
+    CASES=(testdata/reference/*.safetensors)
+    shopt -u nullglob
+    if [ ${#CASES[@]} -eq 0 ]; then
+        echo "FAILED  parity (no testdata/reference/*.safetensors)" >>"$SUMMARY"
+        FAILED=1
+    else
+        check parity 1200 "$BIN" parity --backend cuda "${CASES[@]}"
+    fi
 fi
-if [ -n "$TESTS" ]; then
-    # Primitive by primitive and whole runs against the CPU backend; a test
-    # that finds no GPU prints "skipping", which counts as a failure here.
-    check cuda_tests 1800 "$TESTS" --test-threads 1 --nocapture
-    if grep -q 'skipping: no usable CUDA device' "$OUT/cuda_tests.txt"; then
-        echo "FAILED  cuda_tests skipped a test: no usable GPU ($OUT/cuda_tests.txt)" >>"$SUMMARY"
+if want cuda-tests; then
+    if [ -n "$TESTS" ]; then
+        # Primitive by primitive and whole runs against the CPU backend; a test
+        # that finds no GPU prints "skipping", which counts as a failure here.
+        check cuda_tests 1800 "$TESTS" --test-threads 1 --nocapture
+        if grep -q 'skipping: no usable CUDA device' "$OUT/cuda_tests.txt"; then
+            echo "FAILED  cuda_tests skipped a test: no usable GPU ($OUT/cuda_tests.txt)" >>"$SUMMARY"
+            FAILED=1
+        fi
+    else
+        echo "skipped cuda_tests (no --tests)" >>"$SUMMARY"
+    fi
+fi
+# no_skips NAME: a GPU test that printed "skipped: <why>" (other than the
+# one that needs no GPU) did not run, which is a failure here.
+no_skips() {
+    if grep 'skipped:' "$OUT/$1.txt" | grep -qv 'a GPU is present'; then
+        echo "FAILED  $1 skipped a test ($OUT/$1.txt)" >>"$SUMMARY"
         FAILED=1
     fi
-else
-    echo "skipped cuda_tests (no --tests)" >>"$SUMMARY"
+}
+if want nccl-tests; then
+    if [ -n "$NCCL_TESTS" ]; then
+        # Every GPU test of shampoo-dist, among them (a) and (b) below.
+        check nccl_tests 600 "$NCCL_TESTS" --test-threads 1 --nocapture
+        no_skips nccl_tests
+    else
+        echo "skipped nccl_tests (no --nccl-tests)" >>"$SUMMARY"
+    fi
 fi
-if [ -n "$NCCL_TESTS" ]; then
-    # One rank on GPU 0: NCCL's all-reduce and all-gather against no
-    # communicator, bitwise. Without a usable GPU or NCCL that test prints
-    # "skipped: <why>", which counts as a failure here (the other test's
-    # "skipped: a GPU is present" is expected on a GPU machine).
-    check nccl_tests 600 "$NCCL_TESTS" --test-threads 1 --nocapture
-    if grep 'skipped:' "$OUT/nccl_tests.txt" | grep -qv 'a GPU is present'; then
-        echo "FAILED  nccl_tests skipped a test ($OUT/nccl_tests.txt)" >>"$SUMMARY"
+if want tch-tests; then
+    if [ -n "$TCH_TESTS" ]; then
+        # CUDA variables through the tch adapter against the CPU adapter,
+        # sharded and replicated data-parallel CUDA ranks sharing the GPU, and
+        # NCCL in a world of one; "skipped:" means no GPU here.
+        check tch_cuda_tests 900 "$TCH_TESTS" --test-threads 1 --nocapture
+        no_skips tch_cuda_tests
+    else
+        echo "skipped tch_cuda_tests (no --tch-tests)" >>"$SUMMARY"
+    fi
+fi
+if want selfcheck; then
+    check selfcheck_f32 1200 "$BIN" selfcheck --dtype f32
+    check selfcheck_f64 1200 "$BIN" selfcheck --dtype f64
+fi
+if want step; then
+    for set in resnet50 gpt2_small; do
+        check "step_cuda_$set" 1800 "$BIN" step --backend cuda --shapes "$set" \
+            --config benches/configs/gpu.json --json
+        check "yardstick_$set" 1800 "$PY" benches/python/published_step.py \
+            --device cuda --shapes "$set" --max-dim 1024 --json
+    done
+fi
+if want train; then
+    if [ -n "$TRAIN" ]; then
+        # ResNet-50 training step, batch 128, bf16: AdamW against
+        # Shampoo (precondition_frequency 100, max_preconditioner_dim 1024, Adam
+        # grafting), 200 timed steps after 110, so two root-inverse steps are
+        # amortised. The config is benches/configs/resnet50_train.json.
+        common=(--device cuda --bf16 --model resnet50 --batch-size 128
+                --resolution 224 --warmup 110 --steps 200)
+        check train_step_adamw 1800 "$TRAIN" bench-step "${common[@]}" --optimizer adamw
+        check train_step_shampoo 1800 "$TRAIN" bench-step "${common[@]}" --optimizer shampoo \
+            --shampoo-config benches/configs/resnet50_train.json
+    else
+        echo "skipped train_step_* (no --train)" >>"$SUMMARY"
+    fi
+fi
+if want distributed; then
+    # Issue 11: sharded data-parallel Shampoo on the GPU.
+    if [ -n "$NCCL_TESTS" ]; then
+        # (a) NCCL in a world of one: sharded DistributedShampoo on the CUDA
+        # backend equals the local CUDA optimizer bit for bit (and bf16
+        # through NCCL equals the host path; the GPU checkpoint loads on CPU).
+        check dist_a_nccl_world_of_one 300 "$NCCL_TESTS" --exact \
+            nccl_world_of_one_sharded_equals_local_bitwise --test-threads 1 --nocapture
+        no_skips dist_a_nccl_world_of_one
+        # (b) Two processes sharing the GPU through the host-staged
+        # collective: bitwise equal to each other, within 5e-3 (the f32
+        # self-check bound) of one CUDA process, about half the state each.
+        check dist_b_two_processes_one_gpu 400 "$NCCL_TESTS" --exact \
+            two_processes_share_one_gpu_through_the_host_staged_collective \
+            --test-threads 1 --nocapture
+        no_skips dist_b_two_processes_one_gpu
+    else
+        echo "FAILED  dist_a, dist_b (no --nccl-tests)" >>"$SUMMARY"
         FAILED=1
     fi
-else
-    echo "skipped nccl_tests (no --nccl-tests)" >>"$SUMMARY"
-fi
-if [ -n "$TCH_TESTS" ]; then
-    # CUDA variables through the tch adapter against the CPU adapter, and
-    # replicated data-parallel CUDA ranks; "skipped:" means no GPU here.
-    check tch_cuda_tests 900 "$TCH_TESTS" --test-threads 1 --nocapture
-    if grep -q 'skipped:' "$OUT/tch_cuda_tests.txt"; then
-        echo "FAILED  tch_cuda_tests skipped a test: libtorch sees no GPU ($OUT/tch_cuda_tests.txt)" >>"$SUMMARY"
+    if [ -n "$TRAIN" ] && [ -x "$LAUNCHER" ]; then
+        # (c) shampoo-train on two ranks sharing GPU 0 (NCCL refuses two ranks
+        # on one GPU, so the host-staged collective), ResNet-18, 20 steps
+        # with root inverses every 5: the ranks end with identical weights.
+        check dist_c_train_two_ranks_one_gpu 400 "$LAUNCHER" --nproc-per-node 2 -- \
+            "$TRAIN" bench-step --device cuda --cuda-device 0 --collective host-staged \
+            --model resnet18 --batch-size 32 --resolution 112 --warmup 0 --steps 20 \
+            --optimizer shampoo --shampoo-config benches/configs/resnet18_dist_check.json
+        if ! grep -q '"weights_identical":true' "$OUT/dist_c_train_two_ranks_one_gpu.txt"; then
+            echo "FAILED  dist_c: the ranks' weights differ or no result ($OUT/dist_c_train_two_ranks_one_gpu.txt)" >>"$SUMMARY"
+            FAILED=1
+        fi
+    else
+        echo "FAILED  dist_c (needs --train and an executable --launcher $LAUNCHER)" >>"$SUMMARY"
         FAILED=1
     fi
-else
-    echo "skipped tch_cuda_tests (no --tch-tests)" >>"$SUMMARY"
-fi
-check selfcheck_f32 1200 "$BIN" selfcheck --dtype f32
-check selfcheck_f64 1200 "$BIN" selfcheck --dtype f64
-for set in resnet50 gpt2_small; do
-    check "step_cuda_$set" 1800 "$BIN" step --backend cuda --shapes "$set" \
-        --config benches/configs/gpu.json --json
-    check "yardstick_$set" 1800 "$PY" benches/python/published_step.py \
-        --device cuda --shapes "$set" --max-dim 1024 --json
-done
-if [ -n "$TRAIN" ]; then
-    # ResNet-50 training step, batch 128, bf16: AdamW against
-    # Shampoo (precondition_frequency 100, max_preconditioner_dim 1024, Adam
-    # grafting), 200 timed steps after 110, so two root-inverse steps are
-    # amortised. The config is benches/configs/resnet50_train.json.
-    common=(--device cuda --bf16 --model resnet50 --batch-size 128
-            --resolution 224 --warmup 110 --steps 200)
-    check train_step_adamw 1800 "$TRAIN" bench-step "${common[@]}" --optimizer adamw
-    check train_step_shampoo 1800 "$TRAIN" bench-step "${common[@]}" --optimizer shampoo \
-        --shampoo-config benches/configs/resnet50_train.json
-else
-    echo "skipped train_step_* (no --train)" >>"$SUMMARY"
+    # Memory: per-rank optimizer state on the GPU within 10% of 1/W (the
+    # command exits 1 otherwise), with each rank's device memory.
+    check dist_scale_cuda 400 "$BIN" scale --backend cuda --shapes resnet50 \
+        --ranks 1,2,4,8 --max-dim 1024 --steps 2
 fi
 
 log "summary:"
 cat "$SUMMARY" >&2
-log "record the figures of $OUT/step_cuda_*.txt and $OUT/yardstick_*.txt in docs/benchmarks.md (see docs/gpu-validation.md)"
+log "record the figures of $OUT/step_cuda_*.txt, $OUT/yardstick_*.txt and $OUT/dist_*.txt in docs/benchmarks.md (see docs/gpu-validation.md)"
 exit "$FAILED"
