@@ -378,6 +378,16 @@ impl Shampoo {
             )));
         }
         let _guard = tch::no_grad_guard();
+        let grads = self.gradients_to_clip()?;
+        for (_, g, _) in &grads {
+            let _clamped = g.shallow_clone().f_clamp_(-max, max)?;
+        }
+        Ok(())
+    }
+
+    /// Every gradient, averaged over the ranks first (once per step), each
+    /// with its variable's name and dtype, checked to share no memory.
+    fn gradients_to_clip(&mut self) -> Result<Vec<(String, Tensor, DType)>> {
         if self.collectives.is_some() && !self.grads_reduced {
             self.reduce_gradients()?;
         }
@@ -385,15 +395,13 @@ impl Shampoo {
         let mut grads = Vec::new();
         for v in groups.values().flatten() {
             if let Some(g) = vars::gradient(v)? {
-                grads.push((v.name.as_str(), g, v.dtype));
+                grads.push((v.name.clone(), g, v.dtype));
             }
         }
-        let list: Vec<(&str, &Tensor, DType)> = grads.iter().map(|(n, g, d)| (*n, g, *d)).collect();
+        let list: Vec<(&str, &Tensor, DType)> =
+            grads.iter().map(|(n, g, d)| (n.as_str(), g, *d)).collect();
         vars::check_disjoint(&list)?;
-        for (_, g, _) in &grads {
-            let _clamped = g.shallow_clone().f_clamp_(-max, max)?;
-        }
-        Ok(())
+        Ok(grads)
     }
 
     /// Scales every gradient by `max_norm / (norm + 1e-6)` when that is
@@ -414,18 +422,7 @@ impl Shampoo {
             )));
         }
         let _guard = tch::no_grad_guard();
-        if self.collectives.is_some() && !self.grads_reduced {
-            self.reduce_gradients()?;
-        }
-        let groups = vars::read_groups(&self.variables)?;
-        let mut grads = Vec::new();
-        for v in groups.values().flatten() {
-            if let Some(g) = vars::gradient(v)? {
-                grads.push((v.name.as_str(), g, v.dtype));
-            }
-        }
-        let list: Vec<(&str, &Tensor, DType)> = grads.iter().map(|(n, g, d)| (*n, g, *d)).collect();
-        vars::check_disjoint(&list)?;
+        let grads = self.gradients_to_clip()?;
         // Host gradients are summed here in f64; device gradients by
         // libtorch on their device (in f64), read back once per device.
         let mut sum = 0.0f64;

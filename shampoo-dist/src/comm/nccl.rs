@@ -362,21 +362,8 @@ impl NcclCommunicator {
         dtype: NcclDType,
         stream: *mut c_void,
     ) -> Result<()> {
-        self.live("ncclAllReduce")?;
-        let p = buf as *mut c_void;
-        // SAFETY: the caller guarantees the pointers (see above).
-        let r = unsafe {
-            (self.lib.all_reduce)(
-                p,
-                p,
-                count,
-                dtype.raw(),
-                ncclRedOp_t::ncclAvg,
-                self.comm,
-                stream.cast(),
-            )
-        };
-        self.lib.check(r, "ncclAllReduce (avg)")
+        // SAFETY: forwarded contract.
+        unsafe { self.all_reduce(buf, count, dtype, ncclRedOp_t::ncclAvg, stream) }
     }
 
     /// In-place sum of `count` elements at device address `buf`, queued on
@@ -391,21 +378,29 @@ impl NcclCommunicator {
         dtype: NcclDType,
         stream: *mut c_void,
     ) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.all_reduce(buf, count, dtype, ncclRedOp_t::ncclSum, stream) }
+    }
+
+    /// `ncclAllReduce` in place with `op`.
+    ///
+    /// # Safety
+    /// As [`NcclCommunicator::all_reduce_mean`].
+    unsafe fn all_reduce(
+        &mut self,
+        buf: u64,
+        count: usize,
+        dtype: NcclDType,
+        op: ncclRedOp_t,
+        stream: *mut c_void,
+    ) -> Result<()> {
         self.live("ncclAllReduce")?;
         let p = buf as *mut c_void;
         // SAFETY: the caller guarantees the pointers (see above).
         let r = unsafe {
-            (self.lib.all_reduce)(
-                p,
-                p,
-                count,
-                dtype.raw(),
-                ncclRedOp_t::ncclSum,
-                self.comm,
-                stream.cast(),
-            )
+            (self.lib.all_reduce)(p, p, count, dtype.raw(), op, self.comm, stream.cast())
         };
-        self.lib.check(r, "ncclAllReduce (sum)")
+        self.lib.check(r, &format!("ncclAllReduce ({op:?})"))
     }
 
     /// The communicator of a group: the ranks that pass the same `color`,
