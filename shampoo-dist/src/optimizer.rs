@@ -432,7 +432,10 @@ impl<B: Backend> DistributedShampoo<B> {
         let t = Instant::now();
         let group = self.group();
         let format = wire_format(&self.opts);
-        let x = self.exchange.as_mut().expect("sharded mode has an exchange");
+        let x = self
+            .exchange
+            .as_mut()
+            .expect("sharded mode has an exchange");
         let be = self.inner.backend();
         let dirs = self.inner.directions();
         match format {
@@ -471,7 +474,10 @@ impl<B: Backend> DistributedShampoo<B> {
         self.times.all_gather = t.elapsed();
 
         let t = Instant::now();
-        let x = self.exchange.as_ref().expect("sharded mode has an exchange");
+        let x = self
+            .exchange
+            .as_ref()
+            .expect("sharded mode has an exchange");
         let source = self.inner.backend().view(&x.gathered);
         self.inner.apply_directions(params, source, &x.tables)?;
         self.times.apply = t.elapsed();
@@ -482,7 +488,10 @@ impl<B: Backend> DistributedShampoo<B> {
     /// that change nothing), after this rank's own computation failed.
     fn gather_nothing(&mut self) -> Result<()> {
         let group = self.group();
-        let x = self.exchange.as_mut().expect("sharded mode has an exchange");
+        let x = self
+            .exchange
+            .as_mut()
+            .expect("sharded mode has an exchange");
         let be = self.inner.backend();
         let n = be.view(&x.send).len();
         be.map(&mut [Map::Fill {
@@ -513,7 +522,10 @@ impl<B: Backend> DistributedShampoo<B> {
         self.times.optimizer = t.elapsed();
         let t = Instant::now();
         let group = self.group();
-        let x = self.exchange.as_mut().expect("sharded mode has an exchange");
+        let x = self
+            .exchange
+            .as_mut()
+            .expect("sharded mode has an exchange");
         let be = self.inner.backend();
         {
             let sources: Vec<Option<B::View<'_>>> =
