@@ -112,6 +112,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An optimizer that would need more memory than there is.
+    #[error("{what}")]
+    TooLarge {
+        /// Bytes it needs.
+        needed: u64,
+        /// Bytes allowed.
+        limit: u64,
+        /// The whole message: sizes, and what makes it so large.
+        what: String,
+    },
+
     /// A backend is not available (not compiled in, library or device missing).
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),

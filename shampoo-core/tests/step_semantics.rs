@@ -178,101 +178,11 @@ fn non_finite_statistics_are_an_error_naming_the_block() {
     }
 }
 
-/// Reinterprets a job slice of `Flaky` as one of `CpuBackend`.
-fn forward<A, B>(jobs: &mut [A]) -> &mut [B] {
-    assert_eq!(std::mem::size_of::<A>(), std::mem::size_of::<B>());
-    assert_eq!(std::mem::align_of::<A>(), std::mem::align_of::<B>());
-    // SAFETY: jobs are repr(C), and Flaky's buffer, view and table types are
-    // CpuBackend's, so `A` and `B` have the same layout (sizes checked).
-    unsafe { std::slice::from_raw_parts_mut(jobs.as_mut_ptr().cast::<B>(), jobs.len()) }
-}
-
-/// The CPU backend, with eigendecompositions that fail on demand.
-struct Flaky {
-    inner: CpuBackend,
-    fail: std::sync::atomic::AtomicBool,
-}
-
-impl Backend for Flaky {
-    type Buffer = <CpuBackend as Backend>::Buffer;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-    type BlockTable = <CpuBackend as Backend>::BlockTable;
-    fn name(&self) -> String {
-        "flaky".into()
-    }
-    fn alloc(&self, d: DType, n: usize) -> Result<Self::Buffer> {
-        self.inner.alloc(d, n)
-    }
-    fn view<'a>(&self, b: &'a Self::Buffer) -> HostView<'a> {
-        self.inner.view(b)
-    }
-    fn view_mut<'a>(&self, b: &'a mut Self::Buffer) -> HostViewMut<'a> {
-        self.inner.view_mut(b)
-    }
-    fn shorten<'b, 'a: 'b>(v: HostView<'a>) -> HostView<'b> {
-        v
-    }
-    fn as_view<'b>(&self, v: &'b HostViewMut<'_>) -> HostView<'b> {
-        self.inner.as_view(v)
-    }
-    fn reborrow<'b>(&self, v: &'b mut HostViewMut<'_>) -> HostViewMut<'b> {
-        self.inner.reborrow(v)
-    }
-    fn upload(&self, d: HostViewMut<'_>, s: HostView<'_>) -> Result<()> {
-        self.inner.upload(d, s)
-    }
-    fn download(&self, s: HostView<'_>, d: HostViewMut<'_>) -> Result<()> {
-        self.inner.download(s, d)
-    }
-    fn synchronize(&self) -> Result<()> {
-        Ok(())
-    }
-    fn block_table(&self, e: Vec<TableEntry>) -> Result<Self::BlockTable> {
-        self.inner.block_table(e)
-    }
-    fn gather(&self, j: &mut [GatherJob<'_, '_, Self>]) -> Result<()> {
-        self.inner.gather(forward(j))
-    }
-    fn scatter(&self, j: &mut [ScatterJob<'_, Self>]) -> Result<()> {
-        self.inner.scatter(forward(j))
-    }
-    fn mode_gram(&self, j: &mut [GramJob<'_, Self>]) -> Result<()> {
-        self.inner.mode_gram(forward(j))
-    }
-    fn mode_product(&self, j: &mut [ModeProductJob<'_, Self>]) -> Result<()> {
-        self.inner.mode_product(forward(j))
-    }
-    fn matmul(&self, j: &mut [MatmulJob<'_, Self>]) -> Result<()> {
-        self.inner.matmul(forward(j))
-    }
-    fn eigh(&self, jobs: &mut [EighJob<'_, Self>]) -> Result<()> {
-        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-            for j in jobs.iter_mut() {
-                for s in j.status.iter_mut() {
-                    *s = EighStatus::Failed;
-                }
-            }
-            return Ok(());
-        }
-        self.inner.eigh(forward(jobs))
-    }
-    fn map(&self, j: &mut [Map<'_, Self>]) -> Result<()> {
-        self.inner.map(forward(j))
-    }
-    fn reduce(&self, j: &mut [ReduceJob<'_, Self>]) -> Result<()> {
-        self.inner.reduce(forward(j))
-    }
-}
-
 #[test]
 fn solver_failures_keep_the_previous_root_then_error_after_three() {
     let shapes = vec![vec![5]];
     let cfg = config(r#"{"lr": 0.5, "betas": [0.0, 1.0], "epsilon": 1e-6}"#);
-    let be = Flaky {
-        inner: CpuBackend::new(1).unwrap(),
-        fail: true.into(),
-    };
+    let be = Flaky::new(Outcome::Fail);
     let mut opt = Shampoo::new(cfg, &shapes, DType::F64, be).unwrap();
     let mut p = vec![0.0f64; 5];
     let g = vec![1.0, -2.0, 3.0, 0.5, 0.25];
@@ -298,14 +208,10 @@ fn solver_failures_keep_the_previous_root_then_error_after_three() {
         .to_string();
     assert!(msg.contains("failed 5 times in a row"), "{msg}");
     // A success resets the count.
-    opt.backend()
-        .fail
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    opt.backend().set(Outcome::Solve);
     opt.step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))])
         .unwrap();
-    opt.backend()
-        .fail
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    opt.backend().set(Outcome::Fail);
     opt.step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))])
         .unwrap();
 }

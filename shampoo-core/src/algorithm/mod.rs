@@ -23,6 +23,7 @@ mod direction;
 mod root_inverse;
 pub(crate) mod state;
 mod statistics;
+mod telemetry;
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ use crate::layout::Layout;
 use crate::schedule::StepScalars;
 use crate::{DType, Error, Result};
 use state::GroupState;
+pub use telemetry::{BlockRootInverseStats, RootInverseCounters};
 
 /// Wall-clock time of each phase of the last step (measured only when
 /// profiling is on, since it synchronises the device after each phase).

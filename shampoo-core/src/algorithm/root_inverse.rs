@@ -249,6 +249,7 @@ fn accept<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars, which: Which) -> R
                 }
                 if f.status[s] == EighStatus::Failed {
                     f.failures[s] += 1;
+                    f.counters[s].failures += 1;
                     tracing::warn!(
                         block,
                         dim = f.spec.dim,
@@ -265,12 +266,14 @@ fn accept<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars, which: Which) -> R
                             step: sc.t,
                         });
                     }
+                    f.counters[s].kept_previous += 1;
                     continue;
                 }
                 if f.host_flags[count + s] == 0.0 {
                     return Err(nonfinite(MatrixKind::Root));
                 }
                 if f.status[s] == EighStatus::RetriedF64 {
+                    f.counters[s].f64_retries += 1;
                     tracing::warn!(
                         block,
                         dim = f.spec.dim,

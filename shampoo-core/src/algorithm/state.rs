@@ -33,6 +33,8 @@ pub(crate) struct FactorState<B: Backend> {
     pub flags: B::Buffer,
     /// Consecutive root-inverse failures per block.
     pub failures: Vec<u32>,
+    /// Root-inverse outcomes per block since construction (telemetry).
+    pub counters: Vec<super::telemetry::RootInverseCounters>,
     /// Per-block eigendecomposition outcome of the last root inverse.
     pub status: Vec<EighStatus>,
     /// Host copy of `flags` (or Newton errors).
@@ -211,6 +213,7 @@ fn allocate_group<B: Backend>(
             values: backend.alloc(fdtype, count * n)?,
             flags: backend.alloc(fdtype, 2 * count)?,
             failures: vec![0; count],
+            counters: vec![Default::default(); count],
             status: vec![EighStatus::Skipped; count],
             host_flags: vec![0.0; 2 * count],
             accept: Vec::with_capacity(count),

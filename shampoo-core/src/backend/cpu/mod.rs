@@ -181,6 +181,32 @@ pub(crate) fn chunks<'a, T>(
         .filter(move |(i, _)| keep.as_ref().is_none_or(|k| k[*i]))
 }
 
+/// `vec![0.0; len]`, but an allocation failure is an error instead of an
+/// abort (a configuration that asks for terabytes of factors).
+fn zeroed_vec<T: crate::Float>(len: usize) -> Result<Vec<T>> {
+    let too_large = || {
+        Error::backend(
+            "alloc",
+            format!(
+                "cannot allocate {} ({len} elements)",
+                crate::memory::human_bytes((len as u64).saturating_mul(size_of::<T>() as u64))
+            ),
+        )
+    };
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| too_large())?;
+    // SAFETY: `layout` has a non-zero size (len > 0 and T is f32 or f64).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return Err(too_large());
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of
+    // `len` values of `T`, and all-zero bytes are the valid value 0.0.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
 impl Backend for CpuBackend {
     type Buffer = CpuBuffer;
     type View<'a> = HostView<'a>;
@@ -193,8 +219,8 @@ impl Backend for CpuBackend {
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
         Ok(match dtype {
-            DType::F32 => CpuBuffer::F32(vec![0.0; len]),
-            DType::F64 => CpuBuffer::F64(vec![0.0; len]),
+            DType::F32 => CpuBuffer::F32(zeroed_vec(len)?),
+            DType::F64 => CpuBuffer::F64(zeroed_vec(len)?),
         })
     }
 
