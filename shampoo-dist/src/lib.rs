@@ -44,6 +44,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod agreement;
 pub mod assign;
 mod checkpoint;
 mod codec;
@@ -55,7 +56,7 @@ mod optimizer;
 #[doc = include_str!("../../docs/distributed.md")]
 pub mod guide {}
 
-pub use checkpoint::{MANIFEST, MANIFEST_FORMAT, Manifest};
+pub use checkpoint::{MANIFEST, MANIFEST_FORMAT, Manifest, checkpoint_files};
 pub use comm::{
     CommDType, CommOptions, Communicator, SingleProcess, communicator_from_env, in_process,
     mean_in_rank_order,

@@ -285,6 +285,17 @@ impl DistributedShampoo {
     pub fn local(&self) -> &Shampoo<CpuBackend> {
         &self.inner
     }
+    /// Root-inverse telemetry of the blocks whose state this rank writes
+    /// to checkpoints: its own blocks on the first group's ranks, none on
+    /// the other groups' ranks (their blocks are copies), so that a sum
+    /// over the ranks counts every block once.
+    pub fn root_inverse_stats(&self) -> Vec<shampoo_core::BlockRootInverseStats> {
+        if self.comm.rank() < self.group_size {
+            self.inner.root_inverse_stats()
+        } else {
+            Vec::new()
+        }
+    }
     /// The options.
     pub fn options(&self) -> &DistOptions {
         &self.opts
@@ -440,39 +451,10 @@ impl DistributedShampoo {
 
 /// Exchanges fingerprints; any difference is the same error on every rank.
 fn check_fingerprints(comm: &dyn Communicator, fp: &Fingerprint) -> Result<()> {
-    let world = comm.world_size();
-    let mine = serde_json::to_vec(fp).map_err(|e| Error::invalid(format!("fingerprint: {e}")))?;
-    let mut lens = vec![0u8; 8 * world];
-    comm.all_gather_bytes(&(mine.len() as u64).to_le_bytes(), &mut lens)?;
-    let lens: Vec<usize> = lens
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
-        .collect();
-    let max = lens.iter().copied().max().unwrap_or(0);
-    let mut send = mine.clone();
-    send.resize(max, 0);
-    let mut all = vec![0u8; max * world];
-    comm.all_gather_bytes(&send, &mut all)?;
-    let fps: Vec<Option<Fingerprint>> = all
-        .chunks(max.max(1))
-        .zip(&lens)
-        .map(|(c, &n)| serde_json::from_slice(&c[..n]).ok())
-        .collect();
-    let first = &fps[0];
-    let mut problems = Vec::new();
-    for (r, f) in fps.iter().enumerate().skip(1) {
-        match (first, f) {
-            (Some(a), Some(b)) if a == b => {}
-            (Some(a), Some(b)) => {
-                problems.push(format!("rank {r} differs from rank 0: {}", diff(a, b, r)))
-            }
-            _ => problems.push(format!("rank {r}'s fingerprint is unreadable")),
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Fingerprint(problems.join("; ")))
+    let all = crate::agreement::all_gather_json(comm, fp)?;
+    match crate::agreement::disagreement(&all, diff) {
+        None => Ok(()),
+        Some(problems) => Err(Error::Fingerprint(problems)),
     }
 }
 

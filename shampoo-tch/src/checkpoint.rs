@@ -171,24 +171,8 @@ impl Shampoo {
                 format!("format {:?}, expected {FORMAT:?}", manifest.format),
             ));
         }
-        match (manifest.distributed, &self.comm) {
-            (true, None) => {
-                return Err(Error::checkpoint(
-                    path,
-                    format!(
-                        "written by a distributed run of {} ranks; this optimizer runs on one process",
-                        manifest.world_size
-                    ),
-                ));
-            }
-            (false, Some(_)) => {
-                return Err(Error::checkpoint(
-                    path,
-                    "written by one process; this optimizer is distributed",
-                ));
-            }
-            _ => {}
-        }
+        // Any world size loads any other's state (1 included): every
+        // segment's blocks are read by id from the files that hold them.
         let current = vars::read_groups(&self.variables)?;
         let mut groups = BTreeMap::new();
         for mg in &manifest.groups {
@@ -204,25 +188,6 @@ impl Shampoo {
                     self.comm.as_ref(),
                     &self.dist_opts,
                 )?;
-                let replicated = matches!(seg.engine, Engine::Replicated(_));
-                if ms.replicated != replicated {
-                    let how = |r: bool| {
-                        if r {
-                            "replicated on every rank"
-                        } else {
-                            "with its blocks spread over the ranks"
-                        }
-                    };
-                    return Err(Error::checkpoint(
-                        path,
-                        format!(
-                            "group {} was optimized {} but this optimizer runs it {} (CUDA variables and `replicated(true)` run replicated)",
-                            mg.group,
-                            how(ms.replicated),
-                            how(replicated)
-                        ),
-                    ));
-                }
                 load_segment(&mut seg, &path.join(&ms.state))?;
                 segments.push(seg);
             }
@@ -239,10 +204,20 @@ impl Shampoo {
     }
 }
 
-fn load_segment(seg: &mut Segment, file: &Path) -> Result<()> {
+/// Loads a segment's state from `state`: a `shampoo-core` file (one
+/// process, or replicated ranks) or a `shampoo-dist` directory (sharded
+/// ranks), whatever this segment's engine is.
+fn load_segment(seg: &mut Segment, state: &Path) -> Result<()> {
+    let files = || -> shampoo_dist::Result<Vec<PathBuf>> {
+        if state.is_dir() {
+            shampoo_dist::checkpoint_files(state)
+        } else {
+            Ok(vec![state.to_path_buf()])
+        }
+    };
     match &mut seg.engine {
-        Engine::Local(o) | Engine::Replicated(o) => o.load(file)?,
-        Engine::Dist(o) => o.load(file)?,
+        Engine::Local(o) | Engine::Replicated(o) => o.load_files(&files()?)?,
+        Engine::Dist(o) => o.load_files(state, files)?,
     }
     Ok(())
 }

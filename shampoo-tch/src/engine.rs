@@ -139,7 +139,12 @@ pub(crate) trait LocalEngine: Send {
     fn set_lr(&mut self, lr: f64) -> Result<()>;
     fn step_count(&self) -> u64;
     fn save(&self, path: &Path) -> Result<()>;
-    fn load(&mut self, path: &Path) -> Result<()>;
+    /// Loads the engine's blocks from whichever of the `shampoo-core`
+    /// checkpoint files holds them (one file, or a distributed
+    /// checkpoint's rank files).
+    fn load_files(&mut self, paths: &[std::path::PathBuf]) -> Result<()>;
+    /// Root-inverse telemetry of the engine's blocks.
+    fn root_inverse_stats(&self) -> Vec<shampoo_core::BlockRootInverseStats>;
 }
 
 impl<B: TensorBackend> LocalEngine for shampoo_core::Shampoo<B> {
@@ -172,8 +177,15 @@ impl<B: TensorBackend> LocalEngine for shampoo_core::Shampoo<B> {
     fn save(&self, path: &Path) -> Result<()> {
         Ok(shampoo_core::Shampoo::save(self, path)?)
     }
-    fn load(&mut self, path: &Path) -> Result<()> {
-        Ok(shampoo_core::Shampoo::load(self, path)?)
+    fn load_files(&mut self, paths: &[std::path::PathBuf]) -> Result<()> {
+        let files = paths
+            .iter()
+            .map(shampoo_core::checkpoint::CheckpointFile::open)
+            .collect::<shampoo_core::Result<Vec<_>>>()?;
+        Ok(shampoo_core::Shampoo::load_from(self, &files)?)
+    }
+    fn root_inverse_stats(&self) -> Vec<shampoo_core::BlockRootInverseStats> {
+        shampoo_core::Shampoo::root_inverse_stats(self)
     }
 }
 

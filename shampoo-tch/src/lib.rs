@@ -44,6 +44,7 @@ mod error;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod optimizer;
+mod telemetry;
 mod vars;
 
 pub use dist::all_reduce_gradients;
@@ -51,6 +52,7 @@ pub use error::{Error, Result};
 #[cfg(feature = "nccl")]
 pub use nccl::{SharedNccl, all_reduce_gradients_nccl};
 pub use optimizer::{Shampoo, ShampooBuilder, StepTimings};
+pub use telemetry::VariableRootInverseStats;
 pub use vars::CUDA_UNSUPPORTED;
 
 /// The guide, `docs/tch.md`; its examples compile as doc tests.
