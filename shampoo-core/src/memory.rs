@@ -82,14 +82,16 @@ pub fn human_bytes(bytes: u64) -> String {
 
 /// Checks, without allocating, that an optimizer for parameters of
 /// `shapes` fits in `limit` bytes (say [`host_memory_bytes`]); returns the
-/// bytes it needs. An [`Error::TooLarge`] names the size, the limit and the
-/// widest factor with its parameter.
+/// bytes it needs. An [`Error::TooLarge`] names the size, the limit
+/// (`limit_name`, say "this machine's memory") and the widest factor with
+/// its parameter, as `name_of(index)` names it (say `parameter 2`).
 pub fn check_allocation(
     shapes: &[Vec<usize>],
     config: &ShampooConfig,
     dtype: DType,
     limit: u64,
     limit_name: &str,
+    name_of: &dyn Fn(usize) -> String,
 ) -> Result<u64> {
     config.validate()?;
     let layout = Layout::new(shapes, config, &|_| true)?;
@@ -106,8 +108,10 @@ pub fn check_allocation(
         Some((size, block)) => {
             let param = layout.blocks[block].param;
             format!(
-                "its widest factor is {size} x {size} (parameter {param} of shape {:?}, merged and blocked with max_preconditioner_dim {}); lower max_preconditioner_dim",
-                layout.params[param].shape, config.max_preconditioner_dim
+                "its widest factor is {size} x {size} ({} of shape {:?}, merged and blocked with max_preconditioner_dim {}); lower max_preconditioner_dim",
+                name_of(param),
+                layout.params[param].shape,
+                config.max_preconditioner_dim
             )
         }
         None => "the parameters alone are that large".into(),
@@ -199,7 +203,8 @@ mod tests {
             ShampooConfig::from_json(r#"{"lr": 0.1, "max_preconditioner_dim": 1000000000000}"#)
                 .unwrap();
         let shapes = vec![vec![128, 3136], vec![128]];
-        let err = check_allocation(&shapes, &cfg, DType::F32, 1 << 40, "1 TiB").unwrap_err();
+        let name = |i: usize| format!("parameter {i}");
+        let err = check_allocation(&shapes, &cfg, DType::F32, 1 << 40, "1 TiB", &name).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("needs 2.34 TiB of memory, more than 1 TiB (1.00 TiB)"),
@@ -211,6 +216,6 @@ mod tests {
         );
         let ok =
             ShampooConfig::from_json(r#"{"lr": 0.1, "max_preconditioner_dim": 1024}"#).unwrap();
-        assert!(check_allocation(&shapes, &ok, DType::F32, 1 << 40, "1 TiB").is_ok());
+        assert!(check_allocation(&shapes, &ok, DType::F32, 1 << 40, "1 TiB", &name).is_ok());
     }
 }

@@ -3,8 +3,7 @@
 
 mod common;
 use common::*;
-use shampoo_core::backend::*;
-use shampoo_core::{CpuBackend, DType, Error, HostView, HostViewMut, MatrixKind, Result, Shampoo};
+use shampoo_core::{CpuBackend, DType, Error, HostView, HostViewMut, MatrixKind, Shampoo};
 
 fn run32(
     cfg: &str,

@@ -7,6 +7,7 @@ use shampoo_train::model::ModelKind;
 use shampoo_train::optim::OptimizerKind;
 use shampoo_train::plot;
 use shampoo_train::schedule::ScheduleKind;
+use shampoo_train::signals::Interrupt;
 use shampoo_train::train::{self, DatasetKind, DeviceKind, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,7 +83,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     /// Peak learning rate [default: 1e-3; Shampoo: the config file's `lr`].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Linear warmup steps.
     #[arg(long, default_value_t = 100)]
@@ -94,23 +95,23 @@ struct TrainArgs {
     #[arg(long)]
     decay_steps: Option<u64>,
     /// Step schedule: decay factor.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     decay_gamma: f64,
     /// Weight decay, decoupled for AdamW and Shampoo, L2 for SGD [default:
     /// 1e-4; Shampoo: the config file's `weight_decay`].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     weight_decay: Option<f64>,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     momentum: f64,
     /// AdamW beta1.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     beta1: f64,
     /// AdamW beta2.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = 0.999, allow_negative_numbers = true)]
     beta2: f64,
     /// AdamW epsilon.
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = 1e-8, allow_negative_numbers = true)]
     adam_eps: f64,
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 0)]
@@ -122,8 +123,17 @@ struct TrainArgs {
     #[arg(long, value_name = "N")]
     checkpoint_every: Option<u64>,
     /// Continue from OUT/checkpoint (model, optimizer and data position).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Replace the run OUT holds (its metrics, checkpoints and summary);
+    /// without it, a folder that holds a run is refused unless resuming.
+    #[arg(long)]
+    overwrite: bool,
+    /// Skip up to N steps whose loss or gradient is not finite (no update;
+    /// they are listed in the metrics and the summary); the next one stops
+    /// the run.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    skip_nonfinite: u64,
     /// Stop after this many steps in total (the schedule still spans every epoch).
     #[arg(long)]
     max_steps: Option<u64>,
@@ -203,6 +213,8 @@ impl TrainArgs {
             threads: self.threads,
             progress: !self.no_progress,
             write_rank_weights: self.write_rank_weights,
+            overwrite: self.overwrite,
+            skip_nonfinite: self.skip_nonfinite,
         }
     }
 }
@@ -211,9 +223,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => {
             let cfg = args.config();
+            let interrupt =
+                Interrupt::install().context("installing the SIGINT/SIGTERM handlers")?;
             let comm = shampoo_train::comm::from_env().context("connecting the ranks")?;
             let rank = comm.rank();
-            let s = train::run(&cfg, comm)?;
+            let s = train::run_with(&cfg, comm, &interrupt)?;
             if rank == 0 {
                 println!(
                     "{} on {} rank(s): test accuracy {:.2}% (loss {:.4}) after {} steps, {:.1} s training; run folder {}",
@@ -272,7 +286,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shampoo-train: error: {e:#}");
-            ExitCode::from(1)
+            // 128 + signal after SIGINT/SIGTERM, else 1.
+            let code = e
+                .downcast_ref::<shampoo_train::Error>()
+                .map_or(1, shampoo_train::Error::exit_code);
+            ExitCode::from(code)
         }
     }
 }

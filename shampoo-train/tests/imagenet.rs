@@ -89,6 +89,7 @@ fn corrupt_image_is_skipped_and_counted_or_fails() {
     assert_eq!(s.corrupt_images, 1);
 
     cfg.on_corrupt = OnCorrupt::Fail;
+    cfg.overwrite = true;
     let err = run(&cfg, single()).unwrap_err().to_string();
     assert!(
         err.starts_with(&format!("corrupt image {}: ", bad.display())),

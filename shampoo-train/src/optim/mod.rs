@@ -140,6 +140,35 @@ impl Optimizer {
         }
     }
 
+    /// Whether the optimizer's own state is finite: the baselines' moments
+    /// (Shampoo checks its factors and roots itself, at every root inverse).
+    pub fn state_is_finite(&self) -> Result<bool> {
+        match self {
+            Optimizer::AdamW(o) => o.state_is_finite(),
+            Optimizer::Sgd(o) => o.state_is_finite(),
+            Optimizer::Shampoo { .. } => Ok(true),
+        }
+    }
+
+    /// Shampoo's root-inverse counters of the blocks this rank reports
+    /// (see `shampoo_tch::Shampoo::root_inverse_stats`); empty for the
+    /// baselines.
+    pub fn root_inverse_stats(&self) -> Vec<shampoo_tch::VariableRootInverseStats> {
+        match self {
+            Optimizer::Shampoo { opt, .. } => opt.root_inverse_stats(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// [`Optimizer::root_inverse_stats`] summed.
+    pub fn root_inverse_totals(&self) -> shampoo_core::RootInverseCounters {
+        let mut total = shampoo_core::RootInverseCounters::default();
+        for s in self.root_inverse_stats() {
+            total.add(&s.stats.counters);
+        }
+        total
+    }
+
     /// Reads the state [`Optimizer::save`] wrote.
     pub fn load(&mut self, dir: &Path, vs: &VarStore) -> Result<()> {
         match self {
@@ -148,4 +177,41 @@ impl Optimizer {
             Optimizer::Shampoo { opt, .. } => Ok(opt.load(&dir.join("shampoo"))?),
         }
     }
+}
+
+/// Refuses a Shampoo configuration whose state would not fit in this
+/// machine's memory, before anything is allocated; the error gives the
+/// size and the variable with the widest factor.
+pub(crate) fn check_shampoo_memory(
+    vs: &VarStore,
+    config: &shampoo_core::ShampooConfig,
+) -> std::result::Result<(), String> {
+    let Some(limit) = shampoo_core::memory::host_memory_bytes() else {
+        return Ok(());
+    };
+    let mut vars: Vec<(String, tch::Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let shapes: Vec<Vec<usize>> = vars
+        .iter()
+        .map(|(_, t)| t.size().iter().map(|&d| d.max(0) as usize).collect())
+        .collect();
+    let dtype = match vars.first().map(|(_, t)| t.kind()) {
+        Some(tch::Kind::Double) => shampoo_core::DType::F64,
+        _ => shampoo_core::DType::F32,
+    };
+    let name = |i: usize| format!("variable {}", vars[i].0);
+    shampoo_core::memory::check_allocation(
+        &shapes,
+        config,
+        dtype,
+        limit,
+        "this machine's memory",
+        &name,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
 }
