@@ -79,7 +79,19 @@ fn after_kill_9_the_metrics_reach_the_checkpoint_and_the_run_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let mut child = long_run(&out, &["--checkpoint-every", "1"]);
-    wait_for_steps(&out, 6, &mut child);
+    // Kill as soon as a checkpoint of step 5 or later is on disk: between
+    // evaluations (the first is at step 8).
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(out.join("checkpoint/state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["step"].as_u64())
+        .is_none_or(|s| s < 5)
+    {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(start.elapsed() < std::time::Duration::from_secs(120));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     kill(&child, "KILL");
     let (code, _) = stderr_of(child);
     assert_eq!(code, None, "killed by a signal");
@@ -87,7 +99,12 @@ fn after_kill_9_the_metrics_reach_the_checkpoint_and_the_run_resumes() {
     assert!(step >= 5, "checkpoint at step {step}");
     // Every step up to the checkpoint's is in the metrics (later ones may be).
     let steps = step_lines(&out);
-    assert_eq!(steps[..step as usize], (1..=step).collect::<Vec<_>>());
+    let want: Vec<u64> = (1..=step).collect();
+    assert_eq!(
+        steps.get(..step as usize),
+        Some(&want[..]),
+        "the metrics lost steps up to the checkpoint's ({step}): {steps:?}"
+    );
     run_ok(
         train_cmd("adamw", &out)
             .args(["--epochs", "40", "--checkpoint-every", "1", "--resume"])
