@@ -14,27 +14,36 @@ use crate::error::{Error, Result};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
-/// Whether every element of every tensor is finite: one sum per tensor in
-/// float64 (NaN and Inf propagate; no finite float32 sum overflows it),
-/// read back once.
+/// Whether every element of every tensor is finite, with one read-back: the
+/// sum of each tensor in its own dtype (NaN and Inf propagate into it), and
+/// only when a sum is not finite, the exact test (`isfinite`) of those
+/// tensors, so that finite values whose sum overflows are not taken for
+/// infinities.
 pub fn all_finite<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<bool> {
-    let sums = tensors
+    let tensors: Vec<&Tensor> = tensors
         .into_iter()
         .filter(|t| t.defined() && t.numel() > 0)
-        .map(|t| t.f_sum(Kind::Double))
-        .collect::<Result<Vec<_>, _>>()?;
-    if sums.is_empty() {
+        .collect();
+    let Some(first) = tensors.first() else {
         return Ok(true);
-    }
-    let device = sums[0].device();
-    let sums = sums
+    };
+    let device = first.device();
+    let sums = tensors
         .iter()
-        .map(|s| s.f_to_device(device))
+        .map(|t| {
+            t.f_sum(t.f_kind()?)?
+                .f_to_kind(Kind::Double)?
+                .f_to_device(device)
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Tensor::f_stack(&sums, 0)?
-        .f_sum(Kind::Double)?
-        .f_double_value(&[])?
-        .is_finite())
+    let sums = Tensor::f_stack(&sums, 0)?.f_to_device(tch::Device::Cpu)?;
+    let sums = Vec::<f64>::try_from(sums)?;
+    for (t, s) in tensors.iter().zip(sums) {
+        if !s.is_finite() && t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Whether every gradient of the trainable variables of `vs` is finite.

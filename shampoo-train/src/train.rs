@@ -651,6 +651,7 @@ pub fn run_with(
         let loss =
             logits.f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0)?;
         loss.f_backward()?;
+        let t2 = Instant::now();
         let correct = tch::no_grad(|| -> Result<f64> {
             Ok(logits
                 .f_argmax(-1, false)?
@@ -671,7 +672,6 @@ pub fn run_with(
             f64::from(u8::from(interrupt.signal().is_some())),
         ];
         comm.all_reduce_mean_f64(&mut sums)?;
-        let t2 = Instant::now();
         let skipped = sums[3] > 0.0;
         let opt_times = if skipped {
             let what = if sums[0].is_finite() {
