@@ -2,9 +2,7 @@
 //! panic or an abort), and a resume that would silently change the data
 //! order is refused.
 
-mod common;
-
-use common::{bin, run, run_ok, train_cmd};
+use crate::common::{bin, run, run_ok, train_cmd};
 
 /// Runs `shampoo-train ARGS`; asserts exit code 1 with exactly `message`
 /// as the only line of stderr.

@@ -2,9 +2,7 @@
 //! checkpoint and exit with 128 + signal; after kill -9 the metrics reach
 //! the checkpoint's step and a torn last line is dropped on resume.
 
-mod common;
-
-use common::{checkpoint_step, kill, run, run_ok, step_lines, train_cmd, wait_for_steps};
+use crate::common::{checkpoint_step, kill, run, run_ok, step_lines, train_cmd, wait_for_steps};
 use std::process::Stdio;
 
 /// A run long enough to be interrupted (40 epochs of 8 steps).

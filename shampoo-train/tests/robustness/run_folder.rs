@@ -2,9 +2,7 @@
 //! --resume and --overwrite), --overwrite replaces it, and a lock keeps a
 //! second process out while a run is going on.
 
-mod common;
-
-use common::{kill, run, run_ok, step_lines, train_cmd, wait_for_steps};
+use crate::common::{kill, run, run_ok, step_lines, train_cmd, wait_for_steps};
 use std::process::Stdio;
 
 #[test]

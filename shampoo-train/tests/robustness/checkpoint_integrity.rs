@@ -2,9 +2,7 @@
 //! one line; a kill between the renames of a commit loses nothing; a stale
 //! `checkpoint.tmp` is removed.
 
-mod common;
-
-use common::{checkpoint_step, run, run_ok, step_lines, train_cmd};
+use crate::common::{checkpoint_step, run, run_ok, step_lines, train_cmd};
 use std::path::Path;
 
 /// A run folder with a checkpoint at step 3.

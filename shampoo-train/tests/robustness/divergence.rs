@@ -2,9 +2,7 @@
 //! non-finite weights, may skip a budget of such steps, and `plot` still
 //! reads them.
 
-mod common;
-
-use common::{bin, checkpoint_step, load_vars, run, step_lines, train_cmd};
+use crate::common::{bin, checkpoint_step, load_vars, run, step_lines, train_cmd};
 use std::path::Path;
 
 /// Every tensor of a saved `VarStore` is finite.
