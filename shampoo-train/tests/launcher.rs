@@ -295,3 +295,43 @@ fn a_two_rank_checkpoint_resumes_on_one_process() {
         serde_json::json!({"failures": 0, "f64_retries": 0, "kept_previous": 0})
     );
 }
+
+#[test]
+fn sigint_to_the_launcher_stops_every_rank_after_the_same_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut child = Command::new(launcher())
+        .args(["--nproc-per-node", "2", "--grace-period", "60", "--"])
+        .arg(env!("CARGO_BIN_EXE_shampoo-train"))
+        .args(["train", "--optimizer", "adamw", "--limit-train", "512"])
+        .args([
+            "--limit-test",
+            "256",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "40",
+        ])
+        .args(["--checkpoint-every", "1000", "--out"])
+        .arg(&out)
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for_steps(&out, 3, &mut child);
+    common::kill(&child, "INT");
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    let step = common::checkpoint_step(&out);
+    for r in 0..2 {
+        assert!(
+            err.contains(&format!(
+                "[rank{r}]: shampoo-train: error: interrupted by SIGINT after step {step}; checkpoint written to"
+            )),
+            "rank {r}: {err}"
+        );
+    }
+    assert_eq!(common::step_lines(&out), (1..=step).collect::<Vec<_>>());
+}
