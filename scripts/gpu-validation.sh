@@ -171,6 +171,17 @@ if [ -n "$TRAIN" ]; then
     check train_step_adamw 1800 "$TRAIN" bench-step "${common[@]}" --optimizer adamw
     check train_step_shampoo 1800 "$TRAIN" bench-step "${common[@]}" --optimizer shampoo \
         --shampoo-config benches/configs/resnet50_train.json
+    # The training loop on a GPU (Fashion-MNIST CNN, Shampoo on CUDA
+    # variables): the per-step finiteness check of the loss and gradients,
+    # checkpoint checksums, resume, and the divergence stop (lr 1e6: exit 1
+    # at step 3, the last checkpoint finite).
+    tiny=(train --device cuda --optimizer shampoo --limit-train 2560 --limit-test 500
+          --epochs 1 --no-progress)
+    check train_cuda_resume 300 bash -c '"$0" "${@:2}" --max-steps 10 --checkpoint-every 10 --out "$1" &&
+        "$0" "${@:2}" --resume --out "$1"' "$TRAIN" "$OUT/train_cuda" "${tiny[@]}"
+    check train_cuda_divergence_stops 300 bash -c '"$0" "${@:2}" --lr 1e6 --warmup-steps 0 \
+        --checkpoint-every 1 --out "$1"; test $? -eq 1 && grep -q "\"step\": 2," "$1/checkpoint/state.json"' \
+        "$TRAIN" "$OUT/train_cuda_nan" "${tiny[@]}"
 else
     echo "skipped train_step_* (no --train)" >>"$SUMMARY"
 fi
