@@ -269,3 +269,33 @@ fn new_decoder_and_resize_stay_within_rounding_of_the_old_ones() {
     assert!(mean < 1.5, "mean |diff| {mean}");
     assert!(max <= 24, "max |diff| {max}");
 }
+
+#[test]
+fn batches_on_cuda_match_the_cpu_ones() {
+    // Pinned slots, asynchronous copies and slot reuse while a copy may be in
+    // flight: many batches through two slots. Runs on a GPU machine
+    // (scripts/gpu-validation.sh --data-tests); says "skipped:" elsewhere.
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: libtorch sees no CUDA device");
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    full_folder(data.path());
+    let ds = open(data.path(), OnCorrupt::Skip);
+    let mut cpu = Loader::new(ds.clone(), Box::new(plan(ds.len(), 0, 30)), opts(2, 1)).unwrap();
+    let mut o = opts(3, 1);
+    o.device = Device::Cuda(0);
+    let mut gpu = Loader::new(ds.clone(), Box::new(plan(ds.len(), 0, 30)), o).unwrap();
+    for b in 0..30 {
+        let c = cpu.next().unwrap().unwrap();
+        let g = gpu.next().unwrap().unwrap();
+        assert_eq!(g.images.device(), Device::Cuda(0));
+        let diff = (g.images.to_device(Device::Cpu) - &c.images)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff <= 1e-6, "batch {b}: max |gpu - cpu| {diff}");
+        assert!(g.labels.to_device(Device::Cpu).equal(&c.labels));
+    }
+    assert!(gpu.next().unwrap().is_none());
+}

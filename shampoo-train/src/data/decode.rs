@@ -10,7 +10,6 @@
 use std::io::Read;
 use std::path::Path;
 use zune_jpeg::JpegDecoder;
-use zune_jpeg::zune_core::bytestream::ZCursor;
 use zune_jpeg::zune_core::colorspace::ColorSpace;
 use zune_jpeg::zune_core::options::DecoderOptions;
 
@@ -79,22 +78,52 @@ pub fn decode_rgb(bytes: &[u8], pixels: &mut Vec<u8>) -> Result<Decoded, String>
 
 fn decode_jpeg(bytes: &[u8], pixels: &mut Vec<u8>) -> Result<Decoded, String> {
     let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
-    let mut dec = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    let mut dec = JpegDecoder::new_with_options(bytes, options);
     dec.decode_headers().map_err(|e| e.to_string())?;
     let (w, h) = dec.dimensions().ok_or("no dimensions after the headers")?;
-    let size = dec
-        .output_buffer_size()
-        .ok_or("the image is too large to address")?;
-    debug_assert_eq!(size, w * h * 3);
+    // zune-jpeg 0.4 decodes one-component (greyscale) JPEGs to one channel
+    // whatever the output colour space asked for; they are widened below.
+    let channels = dec
+        .get_output_colorspace()
+        .map_or(0, |c| c.num_components());
+    if channels != 3 && channels != 1 {
+        return Err(format!("zune-jpeg would give {channels} channels"));
+    }
+    let size = w * h * 3;
     // Only grows: a buffer that held a larger image is reused as is.
     if pixels.len() < size {
         pixels.resize(size, 0);
     }
-    dec.decode_into(&mut pixels[..size])
+    dec.decode_into(&mut pixels[..w * h * channels])
         .map_err(|e| e.to_string())?;
+    if channels == 1 {
+        grey_to_rgb_in_place(&mut pixels[..size]);
+    }
     Ok(Decoded {
         width: w as u32,
         height: h as u32,
         decoder: Decoder::ZuneJpeg,
     })
+}
+
+/// Widens `n` grey bytes at the start of a `3 n`-byte buffer to RGB, from
+/// the end backwards so that nothing is overwritten before it is read.
+fn grey_to_rgb_in_place(px: &mut [u8]) {
+    let n = px.len() / 3;
+    for i in (0..n).rev() {
+        let v = px[i];
+        px[3 * i..3 * i + 3].fill(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grey_widens_to_rgb_in_place() {
+        let mut px = vec![1, 2, 3, 0, 0, 0, 0, 0, 0];
+        grey_to_rgb_in_place(&mut px);
+        assert_eq!(px, [1, 1, 1, 2, 2, 2, 3, 3, 3]);
+    }
 }

@@ -116,16 +116,17 @@ pub fn resized_center_crop(
 /// Mirrors an HWC image of `width` pixels of `channels` bytes left to right,
 /// in place.
 pub fn flip_horizontal(pixels: &mut [u8], width: usize, channels: usize) {
-    let row = width * channels;
-    for r in pixels.chunks_exact_mut(row) {
-        let (mut i, mut j) = (0, width.saturating_sub(1));
-        while i < j {
-            for c in 0..channels {
-                r.swap(i * channels + c, j * channels + c);
-            }
-            i += 1;
-            j -= 1;
+    fn flip<const C: usize>(pixels: &mut [u8], width: usize) {
+        let (px, _) = pixels.as_chunks_mut::<C>();
+        for row in px.chunks_exact_mut(width) {
+            row.reverse();
         }
+    }
+    match channels {
+        1 => flip::<1>(pixels, width),
+        3 => flip::<3>(pixels, width),
+        4 => flip::<4>(pixels, width),
+        c => panic!("{c} channels: only 1, 3 or 4 are supported"),
     }
 }
 
@@ -153,6 +154,9 @@ mod tests {
             px,
             [6, 7, 8, 3, 4, 5, 0, 1, 2, 15, 16, 17, 12, 13, 14, 9, 10, 11]
         );
+        let mut grey: Vec<u8> = (0..8).collect();
+        flip_horizontal(&mut grey, 4, 1);
+        assert_eq!(grey, [3, 2, 1, 0, 7, 6, 5, 4]);
     }
 
     /// A smooth gradient image, RGB.
