@@ -457,7 +457,7 @@ fn evaluate(
     let mut batches = Loader::new(test.clone(), Box::new(plan), cfg.loader_options(device))?;
     let mut sums = [0f64; 3];
     tch::no_grad(|| -> Result<()> {
-        while let Some(b) = batches.next()? {
+        while let Some(b) = batches.next_batch()? {
             let n = b.labels.size()[0];
             if n == 0 {
                 continue;
@@ -602,7 +602,7 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
             }
         }
         let t0 = Instant::now();
-        let batch = batches.next()?.ok_or_else(|| {
+        let batch = batches.next_batch()?.ok_or_else(|| {
             Error::Invalid(format!("the data loader ended before step {}", step + 1))
         })?;
         let n = batch.labels.size()[0];

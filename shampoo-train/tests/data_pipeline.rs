@@ -98,7 +98,7 @@ fn prefetched_batches_are_bitwise_those_of_the_synchronous_reference() {
         o.channels_last = channels_last;
         let mut loader = Loader::new(ds.clone(), Box::new(plan(ds.len(), 0, 9)), o).unwrap();
         for r in &reference {
-            let got = loader.next().unwrap().unwrap();
+            let got = loader.next_batch().unwrap().unwrap();
             let want = r.to_batch(&*ds, Device::Cpu, channels_last).unwrap();
             let n = r.labels.len() as i64;
             assert_eq!(got.images.size(), [n, 3, RES as i64, RES as i64]);
@@ -112,7 +112,7 @@ fn prefetched_batches_are_bitwise_those_of_the_synchronous_reference() {
                 assert!(got.images.is_contiguous());
             }
         }
-        assert!(loader.next().unwrap().is_none());
+        assert!(loader.next_batch().unwrap().is_none());
     }
 }
 
@@ -287,8 +287,8 @@ fn batches_on_cuda_match_the_cpu_ones() {
     o.device = Device::Cuda(0);
     let mut gpu = Loader::new(ds.clone(), Box::new(plan(ds.len(), 0, 30)), o).unwrap();
     for b in 0..30 {
-        let c = cpu.next().unwrap().unwrap();
-        let g = gpu.next().unwrap().unwrap();
+        let c = cpu.next_batch().unwrap().unwrap();
+        let g = gpu.next_batch().unwrap().unwrap();
         assert_eq!(g.images.device(), Device::Cuda(0));
         let diff = (g.images.to_device(Device::Cpu) - &c.images)
             .abs()
@@ -297,5 +297,5 @@ fn batches_on_cuda_match_the_cpu_ones() {
         assert!(diff <= 1e-6, "batch {b}: max |gpu - cpu| {diff}");
         assert!(g.labels.to_device(Device::Cpu).equal(&c.labels));
     }
-    assert!(gpu.next().unwrap().is_none());
+    assert!(gpu.next_batch().unwrap().is_none());
 }

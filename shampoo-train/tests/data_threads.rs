@@ -58,7 +58,7 @@ fn stopping_mid_epoch_leaves_no_thread_behind() {
         opts,
     )
     .unwrap();
-    loader.next().unwrap().unwrap();
+    loader.next_batch().unwrap().unwrap();
     assert_eq!(thread_count(), base + 3, "three workers while loading");
     drop(loader);
     assert_eq!(

@@ -7,7 +7,7 @@
 //! Workers claim one sample at a time, in plan order, and write it straight
 //! into its slice of the slot with [`Dataset::write_sample`]; they run ahead
 //! of the consumer by at most as many batches as there are slots, and wait
-//! otherwise. The consumer ([`Loader::next`]) waits for its batch to be
+//! otherwise. The consumer ([`Loader::next_batch`]) waits for its batch to be
 //! complete, moves the kept samples together (corrupt ones are left out, as
 //! in [`assemble`](super::assemble)), and turns the slot into the model's
 //! input on the device ([`Normaliser`]): on the CPU with tensor operations
@@ -157,7 +157,7 @@ pub struct LoaderOptions {
     /// Batches prepared ahead of the one in use (at least 1); the loader
     /// holds one slot more than this.
     pub prefetch: usize,
-    /// Where [`Loader::next`] puts the batches (and whether the slots are
+    /// Where [`Loader::next_batch`] puts the batches (and whether the slots are
     /// pinned).
     pub device: Device,
     /// Images with channels-last strides.
@@ -368,7 +368,7 @@ impl Loader {
     /// The next batch as the model takes it (normalised float32 on the
     /// device), or `None` after the last one. A corrupt image under
     /// `--on-corrupt fail` is the error of the batch that holds it.
-    pub fn next(&mut self) -> Result<Option<Batch>> {
+    pub fn next_batch(&mut self) -> Result<Option<Batch>> {
         let Some(r) = self.wait_next()? else {
             return Ok(None);
         };
