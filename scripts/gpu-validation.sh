@@ -5,7 +5,8 @@
 # with PyTorch 2.11 (CUDA 13 wheels), from a checkout of this repository:
 #
 #   scripts/gpu-validation.sh [--bin PATH] [--tests PATH] [--nccl-tests PATH]
-#                             [--tch-tests PATH] [--train PATH]
+#                             [--tch-tests PATH] [--data-tests PATH]
+#                             [--train PATH]
 #                             [--python PATH] [--out DIR]
 #
 #   --bin     shampoo-bench built with `cargo build --release -p shampoo-bench
@@ -21,9 +22,17 @@
 #   --tch-tests  the CUDA test executable of the tch adapter (shampoo-tch's
 #             tests/cuda.rs), built with `cargo test --release -p shampoo-tch
 #             --features nccl --test cuda --no-run` (optional)
+#   --data-tests  the input-pipeline test executable (shampoo-train's
+#             tests/data_pipeline.rs), built with `cargo test --release -p
+#             shampoo-train --test data_pipeline --no-run`: batches through
+#             pinned slots and asynchronous copies equal the CPU ones
+#             (optional)
 #   --train   shampoo-train built with `cargo build --release -p
 #             shampoo-train`: times a ResNet-50 training step (batch 128,
-#             bf16) with AdamW and with Shampoo (optional)
+#             bf16) with AdamW and with Shampoo, and the ImageNet input
+#             pipeline on a generated folder: bench-data with one worker
+#             per core, and 40 ResNet-50 steps fed by it (data wait)
+#             (optional)
 #   --python  the Python whose site-packages hold torch and nvidia/*
 #             (default: .venv/bin/python if present, else python3)
 #   --out     where the logs go (default: gpu-validation-<UTC time>)
@@ -38,6 +47,7 @@ BIN=target/release/shampoo-bench
 TESTS=""
 NCCL_TESTS=""
 TCH_TESTS=""
+DATA_TESTS=""
 TRAIN=""
 PY=""
 OUT="gpu-validation-$(date -u +%Y%m%dT%H%M%SZ)"
@@ -47,10 +57,11 @@ while [ $# -gt 0 ]; do
         --tests) TESTS="$2"; shift 2 ;;
         --nccl-tests) NCCL_TESTS="$2"; shift 2 ;;
         --tch-tests) TCH_TESTS="$2"; shift 2 ;;
+        --data-tests) DATA_TESTS="$2"; shift 2 ;;
         --train) TRAIN="$2"; shift 2 ;;
         --python) PY="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
         *) echo "gpu-validation: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -64,6 +75,7 @@ die() { log "error: $*"; exit 2; }
 [ -z "$TESTS" ] || [ -x "$TESTS" ] || die "no executable $TESTS (see --tests)"
 [ -z "$NCCL_TESTS" ] || [ -x "$NCCL_TESTS" ] || die "no executable $NCCL_TESTS (see --nccl-tests)"
 [ -z "$TCH_TESTS" ] || [ -x "$TCH_TESTS" ] || die "no executable $TCH_TESTS (see --tch-tests)"
+[ -z "$DATA_TESTS" ] || [ -x "$DATA_TESTS" ] || die "no executable $DATA_TESTS (see --data-tests)"
 [ -z "$TRAIN" ] || [ -x "$TRAIN" ] || die "no executable $TRAIN (see --train)"
 [ -x "$BIN" ] || die "no executable $BIN; build it with: cargo build --release -p shampoo-bench --features cuda"
 command -v "$PY" >/dev/null 2>&1 || die "no Python at $PY (pass --python)"
@@ -153,6 +165,15 @@ if [ -n "$TCH_TESTS" ]; then
 else
     echo "skipped tch_cuda_tests (no --tch-tests)" >>"$SUMMARY"
 fi
+if [ -n "$DATA_TESTS" ]; then
+    check data_pipeline_tests 300 "$DATA_TESTS" --test-threads 1 --nocapture
+    if grep -q 'skipped:' "$OUT/data_pipeline_tests.txt"; then
+        echo "FAILED  data_pipeline_tests skipped a test: libtorch sees no GPU ($OUT/data_pipeline_tests.txt)" >>"$SUMMARY"
+        FAILED=1
+    fi
+else
+    echo "skipped data_pipeline_tests (no --data-tests)" >>"$SUMMARY"
+fi
 check selfcheck_f32 1200 "$BIN" selfcheck --dtype f32
 check selfcheck_f64 1200 "$BIN" selfcheck --dtype f64
 for set in resnet50 gpt2_small; do
@@ -182,6 +203,26 @@ if [ -n "$TRAIN" ]; then
     check train_cuda_divergence_stops 300 bash -c '"$0" "${@:2}" --lr 1e6 --warmup-steps 0 \
         --checkpoint-every 1 --out "$1"; test $? -eq 1 && grep -q "\"step\": 2," "$1/checkpoint/state.json"' \
         "$TRAIN" "$OUT/train_cuda_nan" "${tiny[@]}"
+    # The input pipeline feeding one GPU: a generated folder (1,000 JPEGs of
+    # 500x375 / 375x500, quality 90), bench-data with one worker per core,
+    # then 40 ResNet-50 steps (batch 128, bf16, channels-last) fed by it;
+    # OUT/pipeline/run/metrics.jsonl has each step's data_wait.
+    cores="$(nproc)"
+    check pipeline_folder 900 "$PY" benches/python/make_imagenet_folder.py --out "$OUT/pipeline/data"
+    check pipeline_bench_data 600 "$TRAIN" bench-data --data "$OUT/pipeline/data" --data-workers "$cores"
+    check pipeline_train_resnet50 900 "$TRAIN" train --dataset imagenet --data "$OUT/pipeline/data" \
+        --device cuda --bf16 --channels-last --model resnet50 --optimizer adamw --batch-size 128 \
+        --max-steps 40 --warmup-steps 5 --limit-test 128 --eval-batch-size 128 --log-every 10 \
+        --data-workers "$cores" --no-progress --out "$OUT/pipeline/run"
+    "$PY" - "$OUT/pipeline/run/metrics.jsonl" >"$OUT/pipeline_data_wait.txt" 2>&1 <<'PYEOF'
+import json, sys
+steps = [r for r in map(json.loads, open(sys.argv[1])) if r.get("kind") == "step"][1:]
+wait = sum(r["data_wait"] for r in steps)
+total = sum(r["step_time"] for r in steps)
+print(f"steps 2-{len(steps) + 1}: data wait {1e3 * wait / len(steps):.2f} ms a step, "
+      f"{100 * wait / total:.2f}% of the step, {sum(r['images_per_s'] for r in steps) / len(steps):.0f} img/s")
+PYEOF
+    cat "$OUT/pipeline_data_wait.txt" >&2
 else
     echo "skipped train_step_* (no --train)" >>"$SUMMARY"
 fi

@@ -40,6 +40,10 @@ enum Command {
         #[command(flatten)]
         train: TrainArgs,
     },
+    /// Measure the ImageNet input pipeline alone (read, decode, random
+    /// resized crop, resize, flip, batch assembly, as training runs it) on
+    /// DIR/train; prints a JSON line with `images_per_s`.
+    BenchData(BenchDataArgs),
     /// Draw the loss and test-accuracy curves of run folders into one PNG and
     /// print a comparison (final accuracies, the step at which each run passes
     /// the AdamW run's final accuracy, training-time ratios).
@@ -155,6 +159,13 @@ struct TrainArgs {
     /// Corrupt images: skip them with a warning and a count, or fail.
     #[arg(long, value_enum, default_value = "skip")]
     on_corrupt: OnCorrupt,
+    /// Threads that decode and assemble batches [default: the cores per
+    /// rank: available cores / LOCAL_WORLD_SIZE].
+    #[arg(long, value_name = "N")]
+    data_workers: Option<usize>,
+    /// Batches prepared ahead of the step that uses them.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    prefetch: usize,
     /// Device: cpu, or cuda (GPU LOCAL_RANK).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceKind,
@@ -174,6 +185,37 @@ struct TrainArgs {
     /// that the ranks agree).
     #[arg(long)]
     write_rank_weights: bool,
+}
+
+#[derive(Debug, Args)]
+struct BenchDataArgs {
+    /// ImageNet-layout folder (DIR/train/<class>/*.jpg).
+    #[arg(long)]
+    data: PathBuf,
+    /// Worker threads [default: the cores per rank, as `train`].
+    #[arg(long, value_name = "N")]
+    data_workers: Option<usize>,
+    /// Batches prepared ahead.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    prefetch: usize,
+    /// Images a batch.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Crop side.
+    #[arg(long, default_value_t = 224)]
+    resolution: u32,
+    /// Images measured (whole batches; the order wraps over epochs).
+    #[arg(long, default_value_t = 3000)]
+    images: usize,
+    /// Images run through an untimed pipeline first (page cache).
+    #[arg(long, default_value_t = 1000)]
+    warmup_images: usize,
+    /// Seed of the order and the crops.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Corrupt images: skip them, or fail.
+    #[arg(long, value_enum, default_value = "skip")]
+    on_corrupt: OnCorrupt,
 }
 
 impl TrainArgs {
@@ -207,6 +249,8 @@ impl TrainArgs {
             eval_batch_size: self.eval_batch_size,
             log_every: self.log_every,
             on_corrupt: self.on_corrupt,
+            data_workers: self.data_workers,
+            prefetch: self.prefetch,
             device: self.device,
             bf16: self.bf16,
             channels_last: self.channels_last,
@@ -257,6 +301,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if rank == 0 {
                 println!("{}", serde_json::to_string(&r)?);
             }
+            Ok(())
+        }
+        Command::BenchData(a) => {
+            let cfg = shampoo_train::data::bench::DataBenchConfig {
+                workers: a
+                    .data_workers
+                    .unwrap_or_else(shampoo_train::data::loader::default_workers),
+                prefetch: a.prefetch,
+                batch_size: a.batch_size,
+                resolution: a.resolution,
+                images: a.images,
+                warmup_images: a.warmup_images,
+                seed: a.seed,
+                on_corrupt: a.on_corrupt,
+            };
+            let r = shampoo_train::data::bench::bench_data(&a.data, &cfg)?;
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Command::Plot { runs, output } => {

@@ -19,7 +19,8 @@ use tch::{Device, Tensor};
 
 /// What every rank must agree on: the configuration without the settings
 /// that are legitimately per rank (data and run folder paths, which may be
-/// mounted differently on each node; threads; progress and logging; the
+/// mounted differently on each node; threads, input-pipeline workers and
+/// prefetch depth, which follow each node's cores; progress and logging; the
 /// per-rank weight dump), and the datasets' sizes.
 pub fn run_fingerprint(
     cfg: &TrainConfig,
@@ -33,6 +34,8 @@ pub fn run_fingerprint(
             "data",
             "out",
             "threads",
+            "data_workers",
+            "prefetch",
             "progress",
             "log_every",
             "write_rank_weights",

@@ -5,6 +5,7 @@ use crate::checkpoint::{self, State};
 use crate::comm::Communicator;
 use crate::data::fashion_mnist::{self, FashionMnist};
 use crate::data::imagenet::{ImageFolder, OnCorrupt};
+use crate::data::loader::{self, ChunkPlan, Loader, LoaderOptions, TrainPlan};
 use crate::data::{self, Dataset, Split};
 use crate::divergence::{self, NonFiniteSteps};
 use crate::error::{Error, Result, io_err};
@@ -118,6 +119,13 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Corrupt image policy.
     pub on_corrupt: OnCorrupt,
+    /// Threads that decode and assemble batches (default: the cores per
+    /// rank, [`loader::default_workers`]).
+    #[serde(default)]
+    pub data_workers: Option<usize>,
+    /// Batches prepared ahead of the step that uses them.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
     /// Device.
     pub device: DeviceKind,
     /// bfloat16 autocast of forward passes (CUDA only).
@@ -174,6 +182,8 @@ impl TrainConfig {
             eval_batch_size: 1000,
             log_every: 50,
             on_corrupt: OnCorrupt::Skip,
+            data_workers: None,
+            prefetch: default_prefetch(),
             device: DeviceKind::Cpu,
             bf16: false,
             channels_last: false,
@@ -185,6 +195,22 @@ impl TrainConfig {
         }
     }
 
+    /// Data worker threads: `--data-workers`, else the cores per rank.
+    pub fn data_workers(&self) -> usize {
+        self.data_workers.unwrap_or_else(loader::default_workers)
+    }
+
+    /// How the input pipeline runs for this configuration on `device`.
+    pub fn loader_options(&self, device: Device) -> LoaderOptions {
+        LoaderOptions {
+            workers: self.data_workers(),
+            prefetch: self.prefetch,
+            device,
+            channels_last: self.channels_last,
+            seed: self.seed,
+        }
+    }
+
     /// The model this configuration trains.
     pub fn model_kind(&self) -> ModelKind {
         self.model.unwrap_or(match self.dataset {
@@ -192,6 +218,10 @@ impl TrainConfig {
             DatasetKind::Imagenet => ModelKind::Resnet50,
         })
     }
+}
+
+fn default_prefetch() -> usize {
+    2
 }
 
 /// What a finished run reports (also written to `RUN_DIR/summary.json`).
@@ -237,7 +267,9 @@ fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f6
 /// The parts of a training step, seconds.
 #[derive(Debug, Clone, Copy, Default)]
 struct StepTimes {
-    data: f64,
+    /// Time the step waited for its batch (decoding runs ahead on the data
+    /// workers), with the batch's conversion on the device.
+    data_wait: f64,
     fwd_bwd: f64,
     opt: OptTimes,
     total: f64,
@@ -328,6 +360,12 @@ fn validate(cfg: &TrainConfig, world: usize) -> Result<()> {
         return Err(Error::Invalid(
             "--eval-batch-size must be at least 1".into(),
         ));
+    }
+    if cfg.data_workers == Some(0) {
+        return Err(Error::Invalid("--data-workers must be at least 1".into()));
+    }
+    if cfg.prefetch == 0 {
+        return Err(Error::Invalid("--prefetch must be at least 1".into()));
     }
     if cfg.shampoo_config.is_some() && cfg.optimizer != OptimizerKind::Shampoo {
         return Err(Error::Invalid(
@@ -441,26 +479,23 @@ pub(crate) fn maybe_channels_last(cfg: &TrainConfig, vs: &VarStore) -> Result<()
 /// returns (mean loss, accuracy).
 fn evaluate(
     net: &dyn ModuleT,
-    test: &dyn Dataset,
+    test: &Arc<dyn Dataset>,
     comm: &dyn Communicator,
     cfg: &TrainConfig,
     device: Device,
 ) -> Result<(f64, f64)> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let mine: Vec<usize> = (rank..test.len()).step_by(world).collect();
+    let plan = ChunkPlan::new(mine, cfg.eval_batch_size, 0);
+    let mut batches = Loader::new(test.clone(), Box::new(plan), cfg.loader_options(device))?;
     let mut sums = [0f64; 3];
     tch::no_grad(|| -> Result<()> {
-        for chunk in mine.chunks(cfg.eval_batch_size) {
-            let b = test.batch(chunk, 0, cfg.seed)?;
+        while let Some(b) = batches.next_batch()? {
             let n = b.labels.size()[0];
             if n == 0 {
                 continue;
             }
-            let mut x = b.images.f_to_device(device)?;
-            if cfg.channels_last {
-                x = to_channels_last(&x)?;
-            }
-            let y = b.labels.f_to_device(device)?;
+            let (x, y) = (b.images, b.labels);
             let logits =
                 tch::autocast(cfg.bf16, || net.forward_t(&x, false)).f_to_kind(Kind::Float)?;
             let loss = logits
@@ -598,9 +633,15 @@ pub fn run_with(
     let mut metrics = MetricsWriter::open(&cfg.out.join("metrics.jsonl"), lead)?;
     let interactive = lead && cfg.progress && std::io::stderr().is_terminal();
 
-    let per_rank = cfg.batch_size / world;
-    let mut order = Vec::new();
-    let mut order_epoch = u64::MAX;
+    let plan = TrainPlan::new(
+        train.len(),
+        cfg.seed,
+        cfg.batch_size,
+        (rank, world),
+        (state.step, stop),
+    );
+    let mut batches = Loader::new(train.clone(), Box::new(plan), cfg.loader_options(device))?;
+    let mut bar_epoch = u64::MAX;
     let mut bar: Option<ProgressBar> = None;
     let mut last_eval: Option<(f64, f64, u64)> = None;
     let mut step = state.step;
@@ -613,9 +654,8 @@ pub fn run_with(
     while step < stop {
         let epoch = step / steps_per_epoch;
         let pos = (step % steps_per_epoch) as usize;
-        if order_epoch != epoch {
-            order = data::epoch_order(train.len(), cfg.seed, epoch);
-            order_epoch = epoch;
+        if bar_epoch != epoch {
+            bar_epoch = epoch;
             if interactive {
                 let b = ProgressBar::new(steps_per_epoch);
                 b.set_style(
@@ -631,18 +671,14 @@ pub fn run_with(
             }
         }
         let t0 = Instant::now();
-        let idx = data::rank_indices(&order, pos, cfg.batch_size, rank, world);
-        debug_assert_eq!(idx.len(), per_rank);
-        let batch = train.batch(idx, epoch, cfg.seed)?;
+        let batch = batches.next_batch()?.ok_or_else(|| {
+            Error::Invalid(format!("the data loader ended before step {}", step + 1))
+        })?;
         let n = batch.labels.size()[0];
         if n == 0 {
             return Err(Error::EmptyBatch { step: step + 1 });
         }
-        let mut x = batch.images.f_to_device(device)?;
-        if cfg.channels_last {
-            x = to_channels_last(&x)?;
-        }
-        let y = batch.labels.f_to_device(device)?;
+        let (x, y) = (batch.images, batch.labels);
         let t1 = Instant::now();
         let lr = schedule.lr_at(step);
         opt.set_lr(lr)?;
@@ -685,7 +721,7 @@ pub fn run_with(
             opt.step(&vs, &*comm)?
         };
         let times = StepTimes {
-            data: (t1 - t0).as_secs_f64(),
+            data_wait: (t1 - t0).as_secs_f64(),
             fwd_bwd: (t2 - t1).as_secs_f64(),
             opt: opt_times,
             total: t0.elapsed().as_secs_f64(),
@@ -702,7 +738,7 @@ pub fn run_with(
         let ips = cfg.batch_size as f64 / times.total;
         let mut line = json!({
             "kind": "step", "step": step, "epoch": epoch + 1, "lr": lr, "loss": bl, "acc": ba,
-            "images_per_s": ips, "data": times.data, "fwd_bwd": times.fwd_bwd,
+            "images_per_s": ips, "data_wait": times.data_wait, "fwd_bwd": times.fwd_bwd,
             "all_reduce": times.opt.all_reduce, "optimizer": times.opt.optimizer,
             "all_gather": times.opt.all_gather, "step_time": times.total,
         });
@@ -733,8 +769,9 @@ pub fn run_with(
         }
         metrics.write(&line)?;
         let split = format!(
-            "loss {bl:.4} acc {:.1}% {ips:.0} img/s | fwd+bwd {:.1} ms, all-reduce {:.1} ms, optimizer {:.1} ms, all-gather {:.1} ms",
+            "loss {bl:.4} acc {:.1}% {ips:.0} img/s | data wait {:.1} ms, fwd+bwd {:.1} ms, all-reduce {:.1} ms, optimizer {:.1} ms, all-gather {:.1} ms",
             100.0 * ba,
+            1e3 * times.data_wait,
             1e3 * times.fwd_bwd,
             1e3 * times.opt.all_reduce,
             1e3 * times.opt.optimizer,
@@ -752,7 +789,7 @@ pub fn run_with(
             .eval_every
             .is_some_and(|e| e > 0 && step.is_multiple_of(e));
         if epoch_end || periodic || step == stop {
-            let (tl, ta) = evaluate(&*net, &*test, &*comm, cfg, device)?;
+            let (tl, ta) = evaluate(&*net, &test, &*comm, cfg, device)?;
             last_eval = Some((tl, ta, step));
             metrics.write(&json!({
                 "kind": "eval", "step": step, "epoch": epoch + 1, "test_loss": tl, "test_acc": ta,
@@ -816,7 +853,7 @@ pub fn run_with(
     }
     let (test_loss, test_acc) = match last_eval {
         Some((l, a, s)) if s == step => (l, a),
-        _ => evaluate(&*net, &*test, &*comm, cfg, device)?,
+        _ => evaluate(&*net, &test, &*comm, cfg, device)?,
     };
     let mut corrupt = [(train.corrupt_count() + test.corrupt_count()) as f64];
     comm.all_reduce_mean_f64(&mut corrupt)?;
