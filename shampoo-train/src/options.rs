@@ -23,14 +23,10 @@ pub fn check(cfg: &TrainConfig) -> Result<()> {
     if cfg.threads == Some(0) {
         return invalid("--threads must be at least 1".into());
     }
-    if cfg.dataset == DatasetKind::Imagenet && cfg.resolution < 32 {
-        return invalid(format!(
-            "--resolution must be at least 32 (the ResNets reduce images 32-fold), got {}",
-            cfg.resolution
-        ));
-    }
+    // Any positive size runs (the ResNets' strided layers keep at least one
+    // pixel); 0 would crop nothing.
     if cfg.resolution == 0 {
-        return invalid("--resolution must be at least 32, got 0".into());
+        return invalid("--resolution must be at least 1 pixel, got 0".into());
     }
     match (cfg.dataset, cfg.model_kind()) {
         (DatasetKind::FashionMnist, m @ (ModelKind::Resnet18 | ModelKind::Resnet50)) => {

@@ -37,7 +37,7 @@ fn impossible_model_and_resource_options_are_refused_up_front() {
             "--resolution",
             "0",
         ],
-        "invalid option: --resolution must be at least 32 (the ResNets reduce images 32-fold), got 0",
+        "invalid option: --resolution must be at least 1 pixel, got 0",
     );
 }
 
