@@ -1,0 +1,121 @@
+//! The accept and failure rules of a root-inverse step.
+//!
+//! - NaN/Inf in a factor `A` (after bias correction and damping) is an
+//!   error;
+//! - an eigensolver failure (after the float64 retry) keeps the previous
+//!   root and counts one consecutive failure of that factor; more than
+//!   [`MAX_CONSECUTIVE_FAILURES`] in a row is an error;
+//! - NaN/Inf in a computed result is an error;
+//! - anything else is accepted: the result replaces the root and the
+//!   factor's failure count is reset.
+
+use super::Which;
+use crate::algorithm::Shampoo;
+use crate::algorithm::state::{FactorState, Role, active_factors, download_f64};
+use crate::backend::{Backend, EighStatus, Map};
+use crate::error::MatrixKind;
+use crate::schedule::StepScalars;
+use crate::{Error, Result};
+
+/// Consecutive solver failures tolerated per factor.
+pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
+
+/// Reads all flags with one synchronisation, applies the failure rules and
+/// copies accepted results (from `which`) into the roots.
+pub(super) fn accept<B: Backend>(
+    opt: &mut Shampoo<B>,
+    sc: &StepScalars,
+    which: Which,
+) -> Result<()> {
+    let backend = &opt.backend;
+    let fdtype = opt.config.factor_dtype_for(opt.dtype);
+    for (g, spec) in opt.groups.iter_mut().zip(&opt.layout.groups) {
+        if !g.any_active {
+            continue;
+        }
+        let count = spec.count();
+        for f in g.factors.iter_mut() {
+            download_f64(backend, backend.view(&f.flags), &mut f.host_flags, fdtype)?;
+            f.accept.clear();
+            let slots: Box<dyn Iterator<Item = u32>> = match g.active.as_deref() {
+                Some(s) => Box::new(s.iter().copied()),
+                None => Box::new(0..count as u32),
+            };
+            for slot in slots {
+                let s = slot as usize;
+                let block = spec.blocks[s];
+                let info = &opt.layout.blocks[block];
+                let nonfinite = |kind| Error::NonFinite {
+                    kind,
+                    block,
+                    param: info.param,
+                    shape: info.dims.clone(),
+                    dim: f.spec.dim,
+                    step: sc.t,
+                };
+                if f.host_flags[s] == 0.0 {
+                    return Err(nonfinite(MatrixKind::Factor));
+                }
+                if f.status[s] == EighStatus::Failed {
+                    f.failures[s] += 1;
+                    tracing::warn!(
+                        block,
+                        dim = f.spec.dim,
+                        failures = f.failures[s],
+                        "eigendecomposition failed; keeping the previous root"
+                    );
+                    if f.failures[s] > MAX_CONSECUTIVE_FAILURES {
+                        return Err(Error::RootInverseFailed {
+                            block,
+                            param: info.param,
+                            shape: info.dims.clone(),
+                            dim: f.spec.dim,
+                            failures: f.failures[s],
+                            step: sc.t,
+                        });
+                    }
+                    continue;
+                }
+                if f.host_flags[count + s] == 0.0 {
+                    return Err(nonfinite(MatrixKind::Root));
+                }
+                if f.status[s] == EighStatus::RetriedF64 {
+                    tracing::warn!(
+                        block,
+                        dim = f.spec.dim,
+                        "eigendecomposition needed the float64 retry"
+                    );
+                }
+                f.failures[s] = 0;
+                f.accept.push(slot);
+            }
+        }
+    }
+    // Copy accepted results into the roots (casting to the parameter dtype).
+    let mut jobs: Vec<Map<'_, B>> = active_factors(&mut opt.groups, &opt.layout)
+        .filter(|(f, _, _)| !f.accept.is_empty())
+        .map(|(f, count, _)| {
+            let n = f.spec.size;
+            let x = f.roles[Role::X as usize];
+            let FactorState {
+                root,
+                accept,
+                work,
+                scratch,
+                ..
+            } = f;
+            let src = match which {
+                Which::Work => &*work,
+                Which::X => &scratch[x],
+            };
+            Map::Copy {
+                src: backend.view(src),
+                dst: backend.view_mut(root),
+                numel: n * n,
+                count,
+                select: Some(&accept[..]),
+            }
+        })
+        .collect();
+    backend.map(&mut jobs)
+}
