@@ -99,14 +99,15 @@ __device__ void scale_rows(T* x, const T* d, u64 n, u64 count) {
     }
 }
 
-// z = (p + 1) / (2 norm); X = z^(1/p) I; M = z A
+// z = numerator / (scale s) (Newton: (p + 1) / (2 norm); higher order:
+// 1 / trace); X = z^(1/p) I; M = z A
 template <typename T>
-__device__ void newton_init(const T* a, const T* norms, T* x, T* m, double p_plus_1,
-                            double inv_p, u64 n, u64 count) {
+__device__ void newton_init(const T* a, const T* norms, T* x, T* m, double numerator,
+                            double scale, double inv_p, u64 n, u64 count) {
     u64 nn = n * n;
     GRID_LOOP(i, nn * count) {
         u64 b = i / nn, e = i % nn;
-        T z = (T)p_plus_1 / ((T)2.0 * norms[b]);
+        T z = (T)numerator / ((T)scale * norms[b]);
         T zp = sh_pow(z, (T)inv_p);
         x[i] = (e / n == e % n) ? zp : (T)0.0;
         m[i] = z * a[i];
@@ -151,8 +152,9 @@ __device__ void newton_coefficient(const T* m, T* out, double coef, double diag,
         scale_rows<T>(x, d, n, count);                                                           \
     }                                                                                            \
     extern "C" __global__ void newton_init_##S(const T* a, const T* norms, T* x, T* m,           \
-                                               double p_plus_1, double inv_p, u64 n, u64 count) { \
-        newton_init<T>(a, norms, x, m, p_plus_1, inv_p, n, count);                               \
+                                               double numerator, double scale, double inv_p,     \
+                                               u64 n, u64 count) {                                \
+        newton_init<T>(a, norms, x, m, numerator, scale, inv_p, n, count);                       \
     }                                                                                            \
     extern "C" __global__ void newton_coefficient_##S(const T* m, T* out, double coef,           \
                                                       double diag, u64 n, u64 count) {           \

@@ -271,6 +271,7 @@ pub fn run<B: Backend>(bench: &StepBench, backend: impl Fn() -> Result<B>) -> Re
         diag_cfg.grafting = Some(Grafting::Adam {
             beta2: 0.999,
             epsilon: 1e-8,
+            drop_weighting_factor_on_gsquare: false,
         });
     }
     let mut diag = Shampoo::new(diag_cfg, &shapes, bench.dtype, backend()?)?;

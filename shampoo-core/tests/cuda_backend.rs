@@ -9,8 +9,8 @@
 #![cfg(feature = "cuda")]
 
 use shampoo_core::backend::{
-    Backend, DirectionSource, EighJob, EighStatus, GatherJob, GraftKernel, GramJob, Map, MatmulJob,
-    ModeProductJob, MomentumKernel, ReduceJob, Reduction, ScatterJob, TableEntry,
+    Backend, DirectionSource, EigenRule, EighJob, EighStatus, GatherJob, GraftKernel, GramJob, Map,
+    MatmulJob, ModeProductJob, MomentumKernel, ReduceJob, Reduction, ScatterJob, TableEntry,
 };
 use shampoo_core::blocking::block_parameter;
 use shampoo_core::{CpuBackend, CudaBackend, DType, HostView, HostViewMut, Shampoo, ShampooConfig};
@@ -244,10 +244,24 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
         values: b.view_mut(&mut w),
         n,
         count,
-        eps: 1e-2,
+        rule: EigenRule::ShiftBelow { eps: 1e-2 },
         exponent: 0.5,
         half: true,
         select: Some(&[0, 2]),
+    }])?;
+    out.push(down(b, &w)?);
+    let mut w = up(b, &values(43, count * n))?;
+    b.map(&mut [Map::EigenPower {
+        values: b.view_mut(&mut w),
+        n,
+        count,
+        rule: EigenRule::PseudoInverse {
+            atol: 0.1,
+            rtol: None,
+        },
+        exponent: 0.25,
+        half: false,
+        select: None,
     }])?;
     out.push(down(b, &w)?);
     let mut x = up(b, &values(42, count * nn))?;
@@ -322,6 +336,8 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
     b.map(&mut [Map::NewtonInit {
         a: b.view(&r),
         norms: b.view(&norms),
+        numerator: 5.0,
+        scale: 2.0,
         x: b.view_mut(&mut xs),
         m: b.view_mut(&mut ms),
         p: 4,
@@ -332,7 +348,8 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
     b.map(&mut [Map::NewtonCoefficient {
         m: b.view(&ms),
         out: b.view_mut(&mut co),
-        p: 4,
+        coef: -0.25,
+        diag: 1.25,
         n,
         count,
         select: None,
@@ -353,6 +370,7 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
     let mut sq = b.alloc(DType::F64, 2 * count)?;
     let graft = GraftKernel::Ema {
         beta2: 0.99,
+        weight: 1.0 - 0.99,
         eps: 1e-8,
         bc: 0.3,
     };
@@ -364,6 +382,7 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
             graft,
             filtered: Some((b.view_mut(&mut m1), b.view_mut(&mut gf))),
             beta1: 0.9,
+            beta3: 0.9,
             bc1: 0.5,
             graft_sq_norms: Some(g2),
             numel,
@@ -436,6 +455,7 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
         r: b.view(&g),
         d: b.view_mut(&mut d),
         beta2: 0.95,
+        weight: 1.0 - 0.95,
         numel,
         count,
         select: None,
@@ -446,6 +466,7 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
         d: b.view(&d),
         bc2: 0.4,
         eps: 1e-6,
+        exponent: 0.5,
         numel,
         count,
         select: Some(&[1]),

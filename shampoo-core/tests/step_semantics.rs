@@ -263,6 +263,15 @@ impl Backend for Flaky {
     fn reduce(&self, j: &mut [ReduceJob<'_, Self>]) -> Result<()> {
         self.inner.reduce(forward(j))
     }
+    fn qr(&self, j: &mut [QrJob<'_, Self>]) -> Result<()> {
+        self.inner.qr(forward(j))
+    }
+    fn orthogonalize(&self, j: &mut [OrthogonalizeJob<'_, Self>]) -> Result<()> {
+        self.inner.orthogonalize(forward(j))
+    }
+    fn supports(&self, op: Op) -> bool {
+        self.inner.supports(op)
+    }
 }
 
 #[test]

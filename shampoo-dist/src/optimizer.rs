@@ -668,8 +668,9 @@ fn drain_bucket<T: BucketElem>(
 }
 
 /// Persistent state bytes of an optimizer's owned blocks: what its
-/// checkpoint holds (factors, roots, failure counters, grafting, filtered
-/// gradient, momentum, corrected second moments), without workspace.
+/// checkpoint holds (factors, roots, eigenpairs, failure counters, grafting,
+/// filtered gradient, momentum, corrected second moments, iterate
+/// averaging's `Z`), without workspace.
 pub fn state_bytes(opt: &Shampoo<CpuBackend>) -> usize {
     let config = opt.config();
     let dtype = opt.dtype();
@@ -677,10 +678,12 @@ pub fn state_bytes(opt: &Shampoo<CpuBackend>) -> usize {
     let per_elem_buffers = usize::from(config.grafting.is_some_and(|g| g.has_accumulator()))
         + usize::from(config.betas[0] != 0.0)
         + usize::from(config.momentum.is_some())
-        + usize::from(matches!(
-            config.preconditioner,
-            shampoo_core::config::Preconditioner::EigenvalueCorrected
-        ));
+        + usize::from(config.is_eigenvalue_corrected())
+        + usize::from(config.iterate_averaging.is_some());
+    let eigenpairs = matches!(
+        config.amortized(),
+        shampoo_core::config::Amortized::Eigenpairs(_)
+    );
     opt.layout()
         .groups
         .iter()
@@ -688,7 +691,14 @@ pub fn state_bytes(opt: &Shampoo<CpuBackend>) -> usize {
             let factors: usize = g
                 .factors
                 .iter()
-                .map(|f| f.size * f.size * (fdtype.size() + dtype.size()))
+                .map(|f| {
+                    let eigen = if eigenpairs {
+                        (f.size * f.size + f.size) * fdtype.size()
+                    } else {
+                        0
+                    };
+                    f.size * f.size * (fdtype.size() + dtype.size()) + eigen
+                })
                 .sum();
             let failures = if g.factors.is_empty() {
                 0

@@ -215,6 +215,7 @@ fn protocol_shampoo_config_has_the_issue_hyperparameters() {
         grafting: Some(Grafting::Adam {
             beta2: 0.999,
             epsilon: 1e-8,
+            drop_weighting_factor_on_gsquare: false,
         }),
         ..ShampooConfig::default()
     };

@@ -2,17 +2,17 @@
 //!
 //! - NaN/Inf in a factor `A` (after bias correction and damping) is an
 //!   error;
-//! - an eigensolver failure (after the float64 retry) keeps the previous
-//!   root and counts one consecutive failure of that factor; more than
+//! - a solver failure (an eigensolver's, after the float64 retry, or the
+//!   higher-order iteration's accuracy check) keeps the previous root and
+//!   counts one consecutive failure of that factor; more than
 //!   [`MAX_CONSECUTIVE_FAILURES`] in a row is an error;
 //! - NaN/Inf in a computed result is an error;
 //! - anything else is accepted: the result replaces the root and the
 //!   factor's failure count is reset.
 
-use super::Which;
 use crate::algorithm::Shampoo;
-use crate::algorithm::state::{FactorState, Role, active_factors, download_f64};
-use crate::backend::{Backend, EighStatus, Map};
+use crate::algorithm::state::download_f64;
+use crate::backend::{Backend, EighStatus};
 use crate::error::MatrixKind;
 use crate::schedule::StepScalars;
 use crate::{Error, Result};
@@ -20,13 +20,10 @@ use crate::{Error, Result};
 /// Consecutive solver failures tolerated per factor.
 pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 
-/// Reads all flags with one synchronisation, applies the failure rules and
-/// copies accepted results (from `which`) into the roots.
-pub(super) fn accept<B: Backend>(
-    opt: &mut Shampoo<B>,
-    sc: &StepScalars,
-    which: Which,
-) -> Result<()> {
+/// Reads all flags with one synchronisation and applies the failure rules:
+/// leaves in each factor's `accept` the blocks whose result replaces the
+/// current one (the caller commits them).
+pub(super) fn check<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Result<()> {
     let backend = &opt.backend;
     let fdtype = opt.config.factor_dtype_for(opt.dtype);
     for (g, spec) in opt.groups.iter_mut().zip(&opt.layout.groups) {
@@ -91,31 +88,5 @@ pub(super) fn accept<B: Backend>(
             }
         }
     }
-    // Copy accepted results into the roots (casting to the parameter dtype).
-    let mut jobs: Vec<Map<'_, B>> = active_factors(&mut opt.groups, &opt.layout)
-        .filter(|(f, _, _)| !f.accept.is_empty())
-        .map(|(f, count, _)| {
-            let n = f.spec.size;
-            let x = f.roles[Role::X as usize];
-            let FactorState {
-                root,
-                accept,
-                work,
-                scratch,
-                ..
-            } = f;
-            let src = match which {
-                Which::Work => &*work,
-                Which::X => &scratch[x],
-            };
-            Map::Copy {
-                src: backend.view(src),
-                dst: backend.view_mut(root),
-                numel: n * n,
-                count,
-                select: Some(&accept[..]),
-            }
-        })
-        .collect();
-    backend.map(&mut jobs)
+    Ok(())
 }

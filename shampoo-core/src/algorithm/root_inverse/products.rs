@@ -7,10 +7,14 @@ use crate::algorithm::state::{FactorState, Role, active_factors, pick3};
 use crate::backend::{Backend, Map, MatmulJob};
 
 /// One matrix operation per factor, on its still-iterating blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Product {
     /// `c <- a b` (through `T`, then the roles of `c` and `T` swap).
     Mul(Role, Role, Role),
+    /// `c <- a^T b` (through `T`, likewise).
+    MulTransposed(Role, Role, Role),
+    /// `c <- a * coef + diag I` (through `T`, likewise).
+    Affine(Role, Role, f64, f64),
     /// `b <- a`.
     Copy(Role, Role),
 }
@@ -62,25 +66,43 @@ pub(super) fn products<B: Backend>(
         } = f;
         let select = Some(&accept[..]);
         match product {
-            Product::Mul(a, b, c) => {
-                let (a, b, t) = pick3(
+            Product::Mul(a, b, c) | Product::MulTransposed(a, b, c) => {
+                let (a_, b_, t) = pick3(
                     scratch,
                     roles[a as usize],
                     roles[b as usize],
                     roles[Role::T as usize],
                 );
                 muls.push(MatmulJob {
-                    a: backend.view(a),
-                    b: backend.view(b),
+                    a: backend.view(a_),
+                    b: backend.view(b_),
                     c: backend.view_mut(t),
                     n,
                     count,
-                    trans_a: false,
+                    trans_a: matches!(product, Product::MulTransposed(..)),
                     trans_b: false,
                     alpha: 1.0,
                     accumulate: false,
                     // Newton iterations are formed in full precision.
                     tf32: false,
+                    select,
+                });
+                swaps.push((i, c));
+            }
+            Product::Affine(a, c, coef, diag) => {
+                let (src, _, t) = pick3(
+                    scratch,
+                    roles[a as usize],
+                    roles[a as usize],
+                    roles[Role::T as usize],
+                );
+                copies.push(Map::NewtonCoefficient {
+                    m: backend.view(src),
+                    out: backend.view_mut(t),
+                    coef,
+                    diag,
+                    n,
+                    count,
                     select,
                 });
                 swaps.push((i, c));
@@ -102,6 +124,8 @@ pub(super) fn products<B: Backend>(
             }
         }
     }
+    // A factor has one operation per call, so the two lists never touch
+    // the same matrices.
     backend.matmul(&mut muls)?;
     backend.map(&mut copies)?;
     drop(muls);
