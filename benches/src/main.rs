@@ -1,10 +1,11 @@
 //! `shampoo-bench`: reference parity, optimizer step timings, and the
 //! CPU-versus-CUDA self-check.
 //!
-//! Exit codes: 0 success; 1 a parity case over its tolerance (or a
-//! self-check problem over its bound); 2 usage or
-//! input error (bad file, unknown shape set, invalid config, unavailable
-//! backend).
+//! Exit codes: 0 success; 1 a parity case over its tolerance or one that
+//! could not be replayed (bad file, invalid config, unavailable backend:
+//! reported with its reason, the other cases still run), or a self-check
+//! problem over its bound; 2 usage or input error (unknown shape set,
+//! invalid config, unavailable backend).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -156,27 +157,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut failed = 0;
             if !json {
                 println!(
-                    "{:<28} {:>6} {:>12}  {:<6} worst at",
+                    "{:<30} {:>6} {:>12}  {:<6} worst at",
                     "case", "steps", "max error", "result"
                 );
             }
             for f in &files {
+                // A case that cannot run is reported as failed, with its
+                // reason, and the others still run.
                 let r = match backend {
-                    BackendKind::Cpu => parity::run_case(f, tolerance, CpuBackend::new(threads)?),
+                    BackendKind::Cpu => CpuBackend::new(threads)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| parity::run_case(f, tolerance, b)),
                     #[cfg(feature = "cuda")]
-                    BackendKind::Cuda => {
-                        parity::run_case(f, tolerance, shampoo_core::CudaBackend::new(0)?)
-                    }
+                    BackendKind::Cuda => shampoo_core::CudaBackend::new(0)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| parity::run_case(f, tolerance, b)),
                     #[cfg(not(feature = "cuda"))]
                     BackendKind::Cuda => Err(cuda_unavailable()),
                 }
-                .with_context(|| format!("case {}", f.display()))?;
+                .unwrap_or_else(|e| parity::CaseResult::failed(f, format!("{e:#}")));
                 failed += usize::from(!r.pass);
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
+                } else if let Some(e) = &r.error {
+                    println!("{:<30} {:>6} {:>12}  {:<6} {e}", r.name, "-", "-", "FAIL");
                 } else {
                     println!(
-                        "{:<28} {:>6} {:>12.3e}  {:<6} step {} {}",
+                        "{:<30} {:>6} {:>12.3e}  {:<6} step {} {}",
                         r.name,
                         r.steps,
                         r.max_error,
