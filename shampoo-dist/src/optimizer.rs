@@ -352,6 +352,45 @@ impl DistributedShampoo {
             self.inner.compute_directions(&views, grads)?;
         }
         self.times.optimizer = t.elapsed();
+        self.exchange(params)
+    }
+
+    /// Iterate averaging's evaluation view (the published `eval()`): every
+    /// rank's parameters become the averaged sequence. Collective; does
+    /// nothing without iterate averaging or when already in eval mode.
+    /// Each block's owner computes its increment (it holds the block's
+    /// `Z`), and they are shared like a step's directions.
+    pub fn eval(&mut self, params: &mut [HostViewMut<'_>]) -> Result<()> {
+        self.switch_mode(params, true)
+    }
+
+    /// Back to the train-mode sequence (the published `train()`).
+    /// Collective; does nothing without iterate averaging or when already in
+    /// train mode.
+    pub fn train(&mut self, params: &mut [HostViewMut<'_>]) -> Result<()> {
+        self.switch_mode(params, false)
+    }
+
+    /// Whether the parameters hold the train-mode sequence.
+    pub fn is_train_mode(&self) -> bool {
+        self.inner.is_train_mode()
+    }
+
+    fn switch_mode(&mut self, params: &mut [HostViewMut<'_>], to_eval: bool) -> Result<()> {
+        let apply = {
+            let views: Vec<HostView<'_>> = params.iter().map(|p| p.as_view()).collect();
+            self.inner.compute_mode_switch(&views, to_eval)?
+        };
+        // Every rank decides the same (mode, step and config agree).
+        if apply {
+            self.exchange(params)?;
+        }
+        Ok(())
+    }
+
+    /// Shares the own blocks' directions (one all-gather) and applies all
+    /// blocks' to `params`.
+    fn exchange(&mut self, params: &mut [HostViewMut<'_>]) -> Result<()> {
         if self.opts.communicate_params {
             return self.exchange_params(params);
         }
