@@ -63,9 +63,11 @@ enum Command {
         /// Shape sets file (default: the one built into this binary).
         #[arg(long)]
         shapes_file: Option<PathBuf>,
-        /// Shampoo config (JSON, the reference schema).
-        #[arg(long)]
-        config: PathBuf,
+        /// Shampoo config (JSON, the reference schema). Give several to time
+        /// them side by side in one run (a comparison table follows, with
+        /// ratios to the first).
+        #[arg(long, required = true)]
+        config: Vec<PathBuf>,
         /// Parameter dtype.
         #[arg(long, default_value = "f32")]
         dtype: DType,
@@ -221,30 +223,54 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if steps == 0 || root_every < 2 {
                 bail!("--steps must be >= 1 and --root-every >= 2");
             }
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading {}", config.display()))?;
-            let config = ShampooConfig::from_json(&text)
-                .with_context(|| format!("config {}", config.display()))?;
-            let bench = step::StepBench {
-                tensors: shapes::load(&set, shapes_file.as_deref())?,
-                set,
-                config,
-                dtype,
-                steps,
-                warmup,
-                root_every,
-            };
-            let report = match backend {
-                BackendKind::Cpu => step::run(&bench, || Ok(CpuBackend::new(threads)?))?,
-                #[cfg(feature = "cuda")]
-                BackendKind::Cuda => step::run(&bench, || Ok(shampoo_core::CudaBackend::new(0)?))?,
-                #[cfg(not(feature = "cuda"))]
-                BackendKind::Cuda => return Err(cuda_unavailable()),
-            };
+            let tensors = shapes::load(&set, shapes_file.as_deref())?;
+            let mut benches = Vec::new();
+            for path in &config {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let config = ShampooConfig::from_json(&text)
+                    .with_context(|| format!("config {}", path.display()))?;
+                let name = path
+                    .file_stem()
+                    .map_or_else(|| "config".into(), |s| s.to_string_lossy().into_owned());
+                let bench = step::StepBench {
+                    tensors: tensors.clone(),
+                    set: set.clone(),
+                    config,
+                    dtype,
+                    steps,
+                    warmup,
+                    root_every,
+                };
+                benches.push((name, bench));
+            }
+            let mut reports = Vec::new();
+            for (name, bench) in &benches {
+                let report = match backend {
+                    BackendKind::Cpu => step::run(bench, || Ok(CpuBackend::new(threads)?))?,
+                    #[cfg(feature = "cuda")]
+                    BackendKind::Cuda => {
+                        step::run(bench, || Ok(shampoo_core::CudaBackend::new(0)?))?
+                    }
+                    #[cfg(not(feature = "cuda"))]
+                    BackendKind::Cuda => return Err(cuda_unavailable()),
+                };
+                if !json {
+                    if benches.len() > 1 {
+                        println!("== {name}");
+                    }
+                    print!("{}", step::render(&report));
+                }
+                reports.push((name.clone(), report));
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", step::render(&report));
+                if reports.len() == 1 {
+                    println!("{}", serde_json::to_string_pretty(&reports[0].1)?);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&reports)?);
+                }
+            } else if reports.len() > 1 {
+                print!("{}", step::compare(&reports));
             }
             Ok(ExitCode::SUCCESS)
         }
