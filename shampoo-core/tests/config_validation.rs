@@ -415,3 +415,26 @@ fn new_keys_default_to_the_published_values() {
         })
     );
 }
+
+/// Every JSON example of docs/config.md is a valid configuration.
+#[test]
+fn the_examples_of_the_configuration_reference_are_valid() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/config.md")).unwrap();
+    let mut examples = 0;
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("```json\n") {
+        let body = &rest[start + 8..];
+        let end = body.find("```").expect("closed code block");
+        if let Err(e) = ShampooConfig::from_json(&body[..end]) {
+            panic!(
+                "docs/config.md example {}: {e}\n{}",
+                examples + 1,
+                &body[..end]
+            );
+        }
+        examples += 1;
+        rest = &body[end..];
+    }
+    assert!(examples >= 10, "only {examples} examples found");
+}
