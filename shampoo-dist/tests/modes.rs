@@ -78,6 +78,17 @@ fn ranks(config: &ShampooConfig, shapes: &[Vec<usize>], world: usize) -> Vec<[Ve
             DistOptions::default(),
         )
         .unwrap();
+        // The state a rank reports is what its checkpoint holds.
+        let (tensors, _) = opt.local().state_tensors().unwrap();
+        let saved: usize = tensors
+            .values()
+            .map(|t| match t {
+                shampoo_core::checkpoint::HostTensor::F32(v, _) => 4 * v.len(),
+                shampoo_core::checkpoint::HostTensor::F64(v, _) => 8 * v.len(),
+                shampoo_core::checkpoint::HostTensor::U32(v, _) => 4 * v.len(),
+            })
+            .sum();
+        assert_eq!(opt.state_bytes(), saved);
         let mut params = init_params(shapes);
         train_rank(&mut opt, shapes, &mut params, 1..=STEPS).unwrap();
         let y = params.clone();
