@@ -129,6 +129,31 @@ __device__ void newton_coefficient(const T* m, T* out, double coef, double diag,
     }
 }
 
+// Trace scaling: x *= max(t_b, eps)^(-exponent), t_b the matrix's trace
+template <typename T>
+__device__ void trace_scale(T* x, const T* traces, double eps, double exponent, u64 n,
+                            u64 count) {
+    T ep = (T)eps, e = (T)(-exponent);
+    u64 nn = n * n;
+    GRID_LOOP(i, nn * count) {
+        T t = traces[i / nn];
+        t = t > ep ? t : ep;
+        x[i] *= sh_pow(t, e);
+    }
+}
+
+// The higher-order ridge: x_kk += max(v_b * rel, abs)
+template <typename T>
+__device__ void add_ridge(T* x, const T* values, double rel, double abs, u64 n, u64 count) {
+    T r = (T)rel, a = (T)abs;
+    GRID_LOOP(i, n * count) {
+        u64 b = i / n, k = i % n;
+        T v = values[b] * r;
+        T ridge = v > a ? v : a;
+        x[b * n * n + k * n + k] += ridge;
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                        \
     extern "C" __global__ void gather_##S(T* out, const T* src, const T* add, double coef,       \
                                           Geometry g, u64 numel) {                               \
@@ -159,6 +184,14 @@ __device__ void newton_coefficient(const T* m, T* out, double coef, double diag,
     extern "C" __global__ void newton_coefficient_##S(const T* m, T* out, double coef,           \
                                                       double diag, u64 n, u64 count) {           \
         newton_coefficient<T>(m, out, coef, diag, n, count);                                     \
+    }                                                                                            \
+    extern "C" __global__ void trace_scale_##S(T* x, const T* traces, double eps,                \
+                                               double exponent, u64 n, u64 count) {              \
+        trace_scale<T>(x, traces, eps, exponent, n, count);                                      \
+    }                                                                                            \
+    extern "C" __global__ void add_ridge_##S(T* x, const T* values, double rel, double abs,      \
+                                             u64 n, u64 count) {                                 \
+        add_ridge<T>(x, values, rel, abs, n, count);                                             \
     }
 
 INSTANTIATE(float, f32)

@@ -198,6 +198,36 @@ __device__ void eigen_power(T* values, u64 n, u64 count, u64 rule, double eps, d
     }
 }
 
+// Per matrix, one thread each (sums in the CPU backend's order): kind 0 the
+// trace, 1 the largest row sum of absolute values (NaN if any row's is).
+template <typename T>
+__device__ void matrix_stat(const T* x, T* out, u64 kind, u64 n, u64 count) {
+    GRID_LOOP(b, count) {
+        const T* m = x + b * n * n;
+        if (kind == 0) {
+            T s = (T)0.0;
+            for (u64 k = 0; k < n; k++) {
+                s += m[k * n + k];
+            }
+            out[b] = s;
+        } else {
+            T best = (T)0.0;
+            bool nan = false;
+            for (u64 r = 0; r < n; r++) {
+                T s = (T)0.0;
+                for (u64 c = 0; c < n; c++) {
+                    s += sh_abs(m[r * n + c]);
+                }
+                nan = nan || sh_isnan(s);
+                if (s > best) {
+                    best = s;
+                }
+            }
+            out[b] = nan ? sh_nan((T)0.0) : best;
+        }
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                         \
     extern "C" __global__ void sum_squares_##S(const T* x, const T* v, u64 kind, double bc,       \
                                                double eps, T* out, u64 numel, u64 count,          \
@@ -215,6 +245,9 @@ __device__ void eigen_power(T* values, u64 n, u64 count, u64 rule, double eps, d
                                                double eps, double atol, double rtol,              \
                                                double exponent) {                                 \
         eigen_power<T>(values, n, count, rule, eps, atol, rtol, exponent);                        \
+    }                                                                                             \
+    extern "C" __global__ void matrix_stat_##S(const T* x, T* out, u64 kind, u64 n, u64 count) {  \
+        matrix_stat<T>(x, out, kind, n, count);                                                   \
     }
 
 INSTANTIATE(float, f32)

@@ -112,7 +112,7 @@ check() {
 # The reference cases of the modes the CUDA backend runs (it refuses the
 # others when the optimizer is built: docs/cuda-backend.md), then the refused
 # ones, which must fail with "cannot run ... yet" and nothing else.
-REFUSED='eigendecomposed_adaptive|soap_qr|soap_qr3_tol_ignored_dims|coupled_higher_order|trace_scaling|spectral_newton_schulz|spectral_svd|sign_descent_lion|gpa|schedule_free'
+REFUSED='eigendecomposed_adaptive|soap_qr|soap_qr3_tol_ignored_dims|spectral_svd'
 shopt -s nullglob
 CASES=()
 REFUSED_CASES=()

@@ -472,6 +472,105 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
         select: Some(&[1]),
     }])?;
     out.extend([down(b, &d)?, down(b, &rr)?]);
+    // The maps and reductions of the newer modes (spectral and sign
+    // descent, iterate averaging, trace scaling, the higher-order ridge).
+    let scal = up(b, &[2.5, 1e-9, 0.7])?;
+    let mut s1 = b.alloc(DType::F64, count * numel)?;
+    b.map(&mut [Map::ScaleByNorm {
+        src: b.view(&g),
+        dst: b.view_mut(&mut s1),
+        norms: b.view(&scal),
+        floor: 1e-8,
+        numel,
+        count,
+        select: Some(&[0, 1]),
+    }])?;
+    b.map(&mut [Map::Axpby {
+        x: b.view_mut(&mut s1),
+        y: b.view(&rr),
+        a: 3.4445,
+        b: -4.775,
+        numel,
+        count,
+        select: None,
+    }])?;
+    b.map(&mut [Map::ScaleBlocks {
+        x: b.view_mut(&mut s1),
+        scales: b.view(&scal),
+        numel,
+        count,
+        select: Some(&[2]),
+    }])?;
+    let mut sg = b.alloc(DType::F64, count * numel)?;
+    b.map(&mut [Map::Sign {
+        src: b.view(&s1),
+        dst: b.view_mut(&mut sg),
+        numel,
+        count,
+        select: None,
+    }])?;
+    let mut z = up(b, &values(58, count * numel))?;
+    let mut u = up(b, &values(59, count * numel))?;
+    b.map(&mut [Map::IterateAverage {
+        u: b.view_mut(&mut u),
+        z: b.view_mut(&mut z),
+        w: b.view(&wts),
+        c1: 0.28,
+        c2: 0.1,
+        shrink: Some(0.999),
+        numel,
+        count,
+        select: Some(&[0, 2]),
+    }])?;
+    let mut it = b.alloc(DType::F64, count * numel)?;
+    b.map(&mut [Map::Interpolate {
+        z: b.view(&z),
+        w: b.view(&wts),
+        out: b.view_mut(&mut it),
+        coef: -0.25,
+        numel,
+        count,
+        select: None,
+    }])?;
+    out.extend([
+        down(b, &s1)?,
+        down(b, &sg)?,
+        down(b, &z)?,
+        down(b, &u)?,
+        down(b, &it)?,
+    ]);
+    let mut mats = up(b, &values(60, count * nn))?;
+    let mut stats = b.alloc(DType::F64, count)?;
+    for kind in [Reduction::Trace, Reduction::MaxRowAbsSum] {
+        b.reduce(&mut [ReduceJob {
+            input: b.view(&mats),
+            numel: nn,
+            count,
+            kind,
+            out: b.view_mut(&mut stats),
+            select: None,
+        }])?;
+        out.push(down(b, &stats)?);
+    }
+    b.map(&mut [Map::TraceScale {
+        x: b.view_mut(&mut mats),
+        traces: b.view(&scal),
+        eps: 1e-10,
+        exponent: 0.5,
+        n,
+        count,
+        select: None,
+    }])?;
+    b.map(&mut [Map::AddRidge {
+        x: b.view_mut(&mut mats),
+        values: b.view(&stats),
+        rel: 1e-3,
+        abs: 1e-9,
+        n,
+        count,
+        select: Some(&[1]),
+    }])?;
+    out.push(down(b, &mats)?);
     Ok(out)
 }
 
@@ -483,10 +582,11 @@ fn fused_maps_and_reductions_give_the_cpu_backends_bits() {
         maps_and_reductions(&cpu).unwrap(),
         maps_and_reductions(&g).unwrap(),
     );
-    // Results computed with pow may differ in the last bits: 1 (EigenPower),
-    // 2 and 3 (rows scaled by its output, and their copies), 8 (NewtonInit's
-    // X = z^(1/p) I). The rest is bitwise.
-    let pow_results = [1usize, 2, 3, 8];
+    // Results computed with pow may differ in the last bits: 1 and 2
+    // (EigenPower's rules), 3 and 4 (rows scaled by its output, and their
+    // copies), 9 (NewtonInit's X = z^(1/p) I), the last (TraceScale). The
+    // rest is bitwise.
+    let pow_results = [1usize, 2, 3, 4, 9, c.len() - 1];
     for (i, (x, y)) in c.iter().zip(&d).enumerate() {
         if pow_results.contains(&i) {
             let e = max_rel(x, y);

@@ -926,3 +926,221 @@ fn reductions_with_a_block_of_threads_give_the_cpu_backends_bits() {
     unsafe { k(got.as_mut_ptr(), 700, count as u64, 2, 0.0, 0.0, 0.5, 0.25) };
     assert_eq!(bits(&want), bits(&got), "eigen_power (pseudo-inverse)");
 }
+
+#[test]
+fn the_new_modes_kernels_give_the_cpu_backends_bits() {
+    let Some((_, lib, _)) = host_kernels() else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    let (numel, count) = (40usize, 3usize);
+    let len = numel * count;
+    let a = values(60, len);
+    let b = values(61, len);
+    let mut with_zero = a.clone();
+    with_zero[5] = 0.0;
+    with_zero[6] = -0.0;
+    // Sign.
+    let mut want = vec![0.0; len];
+    cpu.map(&mut [Map::Sign {
+        src: HostView::F64(&with_zero),
+        dst: HostViewMut::F64(&mut want),
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; len];
+    let k = kernel!(lib, "sign_map_f64", fn(C, P, u64));
+    // SAFETY: len elements each.
+    unsafe { k(with_zero.as_ptr(), got.as_mut_ptr(), len as u64) };
+    assert_eq!(bits(&want), bits(&got), "sign");
+    // Axpby.
+    let mut want = a.clone();
+    cpu.map(&mut [Map::Axpby {
+        x: HostViewMut::F64(&mut want),
+        y: HostView::F64(&b),
+        a: 3.4445,
+        b: -4.775,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = a.clone();
+    let k = kernel!(lib, "axpby_f64", fn(P, C, f64, f64, u64));
+    // SAFETY: as above.
+    unsafe { k(got.as_mut_ptr(), b.as_ptr(), 3.4445, -4.775, len as u64) };
+    assert_eq!(bits(&want), bits(&got), "axpby");
+    // ScaleByNorm (one norm under the floor) and ScaleBlocks.
+    let norms = vec![2.5, 1e-9, 0.7];
+    let mut want = vec![0.0; len];
+    cpu.map(&mut [Map::ScaleByNorm {
+        src: HostView::F64(&a),
+        dst: HostViewMut::F64(&mut want),
+        norms: HostView::F64(&norms),
+        floor: 1e-8,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; len];
+    let k = kernel!(lib, "scale_blocks_f64", fn(C, P, C, f64, u64, u64, u64));
+    // SAFETY: as above; count norms.
+    unsafe {
+        k(
+            a.as_ptr(),
+            got.as_mut_ptr(),
+            norms.as_ptr(),
+            1e-8,
+            1,
+            numel as u64,
+            count as u64,
+        )
+    };
+    assert_eq!(bits(&want), bits(&got), "scale_by_norm");
+    let mut want = a.clone();
+    cpu.map(&mut [Map::ScaleBlocks {
+        x: HostViewMut::F64(&mut want),
+        scales: HostView::F64(&norms),
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = a.clone();
+    let p = got.as_mut_ptr();
+    // SAFETY: in place, as the backend launches it.
+    unsafe { k(p, p, norms.as_ptr(), 0.0, 0, numel as u64, count as u64) };
+    assert_eq!(bits(&want), bits(&got), "scale_blocks");
+    // IterateAverage, with and without the shrink, and Interpolate.
+    let w = values(62, len);
+    for shrink in [None, Some(0.999)] {
+        let (mut wu, mut wz) = (a.clone(), b.clone());
+        cpu.map(&mut [Map::IterateAverage {
+            u: HostViewMut::F64(&mut wu),
+            z: HostViewMut::F64(&mut wz),
+            w: HostView::F64(&w),
+            c1: 0.28,
+            c2: 0.1,
+            shrink,
+            numel,
+            count,
+            select: None,
+        }])
+        .unwrap();
+        let (mut gu, mut gz) = (a.clone(), b.clone());
+        let k = kernel!(
+            lib,
+            "iterate_average_f64",
+            fn(P, P, C, f64, f64, f64, u64, u64)
+        );
+        // SAFETY: as above.
+        unsafe {
+            k(
+                gu.as_mut_ptr(),
+                gz.as_mut_ptr(),
+                w.as_ptr(),
+                0.28,
+                0.1,
+                shrink.unwrap_or(1.0),
+                u64::from(shrink.is_some()),
+                len as u64,
+            )
+        };
+        assert_eq!(bits(&wu), bits(&gu), "iterate_average u {shrink:?}");
+        assert_eq!(bits(&wz), bits(&gz), "iterate_average z {shrink:?}");
+    }
+    let mut want = vec![0.0; len];
+    cpu.map(&mut [Map::Interpolate {
+        z: HostView::F64(&b),
+        w: HostView::F64(&w),
+        out: HostViewMut::F64(&mut want),
+        coef: -0.25,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; len];
+    let k = kernel!(lib, "interpolate_f64", fn(C, C, P, f64, u64));
+    // SAFETY: as above.
+    unsafe { k(b.as_ptr(), w.as_ptr(), got.as_mut_ptr(), -0.25, len as u64) };
+    assert_eq!(bits(&want), bits(&got), "interpolate");
+    // Matrices: Trace, MaxRowAbsSum (one NaN), TraceScale, AddRidge.
+    let n = 6usize;
+    let nn = n * n;
+    let mut m = values(63, count * nn);
+    m[2 * nn + 9] = f64::NAN;
+    for (kind, code) in [(Reduction::Trace, 0u64), (Reduction::MaxRowAbsSum, 1)] {
+        let mut want = vec![0.0; count];
+        cpu.reduce(&mut [ReduceJob {
+            input: HostView::F64(&m),
+            numel: nn,
+            count,
+            kind,
+            out: HostViewMut::F64(&mut want),
+            select: None,
+        }])
+        .unwrap();
+        let mut got = vec![0.0; count];
+        let k = kernel!(lib, "matrix_stat_f64", fn(C, P, u64, u64, u64));
+        // SAFETY: count matrices of n x n, count results.
+        unsafe { k(m.as_ptr(), got.as_mut_ptr(), code, n as u64, count as u64) };
+        assert_eq!(bits(&want[..2]), bits(&got[..2]), "{kind:?}");
+        assert_eq!(want[2].is_nan(), got[2].is_nan(), "{kind:?} NaN");
+    }
+    let m = values(64, count * nn);
+    let traces = vec![3.0, -1.0, 1e-12];
+    let mut want = m.clone();
+    cpu.map(&mut [Map::TraceScale {
+        x: HostViewMut::F64(&mut want),
+        traces: HostView::F64(&traces),
+        eps: 1e-10,
+        exponent: 0.5,
+        n,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = m.clone();
+    let k = kernel!(lib, "trace_scale_f64", fn(P, C, f64, f64, u64, u64));
+    // SAFETY: as above.
+    unsafe {
+        k(
+            got.as_mut_ptr(),
+            traces.as_ptr(),
+            1e-10,
+            0.5,
+            n as u64,
+            count as u64,
+        )
+    };
+    assert_eq!(bits(&want), bits(&got), "trace_scale");
+    let mut want = m.clone();
+    cpu.map(&mut [Map::AddRidge {
+        x: HostViewMut::F64(&mut want),
+        values: HostView::F64(&traces),
+        rel: 1e-3,
+        abs: 1e-9,
+        n,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = m.clone();
+    let k = kernel!(lib, "add_ridge_f64", fn(P, C, f64, f64, u64, u64));
+    // SAFETY: as above.
+    unsafe {
+        k(
+            got.as_mut_ptr(),
+            traces.as_ptr(),
+            1e-3,
+            1e-9,
+            n as u64,
+            count as u64,
+        )
+    };
+    assert_eq!(bits(&want), bits(&got), "add_ridge");
+}

@@ -545,23 +545,20 @@ fn required_ops(config: &ShampooConfig) -> Vec<(Op, &'static str)> {
     let eigen = |ops: &mut Vec<(Op, &'static str)>, e: Eigendecomposition| match e {
         Eigendecomposition::Eigh { tolerance: 0.0, .. } => {}
         Eigendecomposition::Eigh { .. } => {
-            ops.push((Op::MatrixReductions, "the adaptive eigenbasis update"));
-            ops.push((Op::FactorMaps, "the adaptive eigenbasis update"));
+            ops.push((Op::OffDiagonalRatio, "the adaptive eigenbasis update"));
+            ops.push((Op::Eigenpairs, "the adaptive eigenbasis update"));
         }
         Eigendecomposition::Qr { .. } => {
             ops.push((Op::Qr, "the QR eigendecomposition"));
-            ops.push((Op::MatrixReductions, "the QR eigendecomposition"));
-            ops.push((Op::FactorMaps, "the QR eigendecomposition"));
+            ops.push((Op::OffDiagonalRatio, "the QR eigendecomposition"));
+            ops.push((Op::Eigenpairs, "the QR eigendecomposition"));
         }
     };
     match config.amortized() {
         Amortized::RootInverse(RootInverse::CoupledHigherOrder { .. }) => {
             ops.push((Op::CoupledInit, "the coupled higher-order root inverse"));
-            ops.push((
-                Op::MatrixReductions,
-                "the coupled higher-order root inverse",
-            ));
-            ops.push((Op::FactorMaps, "the coupled higher-order root inverse"));
+            ops.push((Op::TraceReductions, "the coupled higher-order root inverse"));
+            ops.push((Op::RidgeMaps, "the coupled higher-order root inverse"));
         }
         Amortized::Eigenpairs(e) | Amortized::Eigenbasis(e) => eigen(&mut ops, e),
         _ => {}
@@ -579,8 +576,8 @@ fn required_ops(config: &ShampooConfig) -> Vec<(Op, &'static str)> {
     }
     if let Some(o) = config.shampoo_options() {
         if o.trace_scaling.is_some() {
-            ops.push((Op::MatrixReductions, "trace scaling"));
-            ops.push((Op::FactorMaps, "trace scaling"));
+            ops.push((Op::TraceReductions, "trace scaling"));
+            ops.push((Op::RidgeMaps, "trace scaling"));
         }
         if o.drop_weighting_factor && config.is_eigenvalue_corrected() {
             ops.push((

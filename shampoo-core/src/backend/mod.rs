@@ -174,11 +174,14 @@ pub enum Op {
     /// [`Map::EigenvalueUpdate`] with a weight other than `1 - beta2`, and
     /// [`Map::EigenvalueScale`] with an exponent other than 1/2.
     EigenvalueOptions,
-    /// [`Reduction::Trace`], [`Reduction::MaxRowAbsSum`] and
+    /// [`Reduction::Trace`] and [`Reduction::MaxRowAbsSum`].
+    TraceReductions,
     /// [`Reduction::OffDiagonalRatio`].
-    MatrixReductions,
-    /// [`Map::TraceScale`], [`Map::AddRidge`], [`Map::Eigenpairs`].
-    FactorMaps,
+    OffDiagonalRatio,
+    /// [`Map::TraceScale`] and [`Map::AddRidge`].
+    RidgeMaps,
+    /// [`Map::Eigenpairs`].
+    Eigenpairs,
     /// [`Map::ScaleByNorm`], [`Map::Axpby`], [`Map::ScaleBlocks`],
     /// [`Map::Sign`].
     DirectionMaps,

@@ -586,19 +586,21 @@ impl Backend for CudaBackend {
     }
 }
 
-/// What the CUDA backend implements of the optional operations: the
-/// eigenvalue rules, the coupled iterations' start, Lion's filter and
-/// SOAP's options are in its kernels; QR, SVD, the new per-matrix
-/// reductions and the spectral, sign and averaging maps are not yet.
+/// What the CUDA backend implements of the optional operations: everything
+/// but the QR factorization, the SVD and the two pieces of the adaptive and
+/// QR eigendecompositions (the off-diagonal ratio and the eigenpairs of a
+/// rotated factor).
 pub fn implements(op: Op) -> bool {
     match op {
-        Op::EigenRules | Op::CoupledInit | Op::FilterOptions | Op::EigenvalueOptions => true,
-        Op::Qr
-        | Op::Orthogonalize
-        | Op::MatrixReductions
-        | Op::FactorMaps
+        Op::EigenRules
+        | Op::CoupledInit
+        | Op::FilterOptions
+        | Op::EigenvalueOptions
+        | Op::TraceReductions
+        | Op::RidgeMaps
         | Op::DirectionMaps
-        | Op::AveragingMaps => false,
+        | Op::AveragingMaps => true,
+        Op::Qr | Op::Orthogonalize | Op::OffDiagonalRatio | Op::Eigenpairs => false,
     }
 }
 

@@ -794,19 +794,265 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 },
             )
         }
-        Map::TraceScale { .. } => Err(not_yet(MAP, "trace scaling (TraceScale)")),
-        Map::AddRidge { .. } => Err(not_yet(MAP, "the higher-order ridge (AddRidge)")),
+        Map::TraceScale {
+            x,
+            traces,
+            eps,
+            exponent,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("traces", traces.dtype())])?;
+            check_len(MAP, "x", x.len(), count, n * n)?;
+            check_len(MAP, "traces", traces.len(), count, 1)?;
+            let (xp, tp, e, p) = (x.ptr, traces.ptr, *eps, *exponent);
+            per_run(
+                be,
+                "trace_scale",
+                dt,
+                *select,
+                count,
+                n * n,
+                false,
+                |s, l, a| {
+                    a.u(at(xp, dt, s * n * n))
+                        .u(at(tp, dt, s))
+                        .f(e)
+                        .f(p)
+                        .u(n as u64)
+                        .u(l as u64);
+                },
+            )
+        }
+        Map::AddRidge {
+            x,
+            values,
+            rel,
+            abs,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("values", values.dtype())])?;
+            check_len(MAP, "x", x.len(), count, n * n)?;
+            check_len(MAP, "values", values.len(), count, 1)?;
+            let (xp, vp, r, ab) = (x.ptr, values.ptr, *rel, *abs);
+            per_run(be, "add_ridge", dt, *select, count, n, false, |s, l, a| {
+                a.u(at(xp, dt, s * n * n))
+                    .u(at(vp, dt, s))
+                    .f(r)
+                    .f(ab)
+                    .u(n as u64)
+                    .u(l as u64);
+            })
+        }
         Map::Eigenpairs { .. } => Err(not_yet(
             MAP,
             "eigenpairs of a rotated factor (adaptive and QR eigendecompositions)",
         )),
-        Map::ScaleByNorm { .. } | Map::Axpby { .. } => {
-            Err(not_yet(MAP, "Newton-Schulz orthogonalization"))
+        Map::ScaleByNorm {
+            src,
+            dst,
+            norms,
+            floor,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, dst.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("src", src.dtype()), ("norms", norms.dtype())])?;
+            check_len(MAP, "src", src.len(), count, numel)?;
+            check_len(MAP, "dst", dst.len(), count, numel)?;
+            check_len(MAP, "norms", norms.len(), count, 1)?;
+            let (sp, dp, np, f) = (src.ptr, dst.ptr, norms.ptr, *floor);
+            per_run(
+                be,
+                "scale_blocks",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(sp, dt, s * numel))
+                        .u(at(dp, dt, s * numel))
+                        .u(at(np, dt, s))
+                        .f(f)
+                        .u(1)
+                        .u(numel as u64)
+                        .u(l as u64);
+                },
+            )
         }
-        Map::ScaleBlocks { .. } => Err(not_yet(MAP, "the nuclear-norm scaling")),
-        Map::Sign { .. } => Err(not_yet(MAP, "sign descent")),
-        Map::IterateAverage { .. } | Map::Interpolate { .. } => {
-            Err(not_yet(MAP, "iterate averaging"))
+        Map::ScaleBlocks {
+            x,
+            scales,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("scales", scales.dtype())])?;
+            check_len(MAP, "x", x.len(), count, numel)?;
+            check_len(MAP, "scales", scales.len(), count, 1)?;
+            let (xp, sp) = (x.ptr, scales.ptr);
+            per_run(
+                be,
+                "scale_blocks",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(xp, dt, s * numel))
+                        .u(at(xp, dt, s * numel))
+                        .u(at(sp, dt, s))
+                        .f(0.0)
+                        .u(0)
+                        .u(numel as u64)
+                        .u(l as u64);
+                },
+            )
+        }
+        Map::Axpby {
+            x,
+            y,
+            a,
+            b,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("y", y.dtype())])?;
+            check_len(MAP, "x", x.len(), count, numel)?;
+            check_len(MAP, "y", y.len(), count, numel)?;
+            let (xp, yp, ca, cb) = (x.ptr, y.ptr, *a, *b);
+            per_run(
+                be,
+                "axpby",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, args| {
+                    args.u(at(xp, dt, s * numel))
+                        .u(at(yp, dt, s * numel))
+                        .f(ca)
+                        .f(cb)
+                        .u((l * numel) as u64);
+                },
+            )
+        }
+        Map::Sign {
+            src,
+            dst,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, dst.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("src", src.dtype())])?;
+            check_len(MAP, "src", src.len(), count, numel)?;
+            check_len(MAP, "dst", dst.len(), count, numel)?;
+            let (sp, dp) = (src.ptr, dst.ptr);
+            per_run(
+                be,
+                "sign_map",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(sp, dt, s * numel))
+                        .u(at(dp, dt, s * numel))
+                        .u((l * numel) as u64);
+                },
+            )
+        }
+        Map::IterateAverage {
+            u,
+            z,
+            w,
+            c1,
+            c2,
+            shrink,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, u.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("z", z.dtype()), ("w", w.dtype())])?;
+            check_len(MAP, "u", u.len(), count, numel)?;
+            check_len(MAP, "z", z.len(), count, numel)?;
+            check_len(MAP, "w", w.len(), count, numel)?;
+            let (up, zp, wp, k1, k2) = (u.ptr, z.ptr, w.ptr, *c1, *c2);
+            let (sh, has) = (shrink.unwrap_or(1.0), u64::from(shrink.is_some()));
+            per_run(
+                be,
+                "iterate_average",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(up, dt, s * numel))
+                        .u(at(zp, dt, s * numel))
+                        .u(at(wp, dt, s * numel))
+                        .f(k1)
+                        .f(k2)
+                        .f(sh)
+                        .u(has)
+                        .u((l * numel) as u64);
+                },
+            )
+        }
+        Map::Interpolate {
+            z,
+            w,
+            out,
+            coef,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, out.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("z", z.dtype()), ("w", w.dtype())])?;
+            check_len(MAP, "z", z.len(), count, numel)?;
+            check_len(MAP, "w", w.len(), count, numel)?;
+            check_len(MAP, "out", out.len(), count, numel)?;
+            let (zp, wp, op, c) = (z.ptr, w.ptr, out.ptr, *coef);
+            per_run(
+                be,
+                "interpolate",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(zp, dt, s * numel))
+                        .u(at(wp, dt, s * numel))
+                        .u(at(op, dt, s * numel))
+                        .f(c)
+                        .u((l * numel) as u64);
+                },
+            )
         }
     }
 }
@@ -875,8 +1121,38 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
                     },
                 )?;
             }
-            Reduction::Trace | Reduction::MaxRowAbsSum | Reduction::OffDiagonalRatio => {
-                return Err(not_yet(OP, &format!("the {:?} reduction", job.kind)));
+            Reduction::Trace | Reduction::MaxRowAbsSum => {
+                let n = (numel as f64).sqrt().round() as usize;
+                if n * n != numel {
+                    return Err(Error::backend(
+                        OP,
+                        format!("{numel} elements are not a square matrix"),
+                    ));
+                }
+                let kind = u64::from(job.kind == Reduction::MaxRowAbsSum);
+                // One thread per matrix: sums in the CPU backend's order.
+                per_run(
+                    be,
+                    "matrix_stat",
+                    dt,
+                    job.select,
+                    count,
+                    1,
+                    false,
+                    |s, l, a| {
+                        a.u(at(ip, dt, s * numel))
+                            .u(at(op, dt, s))
+                            .u(kind)
+                            .u(n as u64)
+                            .u(l as u64);
+                    },
+                )?;
+            }
+            Reduction::OffDiagonalRatio => {
+                return Err(not_yet(
+                    OP,
+                    "the off-diagonal ratio (adaptive and QR eigendecompositions)",
+                ));
             }
             Reduction::AllFinite => {
                 per_run(
