@@ -41,17 +41,7 @@ fn one_process(
     .unwrap();
     let mut params = init_params(shapes);
     for step in 1..=STEPS {
-        let grads: Vec<Option<Vec<f32>>> = (0..shapes.len())
-            .map(|p| {
-                let per: Vec<Vec<f32>> = (0..world)
-                    .map(|r| grad(shapes, step, r, p))
-                    .collect::<Option<_>>()?;
-                let parts: Vec<&[f32]> = per.iter().map(Vec::as_slice).collect();
-                let mut mean = vec![0f32; per[0].len()];
-                shampoo_dist::mean_in_rank_order(&parts, &mut mean);
-                Some(mean)
-            })
-            .collect();
+        let grads = averaged_grads(shapes, step, world);
         let mut v: Vec<HostViewMut<'_>> = params.iter_mut().map(|p| HostViewMut::F32(p)).collect();
         let g: Vec<Option<HostView<'_>>> = grads
             .iter()

@@ -455,23 +455,8 @@ impl<B: Backend> Shampoo<B> {
                 grads.len()
             )));
         }
+        self.check_params(params)?;
         for (i, info) in self.layout.params.iter().enumerate() {
-            let p = &params[i];
-            if p.dtype() != self.dtype {
-                return Err(Error::DType {
-                    what: format!("parameter {i}"),
-                    found: p.dtype(),
-                    expected: self.dtype,
-                });
-            }
-            if p.len() != info.numel {
-                return Err(Error::shape(format!(
-                    "parameter {i} has {} elements, its shape {:?} has {}",
-                    p.len(),
-                    info.shape,
-                    info.numel
-                )));
-            }
             if let Some(g) = &grads[i] {
                 if g.dtype() != self.dtype {
                     return Err(Error::DType {

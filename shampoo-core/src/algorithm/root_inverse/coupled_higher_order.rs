@@ -18,12 +18,12 @@
 //! accuracy check, or a non-finite `X^q`) keeps the previous root and counts
 //! (see [`super::failures`]). The group epsilon is not used.
 
-use super::coupled_newton::{max_dev_identity, newton_step, power, set_status, start};
+use super::coupled_newton::{max_dev_identity, newton_step, power, reduce_role, set_status, start};
 use super::products::{Product, products};
 use super::reduce_into_values;
 use crate::algorithm::Shampoo;
-use crate::algorithm::state::{FactorState, Role, active_factors, download_f64};
-use crate::backend::{Backend, EighStatus, Map, ReduceJob, Reduction, ViewMutOps, ViewOps};
+use crate::algorithm::state::{FactorState, Role, active_factors};
+use crate::backend::{Backend, EighStatus, Map, Reduction, ViewOps};
 use crate::config::{RootInverse, root_fraction};
 use crate::layout::FactorSpec;
 use crate::{Error, Result};
@@ -245,37 +245,8 @@ fn check_and_power<B: Backend>(
     power(opt, Role::X, q_of)?;
     products(opt, |_| Some(Product::Copy(Role::R, Role::X)))?;
     // A non-finite X^q is a failure of the method, not an error.
-    let backend = &opt.backend;
-    let fdtype = opt.config.factor_dtype_for(opt.dtype);
-    let mut jobs: Vec<ReduceJob<'_, B>> = active_factors(&mut opt.groups, &opt.layout)
-        .filter(|(f, _, _)| !f.accept.is_empty())
-        .map(|(f, count, _)| {
-            let n = f.spec.size;
-            let x = f.roles[Role::X as usize];
-            let FactorState {
-                flags,
-                scratch,
-                accept,
-                ..
-            } = f;
-            let (_, second) = backend.view_mut(flags).split_at(count);
-            ReduceJob {
-                input: backend.view(&scratch[x]),
-                numel: n * n,
-                count,
-                kind: Reduction::AllFinite,
-                out: second,
-                select: Some(&accept[..]),
-            }
-        })
-        .collect();
-    backend.reduce(&mut jobs)?;
-    drop(jobs);
+    reduce_role(opt, Role::X, Reduction::AllFinite)?;
     for (f, count, _) in active_factors(&mut opt.groups, &opt.layout) {
-        if f.accept.is_empty() {
-            continue;
-        }
-        download_f64(backend, backend.view(&f.flags), &mut f.host_flags, fdtype)?;
         for &s in &f.accept {
             if f.host_flags[count + s as usize] == 0.0 {
                 f.status[s as usize] = EighStatus::Failed;

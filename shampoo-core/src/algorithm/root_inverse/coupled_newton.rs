@@ -130,6 +130,17 @@ pub(super) fn errors<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
 /// `max |role - I|` of each factor's blocks in `accept` into the second
 /// half of its flags, read back into `host_flags` (one synchronisation).
 pub(super) fn max_dev_identity<B: Backend>(opt: &mut Shampoo<B>, role: Role) -> Result<()> {
+    reduce_role(opt, role, Reduction::MaxAbsDevIdentity)
+}
+
+/// A per-matrix reduction of each factor's `role` matrices of the blocks in
+/// `accept` into the second half of its flags, read back into `host_flags`
+/// (one synchronisation).
+pub(super) fn reduce_role<B: Backend>(
+    opt: &mut Shampoo<B>,
+    role: Role,
+    kind: Reduction,
+) -> Result<()> {
     let backend = &opt.backend;
     let fdtype = opt.config.factor_dtype_for(opt.dtype);
     let mut jobs: Vec<ReduceJob<'_, B>> = active_factors(&mut opt.groups, &opt.layout)
@@ -148,7 +159,7 @@ pub(super) fn max_dev_identity<B: Backend>(opt: &mut Shampoo<B>, role: Role) -> 
                 input: backend.view(&scratch[m]),
                 numel: n * n,
                 count,
-                kind: Reduction::MaxAbsDevIdentity,
+                kind,
                 out: second,
                 select: Some(&accept[..]),
             }
