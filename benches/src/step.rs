@@ -292,6 +292,7 @@ pub fn run<B: Backend>(bench: &StepBench, backend: impl Fn() -> Result<B>) -> Re
         diag_cfg.grafting = Some(Grafting::Adam {
             beta2: 0.999,
             epsilon: 1e-8,
+            drop_weighting_factor_on_gsquare: false,
         });
     }
     let mut diag = Shampoo::new(diag_cfg, &shapes, bench.dtype, backend()?)?;
@@ -327,6 +328,48 @@ pub fn run<B: Backend>(bench: &StepBench, backend: impl Fn() -> Result<B>) -> Re
         root_inverse,
         root_inverse_blocks,
     })
+}
+
+/// Several configurations' reports side by side (same shapes, one run),
+/// with ratios to the first.
+pub fn compare(reports: &[(String, StepReport)]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let Some((base_name, base)) = reports.first() else {
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "\nside by side ({} tensors of {}, {}, {}); ratios to {base_name}:",
+        base.tensors, base.set, base.backend, base.dtype
+    );
+    let _ = writeln!(
+        s,
+        "{:<28} {:>10} {:>14} {:>16} {:>8} {:>10} {:>9}",
+        "config", "step ms", "amortized ms", "amortization ms", "step x", "amortized x", "amort. x"
+    );
+    for (name, r) in reports {
+        let amort = r.phases_root_inverse.root_inverse_ms;
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        let _ = writeln!(
+            s,
+            "{name:<28} {:>10.3} {:>14.3} {:>16.3} {:>8.2} {:>10.2} {:>9.2}",
+            r.shampoo.mean_ms,
+            r.shampoo_root_inverse.mean_ms,
+            amort,
+            ratio(r.shampoo.mean_ms, base.shampoo.mean_ms),
+            ratio(
+                r.shampoo_root_inverse.mean_ms,
+                base.shampoo_root_inverse.mean_ms
+            ),
+            ratio(amort, base.phases_root_inverse.root_inverse_ms),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "(step: a step without amortized work; amortized: a step that recomputes every block's root inverse, eigenpairs or eigenbasis; amortization: that work alone, from the profiled steps)"
+    );
+    s
 }
 
 /// The human-readable report.

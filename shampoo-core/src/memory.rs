@@ -7,7 +7,8 @@
 //! [`check_allocation`] first to refuse such a configuration with the size
 //! and the block responsible, instead of failing in the allocator.
 
-use crate::config::{Preconditioner, RootInverse, ShampooConfig, WeightDecayType};
+use crate::algorithm::state::scratch_roles;
+use crate::config::{Amortized, Orthogonalization, Preconditioner, ShampooConfig, WeightDecayType};
 use crate::layout::Layout;
 use crate::{DType, Error, Result};
 
@@ -18,39 +19,45 @@ use crate::{DType, Error, Result};
 pub fn allocation_bytes(layout: &Layout, config: &ShampooConfig, dtype: DType) -> u64 {
     let fdtype = config.factor_dtype_for(dtype);
     let (p, f) = (dtype.size() as u128, fdtype.size() as u128);
-    let ec = matches!(config.preconditioner, Preconditioner::EigenvalueCorrected);
-    let newton = matches!(
+    let roles = scratch_roles(config) as u128;
+    let eigenpairs = matches!(config.amortized(), Amortized::Eigenpairs(_));
+    let averaging = config.iterate_averaging.is_some();
+    let decay = config.weight_decay != 0.0 && config.weight_decay_type != WeightDecayType::L2;
+    let newton_schulz = matches!(
         config.preconditioner,
-        Preconditioner::RootInv {
-            root_inverse: RootInverse::CoupledNewton { .. },
-            ..
+        Preconditioner::SpectralDescent {
+            orthogonalization: Orthogonalization::NewtonSchulz { .. },
         }
     );
-    let scratch = match (ec, newton) {
-        (true, _) => 0,
-        (false, false) => 1,
-        (false, true) => 6,
-    };
     let mut total: u128 = layout.direction_len as u128 * p;
     for g in &layout.groups {
         let (count, len) = (g.count() as u128, g.len() as u128);
         for fac in &g.factors {
             let n = fac.size as u128;
             let mats = count * n * n;
-            // stats, work, scratch (factor dtype); root (parameter dtype);
-            // values and flags.
-            total += mats * (f * (2 + scratch) + p) + count * n * f + 2 * count * f;
+            // stats, work, scratch roles (factor dtype); root (parameter
+            // dtype); values and flags.
+            total += mats * (f * (2 + roles) + p) + count * n * f + 2 * count * f;
+            if eigenpairs {
+                // kept eigenvectors, eigenvalues and their powers
+                total += mats * f + 2 * count * n * f;
+            }
         }
         let mut per_elem = 3; // grad, two product buffers
-        per_elem += u128::from(
-            config.weight_decay != 0.0 && config.weight_decay_type == WeightDecayType::Decoupled,
-        );
+        per_elem += u128::from(decay || averaging);
         per_elem += 2 * u128::from(config.betas[0] != 0.0);
         per_elem += u128::from(config.grafting.is_some_and(|g| g.has_accumulator()));
         per_elem += u128::from(config.momentum.is_some());
-        per_elem += u128::from(ec);
+        per_elem += u128::from(config.is_eigenvalue_corrected());
+        per_elem += u128::from(averaging);
         let grad_factor = u128::from(!g.factors.is_empty() && fdtype != dtype) * f;
-        total += len * (per_elem * p + grad_factor) + 2 * count * p;
+        total += len * (per_elem * p + grad_factor);
+        // per-block scalars, squared norms
+        total += (count.max(1) + 2 * count) * p;
+        if newton_schulz {
+            let k = g.dims.iter().copied().min().unwrap_or(0) as u128;
+            total += 2 * count * k * k * p;
+        }
     }
     u64::try_from(total).unwrap_or(u64::MAX)
 }
@@ -157,8 +164,11 @@ mod tests {
                 &g.graft,
                 &g.momentum,
                 &g.corrected,
+                &g.z,
             ];
-            total += bytes(&g.grad) + bytes(&g.work[0]) + bytes(&g.work[1]) + bytes(&g.sq_norms);
+            total += bytes(&g.grad) + bytes(&g.work[0]) + bytes(&g.work[1]);
+            total += bytes(&g.sq_norms) + bytes(&g.scalars);
+            total += g.ortho.iter().flatten().map(bytes).sum::<u64>();
             total += opts
                 .iter()
                 .filter_map(|b| b.as_ref())
@@ -171,6 +181,10 @@ mod tests {
                 total += bytes(&f.stats) + bytes(&f.root) + bytes(&f.work);
                 total += bytes(&f.values) + bytes(&f.flags);
                 total += f.scratch.iter().map(bytes).sum::<u64>();
+                if let Some((v, d)) = &f.eigen {
+                    total += bytes(v) + bytes(d);
+                }
+                total += f.powers.iter().map(bytes).sum::<u64>();
             }
         }
         total
@@ -185,14 +199,26 @@ mod tests {
             r#""preconditioner": {"type": "eigenvalue_corrected"}"#,
             r#""preconditioner": {"type": "root_inv", "root_inverse": {"method": "coupled_newton"}}"#,
             r#""start_preconditioning_step": "never""#,
+            r#""preconditioner": {"type": "eigenvalue_corrected", "eigendecomposition": {"method": "qr"}}"#,
+            r#""preconditioner": {"type": "root_inv", "root_inverse": {"method": "coupled_higher_order", "rel_epsilon": 1e-3, "abs_epsilon": 1e-9}}"#,
+            r#""preconditioner": {"type": "eigendecomposed", "eigendecomposition": {"method": "eigh", "tolerance": 0.05}}"#,
+            r#""preconditioner": {"type": "kl_shampoo", "variant": "eigendecomposed"}"#,
+            r#""preconditioner": {"type": "spectral_descent"}"#,
+            r#""iterate_averaging": {"type": "schedule_free"}"#,
         ] {
             let cfg = ShampooConfig::from_json(&format!(
                 r#"{{"lr": 0.1, "max_preconditioner_dim": 16, "weight_decay": 0.1, {extra}}}"#
             ))
             .unwrap();
-            let layout = Layout::new(&shapes, &cfg, &|_| true).unwrap();
+            // Spectral descent takes 2-D blocks only.
+            let shapes = if extra.contains("spectral") {
+                &shapes[..1]
+            } else {
+                &shapes[..]
+            };
+            let layout = Layout::new(shapes, &cfg, &|_| true).unwrap();
             let est = allocation_bytes(&layout, &cfg, DType::F32);
-            let opt = Shampoo::new(cfg, &shapes, DType::F32, CpuBackend::new(1).unwrap()).unwrap();
+            let opt = Shampoo::new(cfg, shapes, DType::F32, CpuBackend::new(1).unwrap()).unwrap();
             assert_eq!(est, allocated(&opt), "{extra}");
         }
     }

@@ -3,7 +3,10 @@
 
 mod common;
 use common::*;
-use shampoo_core::{CpuBackend, DType, Error, HostView, HostViewMut, MatrixKind, Shampoo};
+use shampoo_core::backend::Op;
+use shampoo_core::{
+    CpuBackend, DType, Error, HostView, HostViewMut, MatrixKind, Result, Shampoo,
+};
 
 fn run32(
     cfg: &str,
@@ -236,4 +239,125 @@ fn float64_factors_with_float32_parameters() {
         "f32 {e32:e}, f32 with f64 factors {emixed:e}"
     );
     assert_ne!(mixed, p32, "the factor dtype is used");
+}
+
+#[test]
+fn a_backend_without_an_operation_refuses_the_configuration_at_construction() {
+    let cases = [
+        (
+            Op::Qr,
+            r#"{"preconditioner": {"type": "eigenvalue_corrected", "eigendecomposition": {"method": "qr"}}}"#,
+            "the flaky backend cannot run the QR eigendecomposition yet (it lacks the Qr operation); use the CPU backend for this configuration",
+        ),
+        (
+            Op::AveragingMaps,
+            r#"{"iterate_averaging": {"type": "schedule_free"}}"#,
+            "the flaky backend cannot run iterate averaging yet (it lacks the AveragingMaps operation)",
+        ),
+        (
+            Op::Orthogonalize,
+            r#"{"preconditioner": {"type": "spectral_descent", "orthogonalization": {"method": "svd"}}}"#,
+            "cannot run spectral descent by SVD yet",
+        ),
+        (
+            Op::EigenRules,
+            r#"{"epsilon": 0.0, "preconditioner": {"type": "root_inv", "root_inverse": {"method": "eigh", "rank_deficient_stability": {"type": "pseudo_inverse"}}}}"#,
+            "cannot run the pseudo-inverse yet",
+        ),
+    ];
+    for (op, cfg, want) in cases {
+        let be = Flaky::lacking(op);
+        let e = match Shampoo::new(config(cfg), &[vec![4, 4]], DType::F64, be) {
+            Ok(_) => panic!("{cfg} should be refused"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(want), "{e}");
+        // The same backend runs configurations without the operation.
+        let be = Flaky::lacking(op);
+        Shampoo::new(config("{}"), &[vec![4, 4]], DType::F64, be).unwrap();
+    }
+}
+
+fn step_f64(
+    opt: &mut Shampoo<CpuBackend>,
+    p: &mut [Vec<f64>],
+    g: &[Option<Vec<f64>>],
+) -> Result<()> {
+    let mut v: Vec<HostViewMut<'_>> = p.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+    let gv: Vec<Option<HostView<'_>>> = g.iter().map(|g| g.as_deref().map(HostView::F64)).collect();
+    opt.step(&mut v, &gv)
+}
+
+fn switch(opt: &mut Shampoo<CpuBackend>, p: &mut [Vec<f64>], to_eval: bool) {
+    let mut v: Vec<HostViewMut<'_>> = p.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+    if to_eval {
+        opt.eval(&mut v).unwrap();
+    } else {
+        opt.train(&mut v).unwrap();
+    }
+}
+
+#[test]
+fn iterate_averaging_eval_and_train_follow_the_published_semantics() {
+    let shapes = vec![vec![6, 5], vec![4]];
+    let cfg = config(
+        r#"{"lr": 0.1, "betas": [0.0, 0.99], "epsilon": 1e-8, "max_preconditioner_dim": 8,
+            "iterate_averaging": {"type": "gpa", "eval_interp_coeff": 0.9, "train_interp_coeff": 0.8}}"#,
+    );
+    let mut opt = Shampoo::new(cfg, &shapes, DType::F64, CpuBackend::new(1).unwrap()).unwrap();
+    let init = vec![vec![0.5; 30], vec![-1.0; 4]];
+    let g = |k: f64| {
+        vec![
+            Some((0..30).map(|i| (i as f64 + k).sin()).collect()),
+            Some(vec![k; 4]),
+        ]
+    };
+    let mut p = init.clone();
+    // Before the first step Z = y: the evaluation view is y itself.
+    switch(&mut opt, &mut p, true);
+    assert_eq!(p, init);
+    assert!(!opt.is_train_mode());
+    assert!(matches!(
+        step_f64(&mut opt, &mut p, &g(1.0)),
+        Err(Error::EvalMode)
+    ));
+    switch(&mut opt, &mut p, false);
+    for k in 1..=3 {
+        step_f64(&mut opt, &mut p, &g(k as f64)).unwrap();
+    }
+    let y = p.clone();
+    switch(&mut opt, &mut p, true);
+    let x = p.clone();
+    assert_ne!(x, y);
+    switch(&mut opt, &mut p, true);
+    assert_eq!(p, x, "eval twice is eval once");
+    switch(&mut opt, &mut p, false);
+    // Back to y up to float32 rounding of the coefficients (1 - 1/mu_y and
+    // 1 - mu_y do not cancel exactly).
+    let err = shampoo_core::reference::relative_error(&p.concat(), &y.concat());
+    assert!(err < 1e-6, "train(eval(y)) = y: {err:e}");
+    switch(&mut opt, &mut p, false);
+    step_f64(&mut opt, &mut p, &g(4.0)).unwrap();
+    // A parameter without a gradient stays bit for bit, and so does its Z.
+    let before = p[1].clone();
+    step_f64(&mut opt, &mut p, &[g(5.0)[0].clone(), None]).unwrap();
+    assert_eq!(
+        p[1].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        before.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    // Without iterate averaging, eval and train do nothing.
+    let mut plain = Shampoo::new(
+        config("{}"),
+        &shapes,
+        DType::F64,
+        CpuBackend::new(1).unwrap(),
+    )
+    .unwrap();
+    let mut q = init.clone();
+    step_f64(&mut plain, &mut q, &g(1.0)).unwrap();
+    let r = q.clone();
+    switch(&mut plain, &mut q, true);
+    assert_eq!(q, r);
+    assert!(plain.is_train_mode());
+    step_f64(&mut plain, &mut q, &g(2.0)).unwrap();
 }

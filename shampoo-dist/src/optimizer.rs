@@ -363,6 +363,45 @@ impl DistributedShampoo {
             self.inner.compute_directions(&views, grads)?;
         }
         self.times.optimizer = t.elapsed();
+        self.exchange(params)
+    }
+
+    /// Iterate averaging's evaluation view (the published `eval()`): every
+    /// rank's parameters become the averaged sequence. Collective; does
+    /// nothing without iterate averaging or when already in eval mode.
+    /// Each block's owner computes its increment (it holds the block's
+    /// `Z`), and they are shared like a step's directions.
+    pub fn eval(&mut self, params: &mut [HostViewMut<'_>]) -> Result<()> {
+        self.switch_mode(params, true)
+    }
+
+    /// Back to the train-mode sequence (the published `train()`).
+    /// Collective; does nothing without iterate averaging or when already in
+    /// train mode.
+    pub fn train(&mut self, params: &mut [HostViewMut<'_>]) -> Result<()> {
+        self.switch_mode(params, false)
+    }
+
+    /// Whether the parameters hold the train-mode sequence.
+    pub fn is_train_mode(&self) -> bool {
+        self.inner.is_train_mode()
+    }
+
+    fn switch_mode(&mut self, params: &mut [HostViewMut<'_>], to_eval: bool) -> Result<()> {
+        let apply = {
+            let views: Vec<HostView<'_>> = params.iter().map(|p| p.as_view()).collect();
+            self.inner.compute_mode_switch(&views, to_eval)?
+        };
+        // Every rank decides the same (mode, step and config agree).
+        if apply {
+            self.exchange(params)?;
+        }
+        Ok(())
+    }
+
+    /// Shares the own blocks' directions (one all-gather) and applies all
+    /// blocks' to `params`.
+    fn exchange(&mut self, params: &mut [HostViewMut<'_>]) -> Result<()> {
         if self.opts.communicate_params {
             return self.exchange_params(params);
         }
@@ -650,8 +689,9 @@ fn drain_bucket<T: BucketElem>(
 }
 
 /// Persistent state bytes of an optimizer's owned blocks: what its
-/// checkpoint holds (factors, roots, failure counters, grafting, filtered
-/// gradient, momentum, corrected second moments), without workspace.
+/// checkpoint holds (factors, roots, eigenpairs, failure counters, grafting,
+/// filtered gradient, momentum, corrected second moments, iterate
+/// averaging's `Z`), without workspace.
 pub fn state_bytes(opt: &Shampoo<CpuBackend>) -> usize {
     let config = opt.config();
     let dtype = opt.dtype();
@@ -659,10 +699,12 @@ pub fn state_bytes(opt: &Shampoo<CpuBackend>) -> usize {
     let per_elem_buffers = usize::from(config.grafting.is_some_and(|g| g.has_accumulator()))
         + usize::from(config.betas[0] != 0.0)
         + usize::from(config.momentum.is_some())
-        + usize::from(matches!(
-            config.preconditioner,
-            shampoo_core::config::Preconditioner::EigenvalueCorrected
-        ));
+        + usize::from(config.is_eigenvalue_corrected())
+        + usize::from(config.iterate_averaging.is_some());
+    let eigenpairs = matches!(
+        config.amortized(),
+        shampoo_core::config::Amortized::Eigenpairs(_)
+    );
     opt.layout()
         .groups
         .iter()
@@ -670,7 +712,14 @@ pub fn state_bytes(opt: &Shampoo<CpuBackend>) -> usize {
             let factors: usize = g
                 .factors
                 .iter()
-                .map(|f| f.size * f.size * (fdtype.size() + dtype.size()))
+                .map(|f| {
+                    let eigen = if eigenpairs {
+                        (f.size * f.size + f.size) * fdtype.size()
+                    } else {
+                        0
+                    };
+                    f.size * f.size * (fdtype.size() + dtype.size()) + eigen
+                })
                 .sum();
             let failures = if g.factors.is_empty() {
                 0

@@ -138,6 +138,11 @@ pub(crate) trait LocalEngine: Send {
     fn step(&mut self, params: &[&Tensor], grads: &[Option<&Tensor>], dtype: DType) -> Result<()>;
     fn set_lr(&mut self, lr: f64) -> Result<()>;
     fn step_count(&self) -> u64;
+    /// Iterate averaging's evaluation view (`to_eval`) or back to the
+    /// train-mode sequence, in place; the same contract on `params` as
+    /// [`LocalEngine::step`].
+    fn switch_mode(&mut self, params: &[&Tensor], dtype: DType, to_eval: bool) -> Result<()>;
+    fn is_train_mode(&self) -> bool;
     fn save(&self, path: &Path) -> Result<()>;
     /// Loads the engine's blocks from whichever of the `shampoo-core`
     /// checkpoint files holds them (one file, or a distributed
@@ -173,6 +178,24 @@ impl<B: TensorBackend> LocalEngine for shampoo_core::Shampoo<B> {
     }
     fn step_count(&self) -> u64 {
         shampoo_core::Shampoo::step_count(self)
+    }
+    fn switch_mode(&mut self, params: &[&Tensor], dtype: DType, to_eval: bool) -> Result<()> {
+        // SAFETY: as in `step`: checked, disjoint tensors of `dtype` on this
+        // backend's device, kept alive by the caller, untouched by libtorch
+        // meanwhile.
+        let mut p: Vec<B::ViewMut<'_>> = params
+            .iter()
+            .map(|t| unsafe { B::tensor_view_mut(t, dtype) })
+            .collect();
+        if to_eval {
+            shampoo_core::Shampoo::eval(self, &mut p)?;
+        } else {
+            shampoo_core::Shampoo::train(self, &mut p)?;
+        }
+        Ok(())
+    }
+    fn is_train_mode(&self) -> bool {
+        shampoo_core::Shampoo::is_train_mode(self)
     }
     fn save(&self, path: &Path) -> Result<()> {
         Ok(shampoo_core::Shampoo::save(self, path)?)

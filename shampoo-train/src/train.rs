@@ -475,6 +475,43 @@ pub(crate) fn maybe_channels_last(cfg: &TrainConfig, vs: &VarStore) -> Result<()
     Ok(())
 }
 
+/// [`evaluate`] on the optimizer's evaluation view (iterate averaging's
+/// averaged parameters; the parameters themselves otherwise), then back to
+/// the training parameters, restored bit for bit (the published `train()`
+/// recomputes them, with float32 rounding: evaluations would perturb the
+/// training run and its resumption).
+fn evaluate_view(
+    opt: &mut Optimizer,
+    vs: &VarStore,
+    net: &dyn ModuleT,
+    test: &Arc<dyn Dataset>,
+    comm: &dyn Communicator,
+    cfg: &TrainConfig,
+    device: Device,
+) -> Result<(f64, f64)> {
+    if !opt.has_eval_view() {
+        return evaluate(net, test, comm, cfg, device);
+    }
+    let saved: Vec<(Tensor, Tensor)> = tch::no_grad(|| {
+        vs.trainable_variables()
+            .into_iter()
+            .map(|v| {
+                let copy = v.copy();
+                (v, copy)
+            })
+            .collect()
+    });
+    opt.eval_view()?;
+    let result = evaluate(net, test, comm, cfg, device);
+    opt.train_view()?;
+    tch::no_grad(|| {
+        for (mut v, copy) in saved {
+            v.copy_(&copy);
+        }
+    });
+    result
+}
+
 /// Evaluates on `test` (each rank a strided share, sums reduced over ranks):
 /// returns (mean loss, accuracy).
 fn evaluate(
@@ -789,7 +826,7 @@ pub fn run_with(
             .eval_every
             .is_some_and(|e| e > 0 && step.is_multiple_of(e));
         if epoch_end || periodic || step == stop {
-            let (tl, ta) = evaluate(&*net, &test, &*comm, cfg, device)?;
+            let (tl, ta) = evaluate_view(&mut opt, &vs, &*net, &test, &*comm, cfg, device)?;
             last_eval = Some((tl, ta, step));
             metrics.write(&json!({
                 "kind": "eval", "step": step, "epoch": epoch + 1, "test_loss": tl, "test_acc": ta,
@@ -853,7 +890,7 @@ pub fn run_with(
     }
     let (test_loss, test_acc) = match last_eval {
         Some((l, a, s)) if s == step => (l, a),
-        _ => evaluate(&*net, &test, &*comm, cfg, device)?,
+        _ => evaluate_view(&mut opt, &vs, &*net, &test, &*comm, cfg, device)?,
     };
     let mut corrupt = [(train.corrupt_count() + test.corrupt_count()) as f64];
     comm.all_reduce_mean_f64(&mut corrupt)?;

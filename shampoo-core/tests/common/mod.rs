@@ -97,6 +97,8 @@ pub enum Outcome {
 pub struct Flaky {
     inner: CpuBackend,
     outcome: std::sync::atomic::AtomicU8,
+    /// An operation this backend claims not to have.
+    lacks: Option<Op>,
 }
 
 impl Flaky {
@@ -105,6 +107,15 @@ impl Flaky {
         Flaky {
             inner: CpuBackend::new(1).unwrap(),
             outcome: (outcome as u8).into(),
+            lacks: None,
+        }
+    }
+
+    /// A backend that solves, and claims not to have `op`.
+    pub fn lacking(op: Op) -> Self {
+        Flaky {
+            lacks: Some(op),
+            ..Flaky::new(Outcome::Solve)
         }
     }
 
@@ -210,5 +221,14 @@ impl Backend for Flaky {
     }
     fn reduce(&self, j: &mut [ReduceJob<'_, Self>]) -> Result<()> {
         self.inner.reduce(forward(j))
+    }
+    fn qr(&self, j: &mut [QrJob<'_, Self>]) -> Result<()> {
+        self.inner.qr(forward(j))
+    }
+    fn orthogonalize(&self, j: &mut [OrthogonalizeJob<'_, Self>]) -> Result<()> {
+        self.inner.orthogonalize(forward(j))
+    }
+    fn supports(&self, op: Op) -> bool {
+        self.lacks != Some(op) && self.inner.supports(op)
     }
 }

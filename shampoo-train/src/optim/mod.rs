@@ -127,6 +127,39 @@ impl Optimizer {
         }
     }
 
+    /// Whether the model is evaluated with other parameters than it is
+    /// trained with (Shampoo with iterate averaging).
+    pub fn has_eval_view(&self) -> bool {
+        match self {
+            Optimizer::Shampoo { opt, .. } => opt
+                .groups()
+                .iter()
+                .any(|&g| opt.config(g).iterate_averaging.is_some()),
+            _ => false,
+        }
+    }
+
+    /// Puts the parameters the model is evaluated with into the variables:
+    /// Shampoo's evaluation view with iterate averaging (the averaged
+    /// sequence, as the published `eval()`), the parameters themselves
+    /// otherwise. Collective. Undo with [`Optimizer::train_view`].
+    pub fn eval_view(&mut self) -> Result<()> {
+        if let Optimizer::Shampoo { opt, .. } = self {
+            opt.eval()?;
+        }
+        Ok(())
+    }
+
+    /// Back to the parameters the next step updates (the published
+    /// `train()`, which recomputes them from the evaluation view: up to
+    /// float32 rounding of its coefficients). Collective.
+    pub fn train_view(&mut self) -> Result<()> {
+        if let Optimizer::Shampoo { opt, .. } = self {
+            opt.train()?;
+        }
+        Ok(())
+    }
+
     /// Writes the optimizer state into the folder `dir` (which exists).
     /// Collective: every rank calls it (Shampoo's ranks each write their
     /// part; the baselines' state, the same on every rank, is written by

@@ -13,11 +13,13 @@ mod eigh;
 mod kernels;
 mod linalg;
 mod map;
+mod qr;
 mod reduce;
+mod svd;
 
 use crate::backend::{
-    Backend, EighJob, GatherJob, GramJob, Map, MatmulJob, ModeProductJob, ReduceJob, ScatterJob,
-    TableEntry, ViewMutOps, ViewOps,
+    Backend, EighJob, GatherJob, GramJob, Map, MatmulJob, ModeProductJob, Op, OrthogonalizeJob,
+    QrJob, ReduceJob, ScatterJob, TableEntry, ViewMutOps, ViewOps,
 };
 use crate::{DType, Error, Float, HostView, HostViewMut, Result};
 
@@ -312,6 +314,18 @@ impl Backend for CpuBackend {
 
     fn reduce(&self, jobs: &mut [ReduceJob<'_, Self>]) -> Result<()> {
         reduce::reduce(self, jobs)
+    }
+
+    fn qr(&self, jobs: &mut [QrJob<'_, Self>]) -> Result<()> {
+        qr::qr(self, jobs)
+    }
+
+    fn orthogonalize(&self, jobs: &mut [OrthogonalizeJob<'_, Self>]) -> Result<()> {
+        svd::orthogonalize(self, jobs)
+    }
+
+    fn supports(&self, _op: Op) -> bool {
+        true
     }
 }
 
