@@ -35,6 +35,8 @@ __device__ __forceinline__ float sh_abs(float x) { return fabsf(x); }
 __device__ __forceinline__ double sh_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float sh_inf(float) { return __int_as_float(0x7f800000); }
 __device__ __forceinline__ double sh_inf(double) { return __longlong_as_double(0x7ff0000000000000LL); }
+__device__ __forceinline__ float sh_epsilon(float) { return __int_as_float(0x34000000); }
+__device__ __forceinline__ double sh_epsilon(double) { return __longlong_as_double(0x3cb0000000000000LL); }
 __device__ __forceinline__ float sh_nan(float) { return __int_as_float(0x7fc00000); }
 __device__ __forceinline__ double sh_nan(double) { return __longlong_as_double(0x7ff8000000000000LL); }
 

@@ -99,14 +99,15 @@ __device__ void scale_rows(T* x, const T* d, u64 n, u64 count) {
     }
 }
 
-// z = (p + 1) / (2 norm); X = z^(1/p) I; M = z A
+// z = numerator / (scale s) (Newton: (p + 1) / (2 norm); higher order:
+// 1 / trace); X = z^(1/p) I; M = z A
 template <typename T>
-__device__ void newton_init(const T* a, const T* norms, T* x, T* m, double p_plus_1,
-                            double inv_p, u64 n, u64 count) {
+__device__ void newton_init(const T* a, const T* norms, T* x, T* m, double numerator,
+                            double scale, double inv_p, u64 n, u64 count) {
     u64 nn = n * n;
     GRID_LOOP(i, nn * count) {
         u64 b = i / nn, e = i % nn;
-        T z = (T)p_plus_1 / ((T)2.0 * norms[b]);
+        T z = (T)numerator / ((T)scale * norms[b]);
         T zp = sh_pow(z, (T)inv_p);
         x[i] = (e / n == e % n) ? zp : (T)0.0;
         m[i] = z * a[i];
@@ -125,6 +126,31 @@ __device__ void newton_coefficient(const T* m, T* out, double coef, double diag,
             o += d;
         }
         out[i] = o;
+    }
+}
+
+// Trace scaling: x *= max(t_b, eps)^(-exponent), t_b the matrix's trace
+template <typename T>
+__device__ void trace_scale(T* x, const T* traces, double eps, double exponent, u64 n,
+                            u64 count) {
+    T ep = (T)eps, e = (T)(-exponent);
+    u64 nn = n * n;
+    GRID_LOOP(i, nn * count) {
+        T t = traces[i / nn];
+        t = t > ep ? t : ep;
+        x[i] *= sh_pow(t, e);
+    }
+}
+
+// The higher-order ridge: x_kk += max(v_b * rel, abs)
+template <typename T>
+__device__ void add_ridge(T* x, const T* values, double rel, double abs, u64 n, u64 count) {
+    T r = (T)rel, a = (T)abs;
+    GRID_LOOP(i, n * count) {
+        u64 b = i / n, k = i % n;
+        T v = values[b] * r;
+        T ridge = v > a ? v : a;
+        x[b * n * n + k * n + k] += ridge;
     }
 }
 
@@ -151,12 +177,21 @@ __device__ void newton_coefficient(const T* m, T* out, double coef, double diag,
         scale_rows<T>(x, d, n, count);                                                           \
     }                                                                                            \
     extern "C" __global__ void newton_init_##S(const T* a, const T* norms, T* x, T* m,           \
-                                               double p_plus_1, double inv_p, u64 n, u64 count) { \
-        newton_init<T>(a, norms, x, m, p_plus_1, inv_p, n, count);                               \
+                                               double numerator, double scale, double inv_p,     \
+                                               u64 n, u64 count) {                                \
+        newton_init<T>(a, norms, x, m, numerator, scale, inv_p, n, count);                       \
     }                                                                                            \
     extern "C" __global__ void newton_coefficient_##S(const T* m, T* out, double coef,           \
                                                       double diag, u64 n, u64 count) {           \
         newton_coefficient<T>(m, out, coef, diag, n, count);                                     \
+    }                                                                                            \
+    extern "C" __global__ void trace_scale_##S(T* x, const T* traces, double eps,                \
+                                               double exponent, u64 n, u64 count) {              \
+        trace_scale<T>(x, traces, eps, exponent, n, count);                                      \
+    }                                                                                            \
+    extern "C" __global__ void add_ridge_##S(T* x, const T* values, double rel, double abs,      \
+                                             u64 n, u64 count) {                                 \
+        add_ridge<T>(x, values, rel, abs, n, count);                                             \
     }
 
 INSTANTIATE(float, f32)

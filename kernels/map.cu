@@ -25,8 +25,10 @@ __device__ __forceinline__ T graft(u64 kind, T g, T v, T bc, T eps) {
 // m1 = m1 b1; m1 += c1 g; gf = m1 / bc1 (when m1 is given).
 template <typename T>
 __device__ void gradient_statistics(const T* g, T* v, u64 kind, double beta2, double c2, T* m1,
-                                    T* gf, double beta1, double c1, double bc1, u64 n) {
+                                    T* gf, double beta1, double c1, double beta3, double c3,
+                                    u64 lion, double bc1, u64 n) {
     T b2 = (T)beta2, k2 = (T)c2, b1 = (T)beta1, k1 = (T)c1, d1 = (T)bc1;
+    T b3 = (T)beta3, k3 = (T)c3;
     GRID_LOOP(i, n) {
         T x = g[i];
         if (v != 0) {
@@ -38,7 +40,15 @@ __device__ void gradient_statistics(const T* g, T* v, u64 kind, double beta2, do
                 v[i] = t;
             }
         }
-        if (m1 != 0) {
+        if (m1 != 0 && lion) {
+            // gf = (beta3 m1 + (1 - beta3) g) / bc1 with the old m1.
+            T f = m1[i] * b3;
+            f += k3 * x;
+            gf[i] = f / d1;
+            T t = m1[i] * b1;
+            t += k1 * x;
+            m1[i] = t;
+        } else if (m1 != 0) {
             T t = m1[i] * b1;
             t += k1 * x;
             m1[i] = t;
@@ -102,18 +112,78 @@ __device__ void eigenvalue_update(const T* r, T* d, double beta2, double c2, u64
     }
 }
 
-// r /= sqrt(d / bc2) + eps
+// r /= (d / bc2)^exponent + eps (sqrt for 1/2)
 template <typename T>
-__device__ void eigenvalue_scale(T* r, const T* d, double bc2, double eps, u64 n) {
-    T b = (T)bc2, e = (T)eps;
-    GRID_LOOP(i, n) { r[i] /= sh_sqrt(d[i] / b) + e; }
+__device__ void eigenvalue_scale(T* r, const T* d, double bc2, double eps, double exponent,
+                                 u64 n) {
+    T b = (T)bc2, e = (T)eps, x = (T)exponent;
+    if (exponent == 0.5) {
+        GRID_LOOP(i, n) { r[i] /= sh_sqrt(d[i] / b) + e; }
+    } else {
+        GRID_LOOP(i, n) { r[i] /= sh_pow(d[i] / b, x) + e; }
+    }
+}
+
+// dst = sign(src), sign(0) = 0 (x * 0 keeps the sign of zero and NaN)
+template <typename T>
+__device__ void sign_map(const T* src, T* dst, u64 n) {
+    GRID_LOOP(i, n) {
+        T x = src[i];
+        dst[i] = x > (T)0.0 ? (T)1.0 : (x < (T)0.0 ? (T)-1.0 : x * (T)0.0);
+    }
+}
+
+// x = a x + b y (two products, one sum)
+template <typename T>
+__device__ void axpby(T* x, const T* y, double a, double b, u64 n) {
+    T ta = (T)a, tb = (T)b;
+    GRID_LOOP(i, n) { x[i] = ta * x[i] + tb * y[i]; }
+}
+
+// Per-block scalars s[b]: dst = src / max(s, floor) (divide), else
+// dst = src * s.
+template <typename T>
+__device__ void scale_blocks(const T* src, T* dst, const T* s, double floor, u64 divide,
+                             u64 numel, u64 count) {
+    T f = (T)floor;
+    GRID_LOOP(i, numel * count) {
+        T v = s[i / numel];
+        if (divide) {
+            T d = v > f ? v : f;
+            dst[i] = src[i] / d;
+        } else {
+            dst[i] = src[i] * v;
+        }
+    }
+}
+
+// Iterate averaging: z <- z * shrink (when has_shrink), d = z - w,
+// z <- z + u, u <- u c1 + c2 d.
+template <typename T>
+__device__ void iterate_average(T* u, T* z, const T* w, double c1, double c2, double shrink,
+                                u64 has_shrink, u64 n) {
+    T k1 = (T)c1, k2 = (T)c2, s = (T)shrink;
+    GRID_LOOP(i, n) {
+        T zs = has_shrink ? z[i] * s : z[i];
+        T d = zs - w[i];
+        z[i] = zs + u[i];
+        u[i] = u[i] * k1 + k2 * d;
+    }
+}
+
+// out = (z - w) * coef
+template <typename T>
+__device__ void interpolate(const T* z, const T* w, T* out, double coef, u64 n) {
+    T c = (T)coef;
+    GRID_LOOP(i, n) { out[i] = (z[i] - w[i]) * c; }
 }
 
 #define INSTANTIATE(T, S)                                                                         \
-    extern "C" __global__ void gradient_statistics_##S(const T* g, T* v, u64 kind, double beta2,  \
-                                                       double c2, T* m1, T* gf, double beta1,     \
-                                                       double c1, double bc1, u64 n) {            \
-        gradient_statistics<T>(g, v, kind, beta2, c2, m1, gf, beta1, c1, bc1, n);                 \
+    extern "C" __global__ void gradient_statistics_##S(                                           \
+        const T* g, T* v, u64 kind, double beta2, double c2, T* m1, T* gf, double beta1,          \
+        double c1, double beta3, double c3, u64 lion, double bc1, u64 n) {                        \
+        gradient_statistics<T>(g, v, kind, beta2, c2, m1, gf, beta1, c1, beta3, c3, lion, bc1,    \
+                               n);                                                                \
     }                                                                                             \
     extern "C" __global__ void direction_##S(                                                     \
         u64 source, const T* gf, const T* v, u64 kind, double bc, double eps, const T* p_sh,      \
@@ -127,8 +197,26 @@ __device__ void eigenvalue_scale(T* r, const T* d, double bc2, double eps, u64 n
         eigenvalue_update<T>(r, d, beta2, c2, n);                                                 \
     }                                                                                             \
     extern "C" __global__ void eigenvalue_scale_##S(T* r, const T* d, double bc2, double eps,     \
-                                                    u64 n) {                                      \
-        eigenvalue_scale<T>(r, d, bc2, eps, n);                                                   \
+                                                    double exponent, u64 n) {                     \
+        eigenvalue_scale<T>(r, d, bc2, eps, exponent, n);                                         \
+    }                                                                                             \
+    extern "C" __global__ void sign_map_##S(const T* src, T* dst, u64 n) {                        \
+        sign_map<T>(src, dst, n);                                                                 \
+    }                                                                                             \
+    extern "C" __global__ void axpby_##S(T* x, const T* y, double a, double b, u64 n) {           \
+        axpby<T>(x, y, a, b, n);                                                                  \
+    }                                                                                             \
+    extern "C" __global__ void scale_blocks_##S(const T* src, T* dst, const T* s, double floor,   \
+                                                u64 divide, u64 numel, u64 count) {               \
+        scale_blocks<T>(src, dst, s, floor, divide, numel, count);                                \
+    }                                                                                             \
+    extern "C" __global__ void iterate_average_##S(T* u, T* z, const T* w, double c1, double c2,  \
+                                                   double shrink, u64 has_shrink, u64 n) {        \
+        iterate_average<T>(u, z, w, c1, c2, shrink, has_shrink, n);                               \
+    }                                                                                             \
+    extern "C" __global__ void interpolate_##S(const T* z, const T* w, T* out, double coef,       \
+                                               u64 n) {                                           \
+        interpolate<T>(z, w, out, coef, n);                                                       \
     }
 
 INSTANTIATE(float, f32)

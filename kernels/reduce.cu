@@ -134,20 +134,32 @@ __device__ void all_finite(const T* x, T* out, u64 numel, u64 n, u64 lower, u64 
 
 // Per vector, with m = min(values): if m < eps then v = (v + (-m)) + eps;
 // then v = v^(-exponent).
+//
+// `rule` (the backend's EigenRule): 0 shifts by eps - min when min < eps
+// (damping before the decomposition); 1 always adds -min(min, 0), then eps
+// (damping after); 2 is the pseudo-inverse: values at or below
+// max(rtol * max(max, 0), atol) become 0 (rtol < 0: n times the machine
+// epsilon).
 template <typename T>
-__device__ void eigen_power(T* values, u64 n, u64 count, double eps, double exponent) {
+__device__ void eigen_power(T* values, u64 n, u64 count, u64 rule, double eps, double atol,
+                            double rtol, double exponent) {
     __shared__ T minima[REDUCE_THREADS];
+    __shared__ T maxima[REDUCE_THREADS];
     T epsT = (T)eps, e = -(T)exponent;
     MATRIX_LOOP(b, count) {
         T* vb = values + b * n;
-        T m = sh_inf((T)0.0);
+        T m = sh_inf((T)0.0), mx = (T)0.0;
         for (u64 k = threadIdx.x; k < n; k += REDUCE_THREADS) {
             T y = vb[k];
             if (y < m) {
                 m = y;
             }
+            if (y > mx) {
+                mx = y;
+            }
         }
         minima[threadIdx.x] = m;
+        maxima[threadIdx.x] = mx;
         __syncthreads();
         for (int width = REDUCE_THREADS / 2; width >= 1; width /= 2) {
             if (threadIdx.x < width) {
@@ -155,18 +167,64 @@ __device__ void eigen_power(T* values, u64 n, u64 count, double eps, double expo
                 if (o < minima[threadIdx.x]) {
                     minima[threadIdx.x] = o;
                 }
+                T p = maxima[threadIdx.x + width];
+                if (p > maxima[threadIdx.x]) {
+                    maxima[threadIdx.x] = p;
+                }
             }
             __syncthreads();
         }
         T mn = minima[0];
+        T r = rtol < 0.0 ? (T)n * sh_epsilon((T)0.0) : (T)rtol;
+        T c = r * maxima[0], a = (T)atol;
+        T cutoff = c > a ? c : a;
         for (u64 k = threadIdx.x; k < n; k += REDUCE_THREADS) {
             T y = vb[k];
-            if (mn < epsT) {
+            if (rule == 2) {
+                vb[k] = y <= cutoff ? (T)0.0 : sh_pow(y, e);
+                continue;
+            }
+            if (rule == 0 && mn < epsT) {
                 y = (y + (-mn)) + epsT;
+            } else if (rule == 1) {
+                if (mn < (T)0.0) {
+                    y += -mn;
+                }
+                y += epsT;
             }
             vb[k] = sh_pow(y, e);
         }
         __syncthreads();
+    }
+}
+
+// Per matrix, one thread each (sums in the CPU backend's order): kind 0 the
+// trace, 1 the largest row sum of absolute values (NaN if any row's is).
+template <typename T>
+__device__ void matrix_stat(const T* x, T* out, u64 kind, u64 n, u64 count) {
+    GRID_LOOP(b, count) {
+        const T* m = x + b * n * n;
+        if (kind == 0) {
+            T s = (T)0.0;
+            for (u64 k = 0; k < n; k++) {
+                s += m[k * n + k];
+            }
+            out[b] = s;
+        } else {
+            T best = (T)0.0;
+            bool nan = false;
+            for (u64 r = 0; r < n; r++) {
+                T s = (T)0.0;
+                for (u64 c = 0; c < n; c++) {
+                    s += sh_abs(m[r * n + c]);
+                }
+                nan = nan || sh_isnan(s);
+                if (s > best) {
+                    best = s;
+                }
+            }
+            out[b] = nan ? sh_nan((T)0.0) : best;
+        }
     }
 }
 
@@ -183,9 +241,13 @@ __device__ void eigen_power(T* values, u64 n, u64 count, double eps, double expo
                                               u64 count) {                                        \
         all_finite<T>(x, out, numel, n, lower, count);                                            \
     }                                                                                             \
-    extern "C" __global__ void eigen_power_##S(T* values, u64 n, u64 count, double eps,           \
+    extern "C" __global__ void eigen_power_##S(T* values, u64 n, u64 count, u64 rule,            \
+                                               double eps, double atol, double rtol,              \
                                                double exponent) {                                 \
-        eigen_power<T>(values, n, count, eps, exponent);                                          \
+        eigen_power<T>(values, n, count, rule, eps, atol, rtol, exponent);                        \
+    }                                                                                             \
+    extern "C" __global__ void matrix_stat_##S(const T* x, T* out, u64 kind, u64 n, u64 count) {  \
+        matrix_stat<T>(x, out, kind, n, count);                                                   \
     }
 
 INSTANTIATE(float, f32)

@@ -10,6 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
+# The torchvision release built against that torch (benches only: the
+# torchvision.io yardstick and folder generator of benches/python; no test
+# needs it).
+TORCHVISION_VERSION=0.26.0
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
@@ -41,4 +45,8 @@ if ! .venv/bin/python -c "import numpy" 2>/dev/null; then
     log "installing numpy"
     .venv/bin/python -m pip install -q --disable-pip-version-check numpy
 fi
-log "ok: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
+if ! .venv/bin/python -c "import torchvision, sys; sys.exit(torchvision.__version__.split('+')[0] != '$TORCHVISION_VERSION')" 2>/dev/null; then
+    log "installing torchvision==$TORCHVISION_VERSION (benches/python: input-pipeline yardstick)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check "torchvision==$TORCHVISION_VERSION"
+fi
+log "ok: $(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"

@@ -1,11 +1,12 @@
 //! `shampoo-bench`: reference parity, optimizer step timings, the
 //! CPU-versus-CUDA self-check and the data-parallel scaling benchmark.
 //!
-//! Exit codes: 0 success; 1 a parity case over its tolerance (or a
-//! self-check problem over its bound, or a rank's state over
-//! `--max-state-ratio` of the ideal in `scale`); 2 usage or
-//! input error (bad file, unknown shape set, invalid config, unavailable
-//! backend).
+//! Exit codes: 0 success; 1 a parity case over its tolerance or one that
+//! could not be replayed (bad file, invalid config, unavailable backend:
+//! reported with its reason, the other cases still run), a self-check
+//! problem over its bound, or a rank's state over `--max-state-ratio` of
+//! the ideal in `scale`; 2 usage or input error (unknown shape set,
+//! invalid config, unavailable backend).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,9 +64,11 @@ enum Command {
         /// Shape sets file (default: the one built into this binary).
         #[arg(long)]
         shapes_file: Option<PathBuf>,
-        /// Shampoo config (JSON, the reference schema).
-        #[arg(long)]
-        config: PathBuf,
+        /// Shampoo config (JSON, the reference schema). Give several to time
+        /// them side by side in one run (a comparison table follows, with
+        /// ratios to the first).
+        #[arg(long, required = true)]
+        config: Vec<PathBuf>,
         /// Parameter dtype.
         #[arg(long, default_value = "f32")]
         dtype: DType,
@@ -191,27 +194,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut failed = 0;
             if !json {
                 println!(
-                    "{:<28} {:>6} {:>12}  {:<6} worst at",
+                    "{:<30} {:>6} {:>12}  {:<6} worst at",
                     "case", "steps", "max error", "result"
                 );
             }
             for f in &files {
+                // A case that cannot run is reported as failed, with its
+                // reason, and the others still run.
                 let r = match backend {
-                    BackendKind::Cpu => parity::run_case(f, tolerance, CpuBackend::new(threads)?),
+                    BackendKind::Cpu => CpuBackend::new(threads)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| parity::run_case(f, tolerance, b)),
                     #[cfg(feature = "cuda")]
-                    BackendKind::Cuda => {
-                        parity::run_case(f, tolerance, shampoo_core::CudaBackend::new(0)?)
-                    }
+                    BackendKind::Cuda => shampoo_core::CudaBackend::new(0)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|b| parity::run_case(f, tolerance, b)),
                     #[cfg(not(feature = "cuda"))]
                     BackendKind::Cuda => Err(cuda_unavailable()),
                 }
-                .with_context(|| format!("case {}", f.display()))?;
+                .unwrap_or_else(|e| parity::CaseResult::failed(f, format!("{e:#}")));
                 failed += usize::from(!r.pass);
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
+                } else if let Some(e) = &r.error {
+                    println!("{:<30} {:>6} {:>12}  {:<6} {e}", r.name, "-", "-", "FAIL");
                 } else {
                     println!(
-                        "{:<28} {:>6} {:>12.3e}  {:<6} step {} {}",
+                        "{:<30} {:>6} {:>12.3e}  {:<6} step {} {}",
                         r.name,
                         r.steps,
                         r.max_error,
@@ -249,30 +258,54 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if steps == 0 || root_every < 2 {
                 bail!("--steps must be >= 1 and --root-every >= 2");
             }
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading {}", config.display()))?;
-            let config = ShampooConfig::from_json(&text)
-                .with_context(|| format!("config {}", config.display()))?;
-            let bench = step::StepBench {
-                tensors: shapes::load(&set, shapes_file.as_deref())?,
-                set,
-                config,
-                dtype,
-                steps,
-                warmup,
-                root_every,
-            };
-            let report = match backend {
-                BackendKind::Cpu => step::run(&bench, || Ok(CpuBackend::new(threads)?))?,
-                #[cfg(feature = "cuda")]
-                BackendKind::Cuda => step::run(&bench, || Ok(shampoo_core::CudaBackend::new(0)?))?,
-                #[cfg(not(feature = "cuda"))]
-                BackendKind::Cuda => return Err(cuda_unavailable()),
-            };
+            let tensors = shapes::load(&set, shapes_file.as_deref())?;
+            let mut benches = Vec::new();
+            for path in &config {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let config = ShampooConfig::from_json(&text)
+                    .with_context(|| format!("config {}", path.display()))?;
+                let name = path
+                    .file_stem()
+                    .map_or_else(|| "config".into(), |s| s.to_string_lossy().into_owned());
+                let bench = step::StepBench {
+                    tensors: tensors.clone(),
+                    set: set.clone(),
+                    config,
+                    dtype,
+                    steps,
+                    warmup,
+                    root_every,
+                };
+                benches.push((name, bench));
+            }
+            let mut reports = Vec::new();
+            for (name, bench) in &benches {
+                let report = match backend {
+                    BackendKind::Cpu => step::run(bench, || Ok(CpuBackend::new(threads)?))?,
+                    #[cfg(feature = "cuda")]
+                    BackendKind::Cuda => {
+                        step::run(bench, || Ok(shampoo_core::CudaBackend::new(0)?))?
+                    }
+                    #[cfg(not(feature = "cuda"))]
+                    BackendKind::Cuda => return Err(cuda_unavailable()),
+                };
+                if !json {
+                    if benches.len() > 1 {
+                        println!("== {name}");
+                    }
+                    print!("{}", step::render(&report));
+                }
+                reports.push((name.clone(), report));
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", step::render(&report));
+                if reports.len() == 1 {
+                    println!("{}", serde_json::to_string_pretty(&reports[0].1)?);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&reports)?);
+                }
+            } else if reports.len() > 1 {
+                print!("{}", step::compare(&reports));
             }
             Ok(ExitCode::SUCCESS)
         }

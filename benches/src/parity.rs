@@ -19,10 +19,31 @@ pub struct CaseResult {
     pub steps: usize,
     /// Largest `max|ours - ref| / max|ref|` over steps and tensors.
     pub max_error: f64,
-    /// Step (1-based) and parameter where it occurred.
+    /// Step (1-based) and tensor where it occurred (`eval/<p>`: the
+    /// evaluation view of iterate averaging).
     pub worst_at: (usize, String),
     /// Whether it is within the tolerance.
     pub pass: bool,
+    /// Why the case could not be replayed (then `pass` is false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl CaseResult {
+    /// A case that could not be loaded or replayed.
+    pub fn failed(path: &std::path::Path, reason: String) -> Self {
+        CaseResult {
+            name: path
+                .file_stem()
+                .map_or_else(|| "case".into(), |s| s.to_string_lossy().into_owned()),
+            path: path.to_path_buf(),
+            steps: 0,
+            max_error: f64::NAN,
+            worst_at: (0, String::new()),
+            pass: false,
+            error: Some(reason),
+        }
+    }
 }
 
 /// Replays one case file on a backend made by `backend`.
@@ -33,6 +54,7 @@ pub fn run_case<B: Backend>(
 ) -> Result<CaseResult> {
     let case = ReferenceCase::load(path)?;
     let errors = case.replay(backend)?;
+    let names = case.tensor_names();
     let mut worst = (0.0f64, 0usize, 0usize);
     for (k, step) in errors.iter().enumerate() {
         for (p, &e) in step.iter().enumerate() {
@@ -46,7 +68,8 @@ pub fn run_case<B: Backend>(
         path: path.to_path_buf(),
         steps: case.steps,
         max_error: worst.0,
-        worst_at: (worst.1 + 1, case.params[worst.2].clone()),
+        worst_at: (worst.1 + 1, names[worst.2].clone()),
         pass: worst.0 <= tolerance,
+        error: None,
     })
 }

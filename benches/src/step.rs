@@ -15,7 +15,9 @@ use serde::Serialize;
 use shampoo_core::backend::Backend;
 use shampoo_core::config::{Grafting, StartStep};
 use shampoo_core::layout::Layout;
-use shampoo_core::{DType, HostView, PhaseTimes, Shampoo, ShampooConfig};
+use shampoo_core::{
+    BlockRootInverseStats, DType, HostView, PhaseTimes, RootInverseCounters, Shampoo, ShampooConfig,
+};
 
 use crate::shapes::Tensor;
 
@@ -141,6 +143,11 @@ pub struct StepReport {
     pub flops: Flops,
     /// GFLOP/s achieved on steps without a root inverse.
     pub gflops_per_s: f64,
+    /// Root-inverse failures, float64 retries and kept previous roots of
+    /// the timed optimizer over all its steps (warm-up included).
+    pub root_inverse: RootInverseCounters,
+    /// The same per block and factor, for those with any.
+    pub root_inverse_blocks: Vec<BlockRootInverseStats>,
 }
 
 /// Counts the matrix-product work of a layout.
@@ -246,6 +253,18 @@ pub fn run<B: Backend>(bench: &StepBench, backend: impl Fn() -> Result<B>) -> Re
     cfg.precondition_frequency = bench.root_every;
     cfg.start_preconditioning_step = StartStep::At(bench.root_every);
     cfg.validate()?;
+    // Refuse a configuration whose state cannot fit before allocating it.
+    if let Some(limit) = shampoo_core::memory::host_memory_bytes() {
+        let name = |i: usize| format!("tensor {}", bench.tensors[i].name);
+        shampoo_core::memory::check_allocation(
+            &shapes,
+            &cfg,
+            bench.dtype,
+            limit,
+            "this machine's memory",
+            &name,
+        )?;
+    }
     let mut opt = Shampoo::new(cfg.clone(), &shapes, bench.dtype, backend()?)?;
     let backend_name = opt.backend().name();
     let mut t = random_tensors(opt.backend(), &shapes, bench.dtype, 2)?;
@@ -263,6 +282,8 @@ pub fn run<B: Backend>(bench: &StepBench, backend: impl Fn() -> Result<B>) -> Re
     let phases_plain: Vec<PhaseTimes> = prof.iter().filter(|r| !r.1).map(|r| r.2).collect();
     let phases_root: Vec<PhaseTimes> = prof.iter().filter(|r| r.1).map(|r| r.2).collect();
     let layout = opt.layout().clone();
+    let root_inverse = opt.root_inverse_totals();
+    let root_inverse_blocks = opt.root_inverse_stats();
     drop(opt);
 
     let mut diag_cfg = bench.config.clone();
@@ -271,6 +292,7 @@ pub fn run<B: Backend>(bench: &StepBench, backend: impl Fn() -> Result<B>) -> Re
         diag_cfg.grafting = Some(Grafting::Adam {
             beta2: 0.999,
             epsilon: 1e-8,
+            drop_weighting_factor_on_gsquare: false,
         });
     }
     let mut diag = Shampoo::new(diag_cfg, &shapes, bench.dtype, backend()?)?;
@@ -303,7 +325,51 @@ pub fn run<B: Backend>(bench: &StepBench, backend: impl Fn() -> Result<B>) -> Re
         phases: Phases::mean(&phases_plain),
         phases_root_inverse: Phases::mean(&phases_root),
         flops,
+        root_inverse,
+        root_inverse_blocks,
     })
+}
+
+/// Several configurations' reports side by side (same shapes, one run),
+/// with ratios to the first.
+pub fn compare(reports: &[(String, StepReport)]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let Some((base_name, base)) = reports.first() else {
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "\nside by side ({} tensors of {}, {}, {}); ratios to {base_name}:",
+        base.tensors, base.set, base.backend, base.dtype
+    );
+    let _ = writeln!(
+        s,
+        "{:<28} {:>10} {:>14} {:>16} {:>8} {:>10} {:>9}",
+        "config", "step ms", "amortized ms", "amortization ms", "step x", "amortized x", "amort. x"
+    );
+    for (name, r) in reports {
+        let amort = r.phases_root_inverse.root_inverse_ms;
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        let _ = writeln!(
+            s,
+            "{name:<28} {:>10.3} {:>14.3} {:>16.3} {:>8.2} {:>10.2} {:>9.2}",
+            r.shampoo.mean_ms,
+            r.shampoo_root_inverse.mean_ms,
+            amort,
+            ratio(r.shampoo.mean_ms, base.shampoo.mean_ms),
+            ratio(
+                r.shampoo_root_inverse.mean_ms,
+                base.shampoo_root_inverse.mean_ms
+            ),
+            ratio(amort, base.phases_root_inverse.root_inverse_ms),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "(step: a step without amortized work; amortized: a step that recomputes every block's root inverse, eigenpairs or eigenbasis; amortization: that work alone, from the profiled steps)"
+    );
+    s
 }
 
 /// The human-readable report.
@@ -359,6 +425,19 @@ pub fn render(r: &StepReport) -> String {
         sizes.join(", "),
         f.reconstruction / 1e9
     );
+    let c = &r.root_inverse;
+    let _ = writeln!(
+        s,
+        "root inverses: {} failures ({} kept the previous root), {} needed the float64 retry",
+        c.failures, c.kept_previous, c.f64_retries
+    );
+    for b in r.root_inverse_blocks.iter().take(10) {
+        let _ = writeln!(
+            s,
+            "  block {} (tensor {}, shape {:?}), dimension {}: {} failures, {} float64 retries",
+            b.block, b.param, b.shape, b.dim, b.counters.failures, b.counters.f64_retries
+        );
+    }
     for (name, p) in [
         ("no root inverse", &r.phases),
         ("root inverse", &r.phases_root_inverse),

@@ -20,6 +20,7 @@ const AFTER_HELP: &str = "\
 Exit codes:
   0        every rank exited with code 0
   1-255    the exit code of the first rank that failed (128+N if it was killed by signal N)
+  124      a rank was still running --exit-barrier-timeout after the others exited successfully
   2        usage error: bad flags or a combination that cannot work on this machine
   125      shampoo-run itself failed (port in use, log directory not writable, ...)
   126/127  PROGRAM could not be executed / was not found
@@ -118,6 +119,17 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses a timeout that must be positive, in (possibly fractional) seconds.
+fn parse_positive_seconds(s: &str) -> Result<Duration, String> {
+    let d = parse_seconds(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "the timeout must be more than 0 seconds, got {s:?}"
+        ));
+    }
+    Ok(d)
+}
+
 /// Start the ranks of a data-parallel training program on this node, with
 /// the environment torchrun would give them, and supervise them.
 ///
@@ -193,6 +205,39 @@ pub struct RawArgs {
     /// Seconds ranks get to exit after SIGTERM before they are sent SIGKILL.
     #[arg(long, value_name = "SECS", default_value = "3", value_parser = parse_seconds)]
     pub grace_period: Duration,
+
+    /// Once every other rank of this node has exited successfully, a rank
+    /// still running after this many seconds is stopped and reported as the
+    /// failure (exit code 124). 0: wait for it forever, as torchrun does.
+    #[arg(long, alias = "exit_barrier_timeout", value_name = "SECS", default_value = "300", value_parser = parse_seconds)]
+    pub exit_barrier_timeout: Duration,
+
+    /// Peer timeout of the collectives (how long a rank waits for another in
+    /// a collective or at rendezvous before failing with an error naming
+    /// it), passed to ranks as SHAMPOO_COMM_TIMEOUT. Default: the ranks'
+    /// own (300 s, or SHAMPOO_COMM_TIMEOUT if set).
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_seconds)]
+    pub comm_timeout: Option<Duration>,
+
+    /// torchrun's rendezvous backend: `c10d` or `static`, which both mean what
+    /// shampoo-run does (rank 0 hosts the store at MASTER_ADDR:MASTER_PORT);
+    /// other backends are refused.
+    #[arg(long, alias = "rdzv_backend", value_name = "NAME")]
+    pub rdzv_backend: Option<String>,
+
+    /// torchrun's rendezvous endpoint HOST[:PORT]: the same as --master-addr
+    /// HOST --master-port PORT.
+    #[arg(long, alias = "rdzv_endpoint", value_name = "HOST[:PORT]")]
+    pub rdzv_endpoint: Option<String>,
+
+    /// torchrun's rendezvous id: the same as --run-id.
+    #[arg(long, alias = "rdzv_id", value_name = "ID")]
+    pub rdzv_id: Option<String>,
+
+    /// torchrun's rendezvous options: not supported (refused, with what to
+    /// use instead).
+    #[arg(long, alias = "rdzv_conf", value_name = "KEY=VALUE,...")]
+    pub rdzv_conf: Option<String>,
 
     /// Give each rank exactly one GPU: CUDA_VISIBLE_DEVICES is set to the
     /// LOCAL_RANK-th visible device, so every rank sees its GPU as device 0.

@@ -18,6 +18,8 @@ pub enum Policy {
     IfUnset,
     /// Set only with `--bind-gpus`.
     BindGpus,
+    /// Set only when its flag is given (`--comm-timeout`).
+    WithFlag,
     /// Removed from the inherited environment.
     Removed,
 }
@@ -119,6 +121,11 @@ pub const VARIABLES: &[(&str, Policy, &str)] = &[
         "with --bind-gpus: the LOCAL_RANK-th visible device only; otherwise inherited untouched",
     ),
     (
+        "SHAMPOO_COMM_TIMEOUT",
+        Policy::WithFlag,
+        "with --comm-timeout: the collectives' peer timeout in seconds (read by shampoo-dist); otherwise inherited untouched",
+    ),
+    (
         "TORCHELASTIC_ERROR_FILE",
         Policy::Removed,
         "removed, so a launcher started inside another launcher does not write to its parent's error file",
@@ -188,10 +195,16 @@ pub fn rank_env(
                 Some(device) => device.clone(),
                 None => continue,
             },
+            "SHAMPOO_COMM_TIMEOUT" => match plan.comm_timeout {
+                Some(t) => t.as_secs_f64().to_string(),
+                None => continue,
+            },
             _ => String::new(),
         };
         match policy {
-            Policy::Always | Policy::BindGpus => env.set.push((name, value.into())),
+            Policy::Always | Policy::BindGpus | Policy::WithFlag => {
+                env.set.push((name, value.into()))
+            }
             Policy::IfUnset => {
                 if inherited(name).is_none_or(|v| v.is_empty()) {
                     env.set.push((name, value.into()));
@@ -226,6 +239,8 @@ mod tests {
             gpu_binding: None,
             threads_per_rank: 5,
             tail_lines: 20,
+            exit_barrier_timeout: None,
+            comm_timeout: None,
             hostname: "h".into(),
             from_slurm: false,
         }
@@ -297,6 +312,7 @@ mod tests {
     fn every_variable_has_a_value() {
         let mut p = plan();
         p.gpu_binding = Some(vec!["0".into(), "1".into(), "2".into()]);
+        p.comm_timeout = Some(Duration::from_millis(2500));
         let env = rank_env(&p, 0, 0, 1, &|_| None);
         for (name, value) in &env.set {
             assert!(!value.is_empty(), "{name} is empty");

@@ -9,6 +9,9 @@ use crate::port::PortError;
 
 /// Exit code for usage errors: bad flags, impossible combinations.
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code when a rank was still running `--exit-barrier-timeout` after
+/// every other rank exited successfully (as `timeout(1)`'s 124).
+pub const EXIT_EXIT_BARRIER: u8 = 124;
 /// Exit code when shampoo-run itself fails (after a valid command line).
 pub const EXIT_LAUNCHER: u8 = 125;
 /// Exit code when PROGRAM exists but cannot be executed.

@@ -64,6 +64,9 @@ impl Outcome {
     pub fn exit_code(&self) -> u8 {
         match self {
             Outcome::Succeeded { .. } | Outcome::DryRun => 0,
+            Outcome::Failed { failure, .. } if failure.still_running_after.is_some() => {
+                crate::error::EXIT_EXIT_BARRIER
+            }
             Outcome::Failed { failure, .. } => failure.termination.exit_code(),
             Outcome::Interrupted { signal } => signal_exit_code(*signal),
         }

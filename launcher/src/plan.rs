@@ -19,6 +19,9 @@ use crate::slurm::{SlurmEnv, SlurmError};
 /// (torchrun's default).
 pub const DEFAULT_MULTI_NODE_PORT: u16 = 29500;
 
+/// The most ranks shampoo-run starts on one node.
+pub const MAX_NPROC_PER_NODE: u32 = 1024;
+
 /// What the plan needs to know about the machine; [`RealSystem`] asks the OS,
 /// tests substitute fakes.
 pub trait System {
@@ -99,6 +102,11 @@ pub struct LaunchPlan {
     pub threads_per_rank: usize,
     /// Lines of output kept per rank for the failure report.
     pub tail_lines: usize,
+    /// How long a rank may run on after every other local rank exited
+    /// successfully (`None`: forever).
+    pub exit_barrier_timeout: Option<Duration>,
+    /// SHAMPOO_COMM_TIMEOUT for the ranks (`None`: inherited).
+    pub comm_timeout: Option<Duration>,
     /// This machine's host name, for messages.
     pub hostname: String,
     /// Whether any value was taken from Slurm.
@@ -169,6 +177,10 @@ impl LaunchPlan {
             if self.console { "" } else { " (console quiet)" }
         );
         let _ = writeln!(s, "grace period:   {:?}", self.grace_period);
+        let barrier = self
+            .exit_barrier_timeout
+            .map_or("none (wait forever)".to_owned(), |d| format!("{d:?}"));
+        let _ = writeln!(s, "exit barrier:   {barrier}");
         let _ = writeln!(
             s,
             "from slurm:     {}",
@@ -264,6 +276,58 @@ pub enum PlanError {
     /// An empty `--run-id`.
     #[error("--run-id must not be empty")]
     EmptyRunId,
+    /// More ranks per node than shampoo-run starts.
+    #[error(
+        "--nproc-per-node {0} is more than the {MAX_NPROC_PER_NODE} ranks shampoo-run starts on one node; use more nodes (--nnodes) for a larger world"
+    )]
+    TooManyRanks(u32),
+    /// A torchrun rendezvous backend other than c10d or static.
+    #[error(
+        "--rdzv-backend {0} is not supported: shampoo-run's rendezvous is rank 0's store at MASTER_ADDR:MASTER_PORT, which torchrun calls `c10d` or `static` (use one of those, or leave the flag out)"
+    )]
+    RdzvBackend(String),
+    /// `--rdzv-conf`.
+    #[error(
+        "--rdzv-conf is not supported: shampoo-run has no rendezvous options; the peer timeout of the collectives is --comm-timeout SECS"
+    )]
+    RdzvConf,
+    /// A malformed `--rdzv-endpoint`.
+    #[error("--rdzv-endpoint {0}: expected HOST or HOST:PORT with a port 1-65535")]
+    RdzvEndpoint(String),
+    /// `--rdzv-endpoint` with `--master-addr` or `--master-port`.
+    #[error(
+        "--rdzv-endpoint and --master-addr/--master-port both say where rank 0's store is: give one of them"
+    )]
+    RdzvEndpointAndMaster,
+    /// `--rdzv-id` with `--run-id`.
+    #[error("--rdzv-id and --run-id both name the run: give one of them")]
+    RdzvIdAndRunId,
+}
+
+/// Splits torchrun's `--rdzv-endpoint` into host and optional port
+/// (`[v6]:port` for IPv6 with a port).
+fn parse_endpoint(s: &str) -> Result<(String, Option<u16>), PlanError> {
+    let bad = || PlanError::RdzvEndpoint(s.to_owned());
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(bad()),
+        Ok(p) => Ok(Some(p)),
+    };
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((host.to_owned(), port(p)?)),
+            None if after.is_empty() => Ok((host.to_owned(), None)),
+            None => Err(bad()),
+        };
+    }
+    match s.split_once(':') {
+        None if !s.is_empty() => Ok((s.to_owned(), None)),
+        // More than one colon: an IPv6 address without a port.
+        Some((_, rest)) if rest.contains(':') => Ok((s.to_owned(), None)),
+        Some((host, p)) if !host.is_empty() => Ok((host.to_owned(), port(p)?)),
+        _ => Err(bad()),
+    }
 }
 
 fn valid_host(addr: &str) -> bool {
@@ -305,6 +369,32 @@ impl LaunchPlan {
             Some((p, rest)) if !p.is_empty() => (p.clone(), rest.to_vec()),
             _ => return Err(PlanError::NoProgram),
         };
+
+        // torchrun's rendezvous flags, mapped onto ours.
+        if let Some(b) = raw.rdzv_backend.as_deref()
+            && !matches!(b, "c10d" | "static")
+        {
+            return Err(PlanError::RdzvBackend(b.to_owned()));
+        }
+        if raw.rdzv_conf.is_some() {
+            return Err(PlanError::RdzvConf);
+        }
+        let (rdzv_addr, rdzv_port) = match &raw.rdzv_endpoint {
+            Some(_) if raw.master_addr.is_some() || raw.master_port.is_some() => {
+                return Err(PlanError::RdzvEndpointAndMaster);
+            }
+            Some(e) => {
+                let (host, port) = parse_endpoint(e)?;
+                (Some(host), port)
+            }
+            None => (None, None),
+        };
+        let flag_master_addr = raw.master_addr.clone().or(rdzv_addr);
+        let flag_master_port = raw.master_port.or(rdzv_port);
+        if raw.rdzv_id.is_some() && raw.run_id.is_some() {
+            return Err(PlanError::RdzvIdAndRunId);
+        }
+        let flag_run_id = raw.run_id.clone().or_else(|| raw.rdzv_id.clone());
 
         let slurm = if raw.no_slurm {
             None
@@ -372,11 +462,11 @@ impl LaunchPlan {
 
         // --- master address and port ---------------------------------------
         let master_addr = if raw.standalone {
-            if raw.master_addr.is_some() {
+            if flag_master_addr.is_some() {
                 return Err(PlanError::StandaloneMasterAddr);
             }
             "127.0.0.1".to_owned()
-        } else if let Some(a) = &raw.master_addr {
+        } else if let Some(a) = &flag_master_addr {
             a.trim().to_owned()
         } else if nnodes == 1 {
             "127.0.0.1".to_owned()
@@ -396,7 +486,7 @@ impl LaunchPlan {
             tracing::warn!("the Slurm node list has {len} hosts but the job has {nnodes} nodes");
         }
 
-        let master_port = match raw.master_port {
+        let master_port = match flag_master_port {
             Some(p) => MasterPort::Fixed(p),
             None if nnodes == 1 => MasterPort::PickFreshPerAttempt,
             None => match step.and_then(SlurmEnv::derived_port) {
@@ -443,6 +533,9 @@ impl LaunchPlan {
                 None => 1,
             },
         };
+        if nproc > MAX_NPROC_PER_NODE {
+            return Err(PlanError::TooManyRanks(nproc));
+        }
         if nnodes
             .checked_mul(nproc)
             .is_none_or(|w| w > i32::MAX as u32)
@@ -472,7 +565,7 @@ impl LaunchPlan {
         };
 
         let hostname = system.hostname();
-        let run_id = match &raw.run_id {
+        let run_id = match &flag_run_id {
             Some(id) if id.trim().is_empty() => return Err(PlanError::EmptyRunId),
             Some(id) => id.clone(),
             None => match &slurm {
@@ -499,6 +592,8 @@ impl LaunchPlan {
             gpu_binding,
             threads_per_rank,
             tail_lines: raw.tail_lines,
+            exit_barrier_timeout: Some(raw.exit_barrier_timeout).filter(|d| !d.is_zero()),
+            comm_timeout: raw.comm_timeout,
             hostname,
             from_slurm,
         })
@@ -621,13 +716,31 @@ mod tests {
             ("--bind-gpus x", "none are visible"),
             ("--run-id= x", "must not be empty"),
             (
-                "--nnodes 100000 --node-rank 0 --master-addr h --nproc-per-node 100000 x",
+                "--nnodes 100000000 --node-rank 0 --master-addr h --nproc-per-node 1000 x",
                 "too large",
             ),
+            ("--nproc-per-node 1025 x", "more than the 1024 ranks"),
+            ("--rdzv-backend etcd-v2 x", "is not supported"),
+            ("--rdzv-endpoint [::1 x", "expected HOST or HOST:PORT"),
         ];
         for (args, want) in cases {
             let err = plan(args, &f).unwrap_err().to_string();
             assert!(err.contains(want), "{args}: got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn rdzv_endpoints_parse_like_torchrun() {
+        assert_eq!(
+            parse_endpoint("h:29400").unwrap(),
+            ("h".into(), Some(29400))
+        );
+        assert_eq!(parse_endpoint("h").unwrap(), ("h".into(), None));
+        assert_eq!(parse_endpoint("[::1]:7").unwrap(), ("::1".into(), Some(7)));
+        assert_eq!(parse_endpoint("[::1]").unwrap(), ("::1".into(), None));
+        assert_eq!(parse_endpoint("fe80::1").unwrap(), ("fe80::1".into(), None));
+        for bad in ["h:0", "h:x", ":1", "", "[::1]x"] {
+            assert!(parse_endpoint(bad).is_err(), "{bad}");
         }
     }
 

@@ -76,15 +76,33 @@ pub struct RankFailure {
     pub log_dir: Option<PathBuf>,
     /// How long it ran.
     pub runtime: Duration,
+    /// Set when it was stopped for running this long after every other
+    /// rank of the node had exited successfully (`--exit-barrier-timeout`).
+    pub still_running_after: Option<Duration>,
+    /// Other ranks stopped for the same reason.
+    pub also_running: Vec<u32>,
 }
 
 impl RankFailure {
     /// The root-cause line: `rank 1 (host h, pid 1234) exited with code 3`.
     pub fn headline(&self) -> String {
-        format!(
-            "rank {} (host {}, pid {}) {}",
-            self.rank, self.host, self.pid, self.termination
-        )
+        let who = format!("rank {} (host {}, pid {})", self.rank, self.host, self.pid);
+        match self.still_running_after {
+            None => format!("{who} {}", self.termination),
+            Some(t) => {
+                let also = if self.also_running.is_empty() {
+                    String::new()
+                } else {
+                    let ranks: Vec<String> =
+                        self.also_running.iter().map(|r| r.to_string()).collect();
+                    format!("; also still running: rank(s) {}", ranks.join(", "))
+                };
+                format!(
+                    "{who} was still running {t:?} after the other ranks exited successfully (--exit-barrier-timeout {}{also}); it was stopped",
+                    t.as_secs_f64()
+                )
+            }
+        }
     }
 }
 
@@ -160,6 +178,7 @@ impl Supervisor {
             stop: None,
             kill_at: None,
             killed_at: None,
+            first_success: None,
         };
         let mut launch_error = None;
         for local_rank in 0..plan.nproc_per_node {
@@ -208,6 +227,9 @@ enum Stop {
     LaunchFailed,
     /// Every rank succeeded, but processes remain in their groups.
     Cleanup,
+    /// The rank at this index (the first of those) was still running
+    /// `--exit-barrier-timeout` after every other rank exited successfully.
+    ExitBarrier(usize),
 }
 
 /// A started rank.
@@ -231,6 +253,8 @@ struct Attempt<'a> {
     kill_at: Option<Instant>,
     /// When SIGKILL was sent.
     killed_at: Option<Instant>,
+    /// When the first rank exited successfully (starts the exit barrier).
+    first_success: Option<Instant>,
 }
 
 impl Attempt<'_> {
@@ -309,6 +333,7 @@ impl Attempt<'_> {
                 let rank = r.rank;
                 if termination.success() {
                     tracing::debug!("rank {rank} exited with code 0");
+                    self.first_success.get_or_insert_with(Instant::now);
                 } else if self.stop.is_none_or(|s| s == Stop::Cleanup) {
                     tracing::debug!("rank {rank} {termination}: stopping the other ranks");
                     self.begin_stop(Stop::Failure(index), libc::SIGTERM);
@@ -384,6 +409,13 @@ impl Attempt<'_> {
             }
 
             let mut timeout = None;
+            if let Some(deadline) = self.exit_barrier_deadline() {
+                if now >= deadline {
+                    self.exit_barrier_expired();
+                    continue;
+                }
+                timeout = Some(deadline - now);
+            }
             if self.ranks.iter().all(|r| r.end.is_some()) {
                 let lingering: Vec<&RankProc> = self
                     .ranks
@@ -425,6 +457,38 @@ impl Attempt<'_> {
         self.drain(rx);
     }
 
+    /// When the ranks still running must have exited: `--exit-barrier-timeout`
+    /// after the first successful exit, while nothing is being stopped and
+    /// some rank still runs.
+    fn exit_barrier_deadline(&self) -> Option<Instant> {
+        let timeout = self.plan.exit_barrier_timeout?;
+        let first = self.first_success?;
+        let running = self.ranks.iter().any(|r| r.end.is_none());
+        (self.stop.is_none() && running && self.ranks.len() == self.plan.nproc_per_node as usize)
+            .then_some(first + timeout)
+    }
+
+    /// Stops the ranks still running after the exit barrier's timeout; the
+    /// first of them is the root cause.
+    fn exit_barrier_expired(&mut self) {
+        let running: Vec<usize> = (0..self.ranks.len())
+            .filter(|&i| self.ranks[i].end.is_none())
+            .collect();
+        let Some(&first) = running.first() else {
+            return;
+        };
+        let names: Vec<String> = running
+            .iter()
+            .map(|&i| self.ranks[i].rank.to_string())
+            .collect();
+        tracing::warn!(
+            "rank(s) {} still running {:?} after the other ranks exited successfully; stopping them",
+            names.join(", "),
+            self.plan.exit_barrier_timeout.unwrap_or_default()
+        );
+        self.begin_stop(Stop::ExitBarrier(first), libc::SIGTERM);
+    }
+
     /// Waits (briefly) for the output threads to copy the last lines.
     fn drain(&mut self, rx: &Receiver<Event>) {
         let deadline = Instant::now() + DRAIN_WAIT;
@@ -452,7 +516,8 @@ impl Attempt<'_> {
 
     fn outcome(&self) -> AttemptOutcome {
         match self.stop {
-            Some(Stop::Failure(index)) => {
+            Some(Stop::Failure(index) | Stop::ExitBarrier(index)) => {
+                let barrier = matches!(self.stop, Some(Stop::ExitBarrier(_)));
                 let r = &self.ranks[index];
                 let (termination, ended) =
                     r.end.unwrap_or((Termination::Exited(255), Instant::now()));
@@ -470,6 +535,19 @@ impl Attempt<'_> {
                         .as_ref()
                         .map(|d| rank_log_dir(d, self.number, r.rank)),
                     runtime: ended.saturating_duration_since(r.started),
+                    still_running_after: barrier
+                        .then(|| self.plan.exit_barrier_timeout.unwrap_or_default()),
+                    also_running: if barrier {
+                        self.ranks
+                            .iter()
+                            .filter(|o| {
+                                o.rank != r.rank && o.end.is_some_and(|(t, _)| !t.success())
+                            })
+                            .map(|o| o.rank)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
                 }))
             }
             Some(Stop::Signal(signal)) => AttemptOutcome::Interrupted(signal),

@@ -17,6 +17,15 @@
 
 /// Merges a parameter's dimensions (step 1 above).
 pub fn merge_dims(shape: &[usize], max_dim: usize) -> Vec<usize> {
+    merge_dims_min_order(shape, max_dim, 1)
+}
+
+/// Merges a parameter's dimensions but stops merging where the result
+/// would have fewer than `min_order` dimensions (spectral descent keeps 2:
+/// the published `target_parameter_dimensionality`): with `n` dimensions
+/// after squeezing, the `i`-th step of the walk (`i = 1 .. n - 1`) merges
+/// only if `(merged dimensions so far) + (n - i) > min_order` as well.
+pub fn merge_dims_min_order(shape: &[usize], max_dim: usize, min_order: usize) -> Vec<usize> {
     if shape.contains(&0) {
         return vec![0];
     }
@@ -24,11 +33,15 @@ pub fn merge_dims(shape: &[usize], max_dim: usize) -> Vec<usize> {
     if kept.is_empty() {
         return vec![1];
     }
-    let mut merged = Vec::with_capacity(kept.len());
-    let mut current = kept[kept.len() - 1];
-    for &d in kept[..kept.len() - 1].iter().rev() {
+    let n = kept.len();
+    let mut merged = Vec::with_capacity(n);
+    let mut current = kept[n - 1];
+    for (i, &d) in kept[..n - 1].iter().rev().enumerate() {
+        // Dimensions of the result if this one merges: those done, the
+        // current one, and the n - 1 - (i + 1) still to come.
+        let room = merged.len() + 1 + (n - 2 - i) >= min_order;
         match current.checked_mul(d) {
-            Some(p) if p <= max_dim => current = p,
+            Some(p) if p <= max_dim && room => current = p,
             _ => {
                 merged.push(current);
                 current = d;
@@ -98,7 +111,17 @@ impl BlockSpec {
 
 /// Cuts one parameter into blocks (merge, then split).
 pub fn block_parameter(param: usize, shape: &[usize], max_dim: usize) -> Vec<BlockSpec> {
-    let merged = merge_dims(shape, max_dim);
+    block_parameter_min_order(param, shape, max_dim, 1)
+}
+
+/// [`block_parameter`] with [`merge_dims_min_order`].
+pub fn block_parameter_min_order(
+    param: usize,
+    shape: &[usize],
+    max_dim: usize,
+    min_order: usize,
+) -> Vec<BlockSpec> {
+    let merged = merge_dims_min_order(shape, max_dim, min_order);
     if merged.contains(&0) {
         return Vec::new();
     }
@@ -144,6 +167,16 @@ mod tests {
         assert_eq!(merge_dims(&[6, 4], 1024), vec![24]);
         assert_eq!(merge_dims(&[64, 3, 7, 7], 1024), vec![64, 147]);
         assert_eq!(merge_dims(&[5, 3, 1000, 2], 1024), vec![15, 1000, 2]);
+    }
+
+    #[test]
+    fn spectral_merging_keeps_two_dimensions() {
+        assert_eq!(merge_dims_min_order(&[6, 5], 1024, 2), vec![6, 5]);
+        assert_eq!(merge_dims_min_order(&[3, 4, 5], 1024, 2), vec![3, 20]);
+        assert_eq!(merge_dims_min_order(&[2, 3, 4], 8, 2), vec![6, 4]);
+        assert_eq!(merge_dims_min_order(&[2, 3, 4, 5], 1024, 2), vec![2, 60]);
+        assert_eq!(merge_dims_min_order(&[7], 1024, 2), vec![7], "stays 1-D");
+        assert_eq!(merge_dims_min_order(&[6, 4], 1024, 1), vec![24]);
     }
 
     #[test]

@@ -8,14 +8,19 @@
 //! | --- | --- |
 //! | `block/<id>/factor/<dim>` | statistics `L` (factor dtype, symmetric) |
 //! | `block/<id>/root/<dim>` | inverse root `X`, or the eigenbasis (rows are eigenvectors) |
+//! | `block/<id>/eigenvectors/<dim>` | eigendecomposed Shampoo's eigenvectors (rows) |
+//! | `block/<id>/eigenvalues/<dim>` | eigendecomposed Shampoo's eigenvalues |
 //! | `block/<id>/failures` | consecutive root-inverse failures per factor (u32) |
 //! | `block/<id>/graft` | grafting accumulator |
 //! | `block/<id>/filtered` | filtered gradient `M1` |
 //! | `block/<id>/momentum` | momentum buffer |
 //! | `block/<id>/corrected` | eigenvalue-corrected second moments |
+//! | `block/<id>/z` | iterate averaging's sequence `Z` |
 //!
-//! Metadata: `format`, `config` (JSON), `step`, `dtype`, `shapes` (JSON) and
-//! `blocks` (JSON list of the block ids in the file). Files are written to a
+//! Metadata: `format`, `config` (JSON), `step`, `dtype`, `shapes` (JSON),
+//! `blocks` (JSON list of the block ids in the file), `peak_lr` (the lr the
+//! optimizer was built with), and with iterate averaging `lr_sum` and
+//! `mode` (`train` or `eval`). Files are written to a
 //! temporary name and renamed, so a crash never leaves a half-written
 //! checkpoint under the real name.
 
@@ -216,6 +221,9 @@ fn block_buffers<B: Backend>(g: &GroupState<B>) -> Vec<(&'static str, &B::Buffer
     if let Some(b) = &g.corrected {
         v.push(("corrected", b));
     }
+    if let Some(b) = &g.z {
+        v.push(("z", b));
+    }
     v
 }
 
@@ -232,6 +240,9 @@ fn block_buffers_mut<B: Backend>(g: &mut GroupState<B>) -> Vec<(&'static str, &m
     }
     if let Some(b) = &mut g.corrected {
         v.push(("corrected", b));
+    }
+    if let Some(b) = &mut g.z {
+        v.push(("z", b));
     }
     v
 }
@@ -288,7 +299,10 @@ impl<B: Backend> Shampoo<B> {
                 let factors: usize = g
                     .factors
                     .iter()
-                    .map(|f| bytes(&f.stats) + bytes(&f.root) + 4 * f.failures.len())
+                    .map(|f| {
+                        let eigen = f.eigen.as_ref().map_or(0, |(v, l)| bytes(v) + bytes(l));
+                        bytes(&f.stats) + bytes(&f.root) + eigen + 4 * f.failures.len()
+                    })
                     .sum();
                 per_block + factors
             })
@@ -313,9 +327,14 @@ impl<B: Backend> Shampoo<B> {
                 .factors
                 .iter()
                 .map(|f| {
+                    let eigen = match &f.eigen {
+                        Some((v, l)) => Some((download(b, v, fdtype)?, download(b, l, fdtype)?)),
+                        None => None,
+                    };
                     Ok((
                         download(b, &f.stats, fdtype)?,
                         download(b, &f.root, self.dtype)?,
+                        eigen,
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -326,7 +345,7 @@ impl<B: Backend> Shampoo<B> {
                         slice(t, slot, spec.numel, spec.dims.clone()),
                     );
                 }
-                for (f, (stats, root)) in g.factors.iter().zip(&factor_dl) {
+                for (f, (stats, root, eigen)) in g.factors.iter().zip(&factor_dl) {
                     let n = f.spec.size;
                     let mut s = slice(stats, slot, n * n, vec![n, n]);
                     symmetrize(&mut s, n);
@@ -335,6 +354,16 @@ impl<B: Backend> Shampoo<B> {
                         format!("block/{id}/root/{}", f.spec.dim),
                         slice(root, slot, n * n, vec![n, n]),
                     );
+                    if let Some((v, l)) = eigen {
+                        out.insert(
+                            format!("block/{id}/eigenvectors/{}", f.spec.dim),
+                            slice(v, slot, n * n, vec![n, n]),
+                        );
+                        out.insert(
+                            format!("block/{id}/eigenvalues/{}", f.spec.dim),
+                            slice(l, slot, n, vec![n]),
+                        );
+                    }
                 }
                 if !g.factors.is_empty() {
                     let fails: Vec<u32> = g.factors.iter().map(|f| f.failures[slot]).collect();
@@ -365,6 +394,16 @@ impl<B: Backend> Shampoo<B> {
             serde_json::to_string(&owned).expect("blocks json"),
         );
         meta.insert("backend".into(), self.backend.name());
+        meta.insert("peak_lr".into(), format!("{:?}", self.peak_lr));
+        if self.config.iterate_averaging.is_some() {
+            meta.insert("lr_sum".into(), format!("{:?}", self.averaging.lr_sum));
+            let mode = if self.averaging.train_mode {
+                "train"
+            } else {
+                "eval"
+            };
+            meta.insert("mode".into(), mode.into());
+        }
         Ok((out, meta))
     }
 
@@ -439,6 +478,22 @@ impl<B: Backend> Shampoo<B> {
                     )?;
                     uploads.push((gi, UploadTarget::Stats(fi, slot), stats));
                     uploads.push((gi, UploadTarget::Root(fi, slot), root));
+                    if f.eigen.is_some() {
+                        let v = read_tensor(
+                            file,
+                            &format!("block/{id}/eigenvectors/{}", f.spec.dim),
+                            fdtype,
+                            &[n, n],
+                        )?;
+                        let l = read_tensor(
+                            file,
+                            &format!("block/{id}/eigenvalues/{}", f.spec.dim),
+                            fdtype,
+                            &[n],
+                        )?;
+                        uploads.push((gi, UploadTarget::Eigenvectors(fi, slot), v));
+                        uploads.push((gi, UploadTarget::Eigenvalues(fi, slot), l));
+                    }
                 }
                 if !g.factors.is_empty() {
                     let name = format!("block/{id}/failures");
@@ -459,6 +514,30 @@ impl<B: Backend> Shampoo<B> {
                 }
             }
         }
+        let peak_lr = match first.metadata.get("peak_lr") {
+            Some(v) => Some(
+                v.parse::<f64>()
+                    .map_err(|e| err(first.path(), format!("peak_lr: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut averaging = self.averaging;
+        if self.config.iterate_averaging.is_some() {
+            averaging.lr_sum = first
+                .meta("lr_sum")?
+                .parse::<f32>()
+                .map_err(|e| err(first.path(), format!("lr_sum: {e}")))?;
+            averaging.train_mode = match first.meta("mode")? {
+                "train" => true,
+                "eval" => false,
+                other => {
+                    return Err(err(
+                        first.path(),
+                        format!("mode {other:?}, expected \"train\" or \"eval\""),
+                    ));
+                }
+            };
+        }
         for (gi, target, t) in uploads {
             let b = &self.backend;
             let g = &mut self.groups[gi];
@@ -477,6 +556,18 @@ impl<B: Backend> Shampoo<B> {
                     let n = g.factors[fi].spec.size;
                     upload_slot(b, &mut g.factors[fi].root, slot, n * n, &t)?;
                 }
+                UploadTarget::Eigenvectors(fi, slot) => {
+                    let f = &mut g.factors[fi];
+                    let n = f.spec.size;
+                    let (v, _) = f.eigen.as_mut().expect("eigendecomposed state");
+                    upload_slot(b, v, slot, n * n, &t)?;
+                }
+                UploadTarget::Eigenvalues(fi, slot) => {
+                    let f = &mut g.factors[fi];
+                    let n = f.spec.size;
+                    let (_, l) = f.eigen.as_mut().expect("eigendecomposed state");
+                    upload_slot(b, l, slot, n, &t)?;
+                }
                 UploadTarget::Failures(slot) => {
                     if let HostTensor::U32(v, _) = &t {
                         for (f, &c) in g.factors.iter_mut().zip(v) {
@@ -487,6 +578,10 @@ impl<B: Backend> Shampoo<B> {
             }
         }
         self.step = step;
+        if let Some(p) = peak_lr {
+            self.peak_lr = p;
+        }
+        self.averaging = averaging;
         Ok(())
     }
 
@@ -533,8 +628,10 @@ impl<B: Backend> Shampoo<B> {
                 format!("parameter shapes differ: {first_diff}"),
             ));
         }
-        let theirs: serde_json::Value = serde_json::from_str(f.meta("config")?)
+        // Compared as this version reads them (absent keys take defaults).
+        let theirs: crate::ShampooConfig = serde_json::from_str(f.meta("config")?)
             .map_err(|e| err(f.path(), format!("config: {e}")))?;
+        let theirs = serde_json::to_value(&theirs).expect("config json");
         let mine = serde_json::to_value(&self.config).expect("config json");
         if let (Some(t), Some(m)) = (theirs.as_object(), mine.as_object()) {
             let mut keys: Vec<&String> = t.keys().chain(m.keys()).collect();
@@ -542,7 +639,7 @@ impl<B: Backend> Shampoo<B> {
             keys.dedup();
             let differ: Vec<&str> = keys
                 .into_iter()
-                .filter(|k| k.as_str() != "lr" && t.get(*k) != m.get(*k))
+                .filter(|k| !matches!(k.as_str(), "lr" | "lr_schedule") && t.get(*k) != m.get(*k))
                 .map(String::as_str)
                 .collect();
             if !differ.is_empty() {
@@ -560,6 +657,8 @@ enum UploadTarget {
     State(usize, usize),
     Stats(usize, usize),
     Root(usize, usize),
+    Eigenvectors(usize, usize),
+    Eigenvalues(usize, usize),
     Failures(usize),
 }
 

@@ -71,6 +71,8 @@ pub trait Float:
     const ZERO: Self;
     /// One.
     const ONE: Self;
+    /// Machine epsilon.
+    const EPSILON: Self;
     /// Rounds an `f64` to this type.
     fn from_f64(v: f64) -> Self;
     /// Widens to `f64`.
@@ -93,6 +95,7 @@ macro_rules! impl_float {
             const DTYPE: DType = $d;
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
+            const EPSILON: Self = <$t>::EPSILON;
             #[inline(always)]
             fn from_f64(v: f64) -> Self {
                 v as $t

@@ -112,9 +112,40 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An optimizer that would need more memory than there is.
+    #[error("{what}")]
+    TooLarge {
+        /// Bytes it needs.
+        needed: u64,
+        /// Bytes allowed.
+        limit: u64,
+        /// The whole message: sizes, and what makes it so large.
+        what: String,
+    },
+
     /// A backend is not available (not compiled in, library or device missing).
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),
+
+    /// The backend cannot run a feature of the configuration yet.
+    #[error(
+        "the {backend} backend cannot run {feature} yet (it lacks the {op} operation); use the CPU backend for this configuration"
+    )]
+    Unsupported {
+        /// The backend's name.
+        backend: String,
+        /// The configured feature.
+        feature: String,
+        /// The missing operation.
+        op: String,
+    },
+
+    /// A step was taken while the optimizer's parameters hold the
+    /// evaluation view of iterate averaging.
+    #[error(
+        "the optimizer is in eval mode (the parameters hold the averaged iterate): call train() before step()"
+    )]
+    EvalMode,
 
     /// A backend operation failed.
     #[error("backend error in {op}: {message}")]

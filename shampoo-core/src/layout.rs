@@ -6,7 +6,7 @@
 //! without communicating. A layout may *own* only some blocks (the rest are
 //! computed by other ranks); groups and state cover owned blocks only.
 
-use crate::blocking::{BlockSpec, block_parameter};
+use crate::blocking::{BlockSpec, block_parameter_min_order};
 use crate::config::{Preconditioner, ShampooConfig};
 use crate::{Error, Result};
 
@@ -86,6 +86,13 @@ impl Layout {
         owned: &dyn Fn(usize) -> bool,
     ) -> Result<Layout> {
         let max = config.max_preconditioner_dim;
+        // Spectral descent keeps at least two dimensions (the published
+        // target_parameter_dimensionality = 2), and needs exactly two.
+        let spectral = matches!(
+            config.preconditioner,
+            Preconditioner::SpectralDescent { .. }
+        );
+        let min_order = if spectral { 2 } else { 1 };
         let mut params = Vec::with_capacity(shapes.len());
         let mut blocks = Vec::new();
         for (p, shape) in shapes.iter().enumerate() {
@@ -94,7 +101,15 @@ impl Layout {
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| Error::shape(format!("parameter {p}: shape {shape:?} overflows")))?;
             let start = blocks.len();
-            blocks.extend(block_parameter(p, shape, max));
+            let mine = block_parameter_min_order(p, shape, max, min_order);
+            if spectral && let Some(b) = mine.iter().find(|b| b.order() != 2) {
+                return Err(Error::config(format!(
+                    "spectral_descent needs every block to be 2-D after merging, but parameter {p} of shape {shape:?} gives {}-D blocks ({:?}): use another preconditioner for it (a separate optimizer)",
+                    b.order(),
+                    b.merged
+                )));
+            }
+            blocks.extend(mine);
             params.push(ParamInfo {
                 shape: shape.clone(),
                 numel,
@@ -102,7 +117,6 @@ impl Layout {
             });
         }
         let precondition = config.start_step().is_some();
-        let ec = matches!(config.preconditioner, Preconditioner::EigenvalueCorrected);
         let mut groups: Vec<Group> = Vec::new();
         let mut slots = vec![None; blocks.len()];
         for (id, b) in blocks.iter().enumerate() {
@@ -118,11 +132,7 @@ impl Layout {
                             .map(|dim| FactorSpec {
                                 dim,
                                 size: b.dims[dim],
-                                exponent: if ec {
-                                    0.5
-                                } else {
-                                    config.inverse_exponent(order, dim)
-                                },
+                                exponent: config.inverse_exponent(order, dim),
                             })
                             .filter(|f| f.exponent != 0.0)
                             .collect()

@@ -35,10 +35,11 @@ mod dtype;
 mod error;
 pub mod layout;
 mod matrix;
+pub mod memory;
 pub mod reference;
 pub mod schedule;
 
-pub use algorithm::{PhaseTimes, Shampoo};
+pub use algorithm::{BlockRootInverseStats, PhaseTimes, RootInverseCounters, Shampoo};
 pub use backend::cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub use backend::cuda::CudaBackend;

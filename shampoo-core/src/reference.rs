@@ -3,10 +3,15 @@
 //!
 //! A case (`<case>.safetensors`) holds float64 tensors `init/<p>`,
 //! `grad/<p>/<k>` and `param/<p>/<k>` (parameter `p` before step 1, its
-//! gradient at step `k`, and the reference's parameter after step `k`), with
-//! string metadata `config` (JSON), `params` (JSON list of names), `steps`.
-//! Replaying runs this crate's optimizer on the same gradients and measures,
-//! per tensor and step, `max |ours - reference| / max |reference|`.
+//! gradient at step `k`, and the reference's parameter after step `k`), for
+//! iterate-averaging cases `eval/<p>/<k>` (what the reference's `eval()`
+//! puts in `p` after step `k`), with string metadata `config` (JSON; its
+//! `lr_schedule` gives each step's lr), `params` (JSON list of names),
+//! `steps`. Replaying runs this crate's optimizer on the same gradients (the
+//! lr of step `k` set before it, as a scheduler would) and measures, per
+//! tensor and step, `max |ours - reference| / max |reference|`; with
+//! `eval/` tensors, after every step [`Shampoo::eval`] is compared too and
+//! [`Shampoo::train`] goes back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +42,9 @@ pub struct ReferenceCase {
     pub grads: Vec<Vec<Vec<f64>>>,
     /// `expected[k][p]`: parameter `p` after step `k + 1`.
     pub expected: Vec<Vec<Vec<f64>>>,
+    /// `eval[k][p]`: the evaluation view of parameter `p` after step
+    /// `k + 1` (iterate-averaging cases).
+    pub eval: Option<Vec<Vec<Vec<f64>>>>,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
@@ -112,6 +120,10 @@ impl ReferenceCase {
             .collect::<Result<Vec<_>>>()?;
         let mut grads = Vec::with_capacity(steps);
         let mut expected = Vec::with_capacity(steps);
+        let has_eval = params
+            .first()
+            .is_some_and(|p| st.tensor(&format!("eval/{p}/1")).is_ok());
+        let mut eval = Vec::new();
         for k in 1..=steps {
             grads.push(
                 params
@@ -127,6 +139,23 @@ impl ReferenceCase {
                     .map(|(p, s)| read_f64(&st, path, &format!("param/{p}/{k}"), s))
                     .collect::<Result<Vec<_>>>()?,
             );
+            if has_eval {
+                eval.push(
+                    params
+                        .iter()
+                        .zip(&shapes)
+                        .map(|(p, s)| read_f64(&st, path, &format!("eval/{p}/{k}"), s))
+                        .collect::<Result<Vec<_>>>()?,
+                );
+            }
+        }
+        if let Some(s) = &config.lr_schedule
+            && s.len() < steps
+        {
+            return Err(bad(
+                path,
+                format!("lr_schedule has {} entries for {steps} steps", s.len()),
+            ));
         }
         Ok(ReferenceCase {
             name: path
@@ -140,11 +169,23 @@ impl ReferenceCase {
             init,
             grads,
             expected,
+            eval: has_eval.then_some(eval),
         })
     }
 
+    /// Names of the compared tensors, in the order of [`ReferenceCase::replay`]'s
+    /// errors: the parameters, then `eval/<p>` when the case has them.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut v = self.params.clone();
+        if self.eval.is_some() {
+            v.extend(self.params.iter().map(|p| format!("eval/{p}")));
+        }
+        v
+    }
+
     /// Replays the case in float64 on `backend`; returns the error of every
-    /// step and tensor (`errors[k][p]`).
+    /// step and tensor (`errors[k][i]`, tensors as in
+    /// [`ReferenceCase::tensor_names`]).
     pub fn replay<B: Backend>(&self, backend: B) -> Result<Vec<Vec<f64>>> {
         let mut opt = Shampoo::new(self.config.clone(), &self.shapes, DType::F64, backend)?;
         let b = opt.backend();
@@ -165,6 +206,9 @@ impl ReferenceCase {
         let mut errors = Vec::with_capacity(self.steps);
         let mut host: Vec<Vec<f64>> = self.init.clone();
         for k in 0..self.steps {
+            if self.config.lr_schedule.is_some() {
+                opt.set_lr(self.config.lr_at(k as u64 + 1))?;
+            }
             {
                 let b = opt.backend();
                 for (g, h) in gbufs.iter_mut().zip(&self.grads[k]) {
@@ -190,9 +234,44 @@ impl ReferenceCase {
                 b.download(b.view(buf), HostViewMut::F64(h))?;
                 step_err.push(relative_error(h, want));
             }
+            if let Some(eval) = &self.eval {
+                let train_params = host.clone();
+                let mut views: Vec<B::ViewMut<'_>> =
+                    bufs.iter_mut().map(|x| b.view_mut(x)).collect();
+                switch(&mut opt, &mut views, true)?;
+                drop(views);
+                let b = opt.backend();
+                for ((buf, h), want) in bufs.iter().zip(host.iter_mut()).zip(&eval[k]) {
+                    b.download(b.view(buf), HostViewMut::F64(h))?;
+                    step_err.push(relative_error(h, want));
+                }
+                let mut views: Vec<B::ViewMut<'_>> =
+                    bufs.iter_mut().map(|x| b.view_mut(x)).collect();
+                switch(&mut opt, &mut views, false)?;
+                drop(views);
+                // The reference's trajectory stays exactly `y` (a round trip
+                // through the evaluation view moves it by float32 rounding
+                // of its coefficients, up to ~1e-8 of `Z - y`).
+                let b = opt.backend();
+                for (buf, y) in bufs.iter_mut().zip(&train_params) {
+                    b.upload(b.view_mut(buf), HostView::F64(y))?;
+                }
+            }
             errors.push(step_err);
         }
         Ok(errors)
+    }
+}
+
+fn switch<B: Backend>(
+    opt: &mut Shampoo<B>,
+    params: &mut [B::ViewMut<'_>],
+    to_eval: bool,
+) -> Result<()> {
+    if to_eval {
+        opt.eval(params)
+    } else {
+        opt.train(params)
     }
 }
 

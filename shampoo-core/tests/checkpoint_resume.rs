@@ -218,3 +218,191 @@ fn truncated_and_foreign_files_are_clear_errors() {
         other => panic!("expected an I/O error, got {other:?}", other = other.err()),
     }
 }
+
+/// Runs `grads[range]` on `opt`, setting each step's lr from the config's
+/// `lr_schedule` first (as a scheduler would).
+fn run_steps(
+    opt: &mut Shampoo<CpuBackend>,
+    p: &mut [Vec<f64>],
+    grads: &[Vec<Vec<f64>>],
+    range: std::ops::Range<usize>,
+) {
+    for k in range {
+        let lr = opt.config().lr_at(k as u64 + 1);
+        opt.set_lr(lr).unwrap();
+        let gs: Vec<_> = grads[k].iter().map(Some).collect();
+        step64(opt, p, &gs);
+    }
+}
+
+fn eval_view(opt: &mut Shampoo<CpuBackend>, p: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let mut x = p.to_vec();
+    let mut v: Vec<HostViewMut<'_>> = x.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+    opt.eval(&mut v).unwrap();
+    let mut y = x.clone();
+    let mut v: Vec<HostViewMut<'_>> = y.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+    opt.train(&mut v).unwrap();
+    x
+}
+
+fn assert_bits(a: &[Vec<f64>], b: &[Vec<f64>], what: &str) {
+    for (x, y) in a.iter().zip(b) {
+        assert!(
+            x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{what}: not bitwise equal"
+        );
+    }
+}
+
+/// Saves after `save_at` steps, resumes in a fresh optimizer with another
+/// thread count, and checks the parameters (and the evaluation view) of the
+/// run that never stopped, bit for bit.
+fn resume_mode(json: &str, shapes: &[Vec<usize>]) {
+    let cfg = config(json);
+    let (steps, save_at) = (9, 4);
+    let init = gradients(21, shapes, 1).remove(0);
+    let grads = gradients(22, shapes, steps);
+    let build = |threads| {
+        Shampoo::new(
+            cfg.clone(),
+            shapes,
+            DType::F64,
+            CpuBackend::new(threads).unwrap(),
+        )
+        .unwrap()
+    };
+    let mut straight = build(2);
+    let mut ps = init.clone();
+    run_steps(&mut straight, &mut ps, &grads, 0..steps);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opt.safetensors");
+    let mut first = build(2);
+    let mut p = init.clone();
+    run_steps(&mut first, &mut p, &grads, 0..save_at);
+    first.save(&path).unwrap();
+    let saved = first.state_tensors().unwrap();
+    drop(first);
+    let mut resumed = build(1);
+    resumed.load(&path).unwrap();
+    let again = resumed.state_tensors().unwrap();
+    assert_eq!(saved.0, again.0, "{json}: state round-trips exactly");
+    for key in ["peak_lr", "lr_sum", "mode"] {
+        assert_eq!(saved.1.get(key), again.1.get(key), "{json}: {key}");
+    }
+    run_steps(&mut resumed, &mut p, &grads, save_at..steps);
+    assert_bits(&p, &ps, json);
+    if cfg.iterate_averaging.is_some() {
+        let (a, b) = (eval_view(&mut straight, &ps), eval_view(&mut resumed, &p));
+        assert_bits(&a, &b, "evaluation view");
+        assert_ne!(a, ps, "the evaluation view is another sequence");
+    }
+}
+
+const SHAPES: &[&[usize]] = &[&[12, 10], &[10], &[5, 4, 3], &[], &[30]];
+
+fn shapes(s: &[&[usize]]) -> Vec<Vec<usize>> {
+    s.iter().map(|x| x.to_vec()).collect()
+}
+
+#[test]
+fn resume_is_bitwise_for_every_new_preconditioner() {
+    let base = r#""lr": 0.02, "betas": [0.9, 0.99], "max_preconditioner_dim": 8, "precondition_frequency": 2,
+        "start_preconditioning_step": 2"#;
+    for precond in [
+        r#"{"type": "eigendecomposed", "inverse_exponent_override": {"1": 0.25}}"#,
+        r#"{"type": "eigendecomposed", "eigendecomposition": {"method": "eigh", "tolerance": 0.05}}"#,
+        r#"{"type": "eigendecomposed", "eigendecomposition": {"method": "qr", "max_iterations": 2}}"#,
+        r#"{"type": "eigenvalue_corrected", "eigendecomposition": {"method": "qr"}, "drop_weighting_factor_on_gsquare": true,
+            "ignored_basis_change_dims": {"1": [0], "3": [1]}, "inverse_exponent_override": {"2": 0.25}}"#,
+        r#"{"type": "kl_shampoo", "variant": "root_inv"}"#,
+        r#"{"type": "kl_shampoo", "variant": "eigendecomposed", "eigendecomposition": {"method": "eigh", "tolerance": 0.05}}"#,
+        r#"{"type": "root_inv", "root_inverse": {"method": "coupled_higher_order", "rel_epsilon": 1e-3, "abs_epsilon": 1e-9},
+            "use_trace_scaling": true}"#,
+        r#"{"type": "root_inv", "root_inverse": {"method": "eigh", "rank_deficient_stability": {"type": "perturbation",
+            "perturb_before_computation": false}}, "use_trace_scaling": true, "trace_scaling_exponent": 0.25}"#,
+        r#"{"type": "sign_descent"}"#,
+    ] {
+        let json = format!(
+            r#"{{{base}, "epsilon": 1e-8, "beta3": 0.95, "preconditioner": {precond},
+                "grafting": {{"type": "adam", "drop_weighting_factor_on_gsquare": true}}}}"#
+        );
+        resume_mode(&json, &shapes(SHAPES));
+    }
+    // The pseudo-inverse (epsilon 0).
+    resume_mode(
+        &format!(
+            r#"{{{base}, "epsilon": 0.0, "preconditioner": {{"type": "root_inv", "root_inverse": {{"method": "eigh",
+                "rank_deficient_stability": {{"type": "pseudo_inverse", "rank_rtol": 1e-8}}}}}}}}"#
+        ),
+        &shapes(SHAPES),
+    );
+    // Spectral descent: 2-D blocks only.
+    for orth in [
+        r#"{"method": "newton_schulz"}"#,
+        r#"{"method": "svd", "scale_by_nuclear_norm": true}"#,
+    ] {
+        resume_mode(
+            &format!(
+                r#"{{{base}, "epsilon": 1e-8, "weight_decay": 0.01,
+                    "preconditioner": {{"type": "spectral_descent", "orthogonalization": {orth}}}}}"#
+            ),
+            &shapes(&[&[12, 10], &[2, 2, 3], &[3, 9]]),
+        );
+    }
+}
+
+#[test]
+fn resume_is_bitwise_for_iterate_averaging_and_scheduled_weight_decay() {
+    let schedule =
+        r#""lr": 0.05, "lr_schedule": [0.01, 0.02, 0.03, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01]"#;
+    for extra in [
+        r#""iterate_averaging": {"type": "gpa"}, "weight_decay": 0.01"#,
+        r#""iterate_averaging": {"type": "schedule_free", "train_interp_coeff": 0.9}, "weight_decay": 0.01, "weight_decay_type": "corrected""#,
+        r#""iterate_averaging": {"type": "schedule_free"}, "weight_decay": 0.01, "weight_decay_type": "independent""#,
+        r#""momentum": {"momentum": 0.5}, "weight_decay": 0.01, "weight_decay_type": "corrected""#,
+    ] {
+        let json = format!(
+            r#"{{{schedule}, {extra}, "betas": [0.0, 0.99], "epsilon": 1e-8, "max_preconditioner_dim": 8,
+                "precondition_frequency": 2, "grafting": {{"type": "adam"}}}}"#
+        );
+        resume_mode(&json, &shapes(SHAPES));
+    }
+}
+
+#[test]
+fn a_checkpoint_saved_in_eval_mode_resumes_in_eval_mode() {
+    let cfg = config(
+        r#"{"lr": 0.05, "betas": [0.9, 0.99], "epsilon": 1e-8, "max_preconditioner_dim": 8,
+            "iterate_averaging": {"type": "gpa"}, "grafting": {"type": "adam"}}"#,
+    );
+    let shapes = shapes(SHAPES);
+    let init = gradients(31, &shapes, 1).remove(0);
+    let grads = gradients(32, &shapes, 6);
+    let views = |p: &mut Vec<Vec<f64>>| -> Vec<Vec<f64>> { p.clone() };
+    // Straight: 3 steps, eval, train, 3 steps.
+    let mut a = optimizer64(cfg.clone(), &shapes);
+    let mut pa = init.clone();
+    run_steps(&mut a, &mut pa, &grads, 0..3);
+    let mut v: Vec<HostViewMut<'_>> = pa.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+    a.eval(&mut v).unwrap();
+    let x = views(&mut pa);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eval.safetensors");
+    a.save(&path).unwrap();
+    let mut v: Vec<HostViewMut<'_>> = pa.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+    a.train(&mut v).unwrap();
+    run_steps(&mut a, &mut pa, &grads, 3..6);
+    // Resumed from the eval-mode checkpoint with the eval-mode parameters.
+    let mut b = optimizer64(cfg, &shapes);
+    b.load(&path).unwrap();
+    assert!(!b.is_train_mode());
+    let mut pb = x;
+    let gs: Vec<_> = grads[3].iter().map(Some).collect();
+    let mut vb: Vec<HostViewMut<'_>> = pb.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+    let gv: Vec<Option<HostView<'_>>> = gs.iter().map(|g| g.map(|g| HostView::F64(g))).collect();
+    assert!(matches!(b.step(&mut vb, &gv), Err(Error::EvalMode)));
+    b.train(&mut vb).unwrap();
+    drop(vb);
+    run_steps(&mut b, &mut pb, &grads, 3..6);
+    assert_bits(&pa, &pb, "resumed from eval mode");
+}

@@ -9,8 +9,8 @@
 #![cfg(feature = "cuda")]
 
 use shampoo_core::backend::{
-    Backend, DirectionSource, EighJob, EighStatus, GatherJob, GraftKernel, GramJob, Map, MatmulJob,
-    ModeProductJob, MomentumKernel, ReduceJob, Reduction, ScatterJob, TableEntry,
+    Backend, DirectionSource, EigenRule, EighJob, EighStatus, GatherJob, GraftKernel, GramJob, Map,
+    MatmulJob, ModeProductJob, MomentumKernel, ReduceJob, Reduction, ScatterJob, TableEntry,
 };
 use shampoo_core::blocking::block_parameter;
 use shampoo_core::{CpuBackend, CudaBackend, DType, HostView, HostViewMut, Shampoo, ShampooConfig};
@@ -244,10 +244,24 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
         values: b.view_mut(&mut w),
         n,
         count,
-        eps: 1e-2,
+        rule: EigenRule::ShiftBelow { eps: 1e-2 },
         exponent: 0.5,
         half: true,
         select: Some(&[0, 2]),
+    }])?;
+    out.push(down(b, &w)?);
+    let mut w = up(b, &values(43, count * n))?;
+    b.map(&mut [Map::EigenPower {
+        values: b.view_mut(&mut w),
+        n,
+        count,
+        rule: EigenRule::PseudoInverse {
+            atol: 0.1,
+            rtol: None,
+        },
+        exponent: 0.25,
+        half: false,
+        select: None,
     }])?;
     out.push(down(b, &w)?);
     let mut x = up(b, &values(42, count * nn))?;
@@ -322,6 +336,8 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
     b.map(&mut [Map::NewtonInit {
         a: b.view(&r),
         norms: b.view(&norms),
+        numerator: 5.0,
+        scale: 2.0,
         x: b.view_mut(&mut xs),
         m: b.view_mut(&mut ms),
         p: 4,
@@ -332,7 +348,8 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
     b.map(&mut [Map::NewtonCoefficient {
         m: b.view(&ms),
         out: b.view_mut(&mut co),
-        p: 4,
+        coef: -0.25,
+        diag: 1.25,
         n,
         count,
         select: None,
@@ -353,6 +370,7 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
     let mut sq = b.alloc(DType::F64, 2 * count)?;
     let graft = GraftKernel::Ema {
         beta2: 0.99,
+        weight: 1.0 - 0.99,
         eps: 1e-8,
         bc: 0.3,
     };
@@ -364,6 +382,7 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
             graft,
             filtered: Some((b.view_mut(&mut m1), b.view_mut(&mut gf))),
             beta1: 0.9,
+            beta3: 0.9,
             bc1: 0.5,
             graft_sq_norms: Some(g2),
             numel,
@@ -436,6 +455,7 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
         r: b.view(&g),
         d: b.view_mut(&mut d),
         beta2: 0.95,
+        weight: 1.0 - 0.95,
         numel,
         count,
         select: None,
@@ -446,11 +466,111 @@ fn maps_and_reductions<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
         d: b.view(&d),
         bc2: 0.4,
         eps: 1e-6,
+        exponent: 0.5,
         numel,
         count,
         select: Some(&[1]),
     }])?;
     out.extend([down(b, &d)?, down(b, &rr)?]);
+    // The maps and reductions of the newer modes (spectral and sign
+    // descent, iterate averaging, trace scaling, the higher-order ridge).
+    let scal = up(b, &[2.5, 1e-9, 0.7])?;
+    let mut s1 = b.alloc(DType::F64, count * numel)?;
+    b.map(&mut [Map::ScaleByNorm {
+        src: b.view(&g),
+        dst: b.view_mut(&mut s1),
+        norms: b.view(&scal),
+        floor: 1e-8,
+        numel,
+        count,
+        select: Some(&[0, 1]),
+    }])?;
+    b.map(&mut [Map::Axpby {
+        x: b.view_mut(&mut s1),
+        y: b.view(&rr),
+        a: 3.4445,
+        b: -4.775,
+        numel,
+        count,
+        select: None,
+    }])?;
+    b.map(&mut [Map::ScaleBlocks {
+        x: b.view_mut(&mut s1),
+        scales: b.view(&scal),
+        numel,
+        count,
+        select: Some(&[2]),
+    }])?;
+    let mut sg = b.alloc(DType::F64, count * numel)?;
+    b.map(&mut [Map::Sign {
+        src: b.view(&s1),
+        dst: b.view_mut(&mut sg),
+        numel,
+        count,
+        select: None,
+    }])?;
+    let mut z = up(b, &values(58, count * numel))?;
+    let mut u = up(b, &values(59, count * numel))?;
+    b.map(&mut [Map::IterateAverage {
+        u: b.view_mut(&mut u),
+        z: b.view_mut(&mut z),
+        w: b.view(&wts),
+        c1: 0.28,
+        c2: 0.1,
+        shrink: Some(0.999),
+        numel,
+        count,
+        select: Some(&[0, 2]),
+    }])?;
+    let mut it = b.alloc(DType::F64, count * numel)?;
+    b.map(&mut [Map::Interpolate {
+        z: b.view(&z),
+        w: b.view(&wts),
+        out: b.view_mut(&mut it),
+        coef: -0.25,
+        numel,
+        count,
+        select: None,
+    }])?;
+    out.extend([
+        down(b, &s1)?,
+        down(b, &sg)?,
+        down(b, &z)?,
+        down(b, &u)?,
+        down(b, &it)?,
+    ]);
+    let mut mats = up(b, &values(60, count * nn))?;
+    let mut stats = b.alloc(DType::F64, count)?;
+    for kind in [Reduction::Trace, Reduction::MaxRowAbsSum] {
+        b.reduce(&mut [ReduceJob {
+            input: b.view(&mats),
+            numel: nn,
+            count,
+            kind,
+            out: b.view_mut(&mut stats),
+            select: None,
+        }])?;
+        out.push(down(b, &stats)?);
+    }
+    b.map(&mut [Map::TraceScale {
+        x: b.view_mut(&mut mats),
+        traces: b.view(&scal),
+        eps: 1e-10,
+        exponent: 0.5,
+        n,
+        count,
+        select: None,
+    }])?;
+    b.map(&mut [Map::AddRidge {
+        x: b.view_mut(&mut mats),
+        values: b.view(&stats),
+        rel: 1e-3,
+        abs: 1e-9,
+        n,
+        count,
+        select: Some(&[1]),
+    }])?;
+    out.push(down(b, &mats)?);
     Ok(out)
 }
 
@@ -462,10 +582,11 @@ fn fused_maps_and_reductions_give_the_cpu_backends_bits() {
         maps_and_reductions(&cpu).unwrap(),
         maps_and_reductions(&g).unwrap(),
     );
-    // Results computed with pow may differ in the last bits: 1 (EigenPower),
-    // 2 and 3 (rows scaled by its output, and their copies), 8 (NewtonInit's
-    // X = z^(1/p) I). The rest is bitwise.
-    let pow_results = [1usize, 2, 3, 8];
+    // Results computed with pow may differ in the last bits: 1 and 2
+    // (EigenPower's rules), 3 and 4 (rows scaled by its output, and their
+    // copies), 9 (NewtonInit's X = z^(1/p) I), the last (TraceScale). The
+    // rest is bitwise.
+    let pow_results = [1usize, 2, 3, 4, 9, c.len() - 1];
     for (i, (x, y)) in c.iter().zip(&d).enumerate() {
         if pow_results.contains(&i) {
             let e = max_rel(x, y);

@@ -10,8 +10,8 @@ use std::process::Command;
 
 use shampoo_core::backend::cuda::CudaBlockTable;
 use shampoo_core::backend::{
-    Backend, DirectionSource, GatherJob, GraftKernel, Map, MomentumKernel, ReduceJob, Reduction,
-    ScatterJob, TableEntry, WireFormat, WireJob, wire16_len,
+    Backend, DirectionSource, EigenRule, GatherJob, GraftKernel, Map, MomentumKernel, ReduceJob,
+    Reduction, ScatterJob, TableEntry, WireFormat, WireJob, wire16_len,
 };
 use shampoo_core::blocking::block_parameter;
 use shampoo_core::{CpuBackend, HostView, HostViewMut};
@@ -94,8 +94,9 @@ extern "C" void threaded_all_finite_f64(const double* x, double* out, u64 numel,
                                         u64 count) {
     run_block([=] { all_finite_f64(x, out, numel, n, lower, count); });
 }
-extern "C" void threaded_eigen_power_f64(double* v, u64 n, u64 count, double eps, double e) {
-    run_block([=] { eigen_power_f64(v, n, count, eps, e); });
+extern "C" void threaded_eigen_power_f64(double* v, u64 n, u64 count, u64 rule, double eps,
+                                         double atol, double rtol, double e) {
+    run_block([=] { eigen_power_f64(v, n, count, rule, eps, atol, rtol, e); });
 }
 "#;
 
@@ -259,6 +260,8 @@ fn matrix_maps_give_the_cpu_backends_bits() {
     cpu.map(&mut [Map::NewtonInit {
         a: HostView::F64(&f),
         norms: HostView::F64(&norms),
+        numerator: 5.0,
+        scale: 2.0,
         x: HostViewMut::F64(&mut wx),
         m: HostViewMut::F64(&mut wm),
         p: 4,
@@ -270,7 +273,8 @@ fn matrix_maps_give_the_cpu_backends_bits() {
     cpu.map(&mut [Map::NewtonCoefficient {
         m: HostView::F64(&wm),
         out: HostViewMut::F64(&mut wc),
-        p: 4,
+        coef: -0.25,
+        diag: 1.25,
         n,
         count,
         select: None,
@@ -281,7 +285,11 @@ fn matrix_maps_give_the_cpu_backends_bits() {
         vec![0.0; count * nn],
         vec![0.0; count * nn],
     );
-    let k = kernel!(lib, "newton_init_f64", fn(C, C, P, P, f64, f64, u64, u64));
+    let k = kernel!(
+        lib,
+        "newton_init_f64",
+        fn(C, C, P, P, f64, f64, f64, u64, u64)
+    );
     // SAFETY: as above; norms has count elements.
     unsafe {
         k(
@@ -290,6 +298,7 @@ fn matrix_maps_give_the_cpu_backends_bits() {
             gx.as_mut_ptr(),
             gm.as_mut_ptr(),
             5.0,
+            2.0,
             0.25,
             n as u64,
             count as u64,
@@ -317,17 +326,84 @@ fn matrix_maps_give_the_cpu_backends_bits() {
         values: HostViewMut::F64(&mut want),
         n,
         count,
-        eps: 1e-2,
+        rule: EigenRule::ShiftBelow { eps: 1e-2 },
         exponent: 0.5,
         half: true,
         select: None,
     }])
     .unwrap();
     let mut got = v.clone();
-    let k = kernel!(lib, "eigen_power_f64", fn(P, u64, u64, f64, f64));
+    let k = kernel!(
+        lib,
+        "eigen_power_f64",
+        fn(P, u64, u64, u64, f64, f64, f64, f64)
+    );
     // SAFETY: count x n values.
-    unsafe { k(got.as_mut_ptr(), n as u64, count as u64, 1e-2, 0.25) };
+    unsafe {
+        k(
+            got.as_mut_ptr(),
+            n as u64,
+            count as u64,
+            0,
+            1e-2,
+            0.0,
+            0.0,
+            0.25,
+        )
+    };
     assert_eq!(bits(&want), bits(&got), "eigen_power");
+    // The other eigenvalue rules: damping after, pseudo-inverse (explicit
+    // and machine-epsilon relative tolerances).
+    for (rule, code, eps, atol, rtol) in [
+        (EigenRule::ShiftNonnegative { eps: 1e-2 }, 1, 1e-2, 0.0, 0.0),
+        (
+            EigenRule::PseudoInverse {
+                atol: 0.05,
+                rtol: Some(0.3),
+            },
+            2,
+            0.0,
+            0.05,
+            0.3,
+        ),
+        (
+            EigenRule::PseudoInverse {
+                atol: 0.2,
+                rtol: None,
+            },
+            2,
+            0.0,
+            0.2,
+            -1.0,
+        ),
+    ] {
+        let mut want = v.clone();
+        cpu.map(&mut [Map::EigenPower {
+            values: HostViewMut::F64(&mut want),
+            n,
+            count,
+            rule,
+            exponent: 0.25,
+            half: false,
+            select: None,
+        }])
+        .unwrap();
+        let mut got = v.clone();
+        // SAFETY: count x n values.
+        unsafe {
+            k(
+                got.as_mut_ptr(),
+                n as u64,
+                count as u64,
+                code,
+                eps,
+                atol,
+                rtol,
+                0.25,
+            )
+        };
+        assert_eq!(bits(&want), bits(&got), "eigen_power {rule:?}");
+    }
 }
 
 #[test]
@@ -343,6 +419,7 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
     let m0 = values(12, len);
     let graft = GraftKernel::Ema {
         beta2: 0.99,
+        weight: 1.0 - 0.99,
         eps: 1e-8,
         bc: 0.3,
     };
@@ -355,6 +432,7 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
         graft,
         filtered: Some((HostViewMut::F64(&mut wm), HostViewMut::F64(&mut wgf))),
         beta1: 0.9,
+        beta3: 0.9,
         bc1: 0.5,
         graft_sq_norms: Some(HostViewMut::F64(&mut wn)),
         numel,
@@ -367,7 +445,7 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
     let k = kernel!(
         lib,
         "gradient_statistics_f64",
-        fn(C, P, u64, f64, f64, P, P, f64, f64, f64, u64)
+        fn(C, P, u64, f64, f64, P, P, f64, f64, f64, f64, u64, f64, u64)
     );
     // SAFETY: every buffer has count x numel elements.
     unsafe {
@@ -381,6 +459,9 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
             ggf.as_mut_ptr(),
             0.9,
             1.0 - 0.9,
+            0.9,
+            1.0 - 0.9,
+            0,
             0.5,
             len as u64,
         )
@@ -411,6 +492,51 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
         ("norms", &wn, &gn),
     ] {
         assert_eq!(bits(w), bits(h), "gradient_statistics {name}");
+    }
+    // Lion's beta3 != beta1, and a dropped weighting factor (weight 1).
+    let drop = GraftKernel::Ema {
+        beta2: 0.99,
+        weight: 1.0,
+        eps: 1e-8,
+        bc: 1.0,
+    };
+    let (mut lv, mut lm, mut lgf) = (v0.clone(), m0.clone(), vec![0.0; len]);
+    cpu.map(&mut [Map::GradientStatistics {
+        g: HostView::F64(&g),
+        v: Some(HostViewMut::F64(&mut lv)),
+        graft: drop,
+        filtered: Some((HostViewMut::F64(&mut lm), HostViewMut::F64(&mut lgf))),
+        beta1: 0.99,
+        beta3: 0.9,
+        bc1: 0.7,
+        graft_sq_norms: None,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let (mut hv, mut hm, mut hgf) = (v0.clone(), m0.clone(), vec![0.0; len]);
+    // SAFETY: as above.
+    unsafe {
+        k(
+            g.as_ptr(),
+            hv.as_mut_ptr(),
+            3,
+            0.99,
+            1.0,
+            hm.as_mut_ptr(),
+            hgf.as_mut_ptr(),
+            0.99,
+            1.0 - 0.99,
+            0.9,
+            1.0 - 0.9,
+            1,
+            0.7,
+            len as u64,
+        )
+    };
+    for (name, w, h) in [("v", &lv, &hv), ("m1", &lm, &hm), ("gf", &lgf, &hgf)] {
+        assert_eq!(bits(w), bits(h), "gradient_statistics (lion) {name}");
     }
     // Direction: grafted Shampoo, weight decay, Nesterov momentum, on the
     // run of blocks 1..3 (the kernel's `first`), as the backend launches it.
@@ -485,6 +611,7 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
         r: HostView::F64(&p_sh),
         d: HostViewMut::F64(&mut wd),
         beta2: 0.95,
+        weight: 1.0 - 0.95,
         numel,
         count,
         select: None,
@@ -495,6 +622,7 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
         d: HostView::F64(&wd),
         bc2: 0.4,
         eps: 1e-6,
+        exponent: 0.5,
         numel,
         count,
         select: None,
@@ -504,11 +632,41 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
     let k = kernel!(lib, "eigenvalue_update_f64", fn(C, P, f64, f64, u64));
     // SAFETY: len elements each.
     unsafe { k(p_sh.as_ptr(), gd.as_mut_ptr(), 0.95, 1.0 - 0.95, len as u64) };
-    let k = kernel!(lib, "eigenvalue_scale_f64", fn(P, C, f64, f64, u64));
+    let ks = kernel!(lib, "eigenvalue_scale_f64", fn(P, C, f64, f64, f64, u64));
     // SAFETY: as above.
-    unsafe { k(gr.as_mut_ptr(), gd.as_ptr(), 0.4, 1e-6, len as u64) };
+    unsafe { ks(gr.as_mut_ptr(), gd.as_ptr(), 0.4, 1e-6, 0.5, len as u64) };
     assert_eq!(bits(&wd), bits(&gd), "eigenvalue_update");
     assert_eq!(bits(&wr), bits(&gr), "eigenvalue_scale");
+    // A dropped weighting factor and an exponent override.
+    let (mut wd, mut wr) = (v0.clone(), g.clone());
+    cpu.map(&mut [Map::EigenvalueUpdate {
+        r: HostView::F64(&p_sh),
+        d: HostViewMut::F64(&mut wd),
+        beta2: 0.95,
+        weight: 1.0,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    cpu.map(&mut [Map::EigenvalueScale {
+        r: HostViewMut::F64(&mut wr),
+        d: HostView::F64(&wd),
+        bc2: 1.0,
+        eps: 1e-6,
+        exponent: 0.25,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let (mut gd, mut gr) = (v0.clone(), g.clone());
+    // SAFETY: as above.
+    unsafe { k(p_sh.as_ptr(), gd.as_mut_ptr(), 0.95, 1.0, len as u64) };
+    // SAFETY: as above.
+    unsafe { ks(gr.as_mut_ptr(), gd.as_ptr(), 1.0, 1e-6, 0.25, len as u64) };
+    assert_eq!(bits(&wd), bits(&gd), "eigenvalue_update (weight 1)");
+    assert_eq!(bits(&wr), bits(&gr), "eigenvalue_scale (exponent 1/4)");
     // Reductions over 3 matrices of 20 x 20 (one with a NaN).
     let mut x = values(18, 3 * 400);
     x[2 * 400 + 7] = f64::NAN;
@@ -733,17 +891,258 @@ fn reductions_with_a_block_of_threads_give_the_cpu_backends_bits() {
         values: HostViewMut::F64(&mut want),
         n: 700,
         count,
-        eps: 1e-2,
+        rule: EigenRule::ShiftBelow { eps: 1e-2 },
         exponent: 0.25,
         half: false,
         select: None,
     }])
     .unwrap();
     let mut got = v.clone();
-    let k = kernel!(lib, "threaded_eigen_power_f64", fn(P, u64, u64, f64, f64));
+    let k = kernel!(
+        lib,
+        "threaded_eigen_power_f64",
+        fn(P, u64, u64, u64, f64, f64, f64, f64)
+    );
     // SAFETY: count x 700 values.
-    unsafe { k(got.as_mut_ptr(), 700, count as u64, 1e-2, 0.25) };
+    unsafe { k(got.as_mut_ptr(), 700, count as u64, 0, 1e-2, 0.0, 0.0, 0.25) };
     assert_eq!(bits(&want), bits(&got), "eigen_power");
+    // The pseudo-inverse's maximum is a block reduction too.
+    let mut want = v.clone();
+    cpu.map(&mut [Map::EigenPower {
+        values: HostViewMut::F64(&mut want),
+        n: 700,
+        count,
+        rule: EigenRule::PseudoInverse {
+            atol: 0.0,
+            rtol: Some(0.5),
+        },
+        exponent: 0.25,
+        half: false,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = v.clone();
+    // SAFETY: count x 700 values.
+    unsafe { k(got.as_mut_ptr(), 700, count as u64, 2, 0.0, 0.0, 0.5, 0.25) };
+    assert_eq!(bits(&want), bits(&got), "eigen_power (pseudo-inverse)");
+}
+
+#[test]
+fn the_new_modes_kernels_give_the_cpu_backends_bits() {
+    let Some((_, lib, _)) = host_kernels() else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    let (numel, count) = (40usize, 3usize);
+    let len = numel * count;
+    let a = values(60, len);
+    let b = values(61, len);
+    let mut with_zero = a.clone();
+    with_zero[5] = 0.0;
+    with_zero[6] = -0.0;
+    // Sign.
+    let mut want = vec![0.0; len];
+    cpu.map(&mut [Map::Sign {
+        src: HostView::F64(&with_zero),
+        dst: HostViewMut::F64(&mut want),
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; len];
+    let k = kernel!(lib, "sign_map_f64", fn(C, P, u64));
+    // SAFETY: len elements each.
+    unsafe { k(with_zero.as_ptr(), got.as_mut_ptr(), len as u64) };
+    assert_eq!(bits(&want), bits(&got), "sign");
+    // Axpby.
+    let mut want = a.clone();
+    cpu.map(&mut [Map::Axpby {
+        x: HostViewMut::F64(&mut want),
+        y: HostView::F64(&b),
+        a: 3.4445,
+        b: -4.775,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = a.clone();
+    let k = kernel!(lib, "axpby_f64", fn(P, C, f64, f64, u64));
+    // SAFETY: as above.
+    unsafe { k(got.as_mut_ptr(), b.as_ptr(), 3.4445, -4.775, len as u64) };
+    assert_eq!(bits(&want), bits(&got), "axpby");
+    // ScaleByNorm (one norm under the floor) and ScaleBlocks.
+    let norms = vec![2.5, 1e-9, 0.7];
+    let mut want = vec![0.0; len];
+    cpu.map(&mut [Map::ScaleByNorm {
+        src: HostView::F64(&a),
+        dst: HostViewMut::F64(&mut want),
+        norms: HostView::F64(&norms),
+        floor: 1e-8,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; len];
+    let k = kernel!(lib, "scale_blocks_f64", fn(C, P, C, f64, u64, u64, u64));
+    // SAFETY: as above; count norms.
+    unsafe {
+        k(
+            a.as_ptr(),
+            got.as_mut_ptr(),
+            norms.as_ptr(),
+            1e-8,
+            1,
+            numel as u64,
+            count as u64,
+        )
+    };
+    assert_eq!(bits(&want), bits(&got), "scale_by_norm");
+    let mut want = a.clone();
+    cpu.map(&mut [Map::ScaleBlocks {
+        x: HostViewMut::F64(&mut want),
+        scales: HostView::F64(&norms),
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = a.clone();
+    let p = got.as_mut_ptr();
+    // SAFETY: in place, as the backend launches it.
+    unsafe { k(p, p, norms.as_ptr(), 0.0, 0, numel as u64, count as u64) };
+    assert_eq!(bits(&want), bits(&got), "scale_blocks");
+    // IterateAverage, with and without the shrink, and Interpolate.
+    let w = values(62, len);
+    for shrink in [None, Some(0.999)] {
+        let (mut wu, mut wz) = (a.clone(), b.clone());
+        cpu.map(&mut [Map::IterateAverage {
+            u: HostViewMut::F64(&mut wu),
+            z: HostViewMut::F64(&mut wz),
+            w: HostView::F64(&w),
+            c1: 0.28,
+            c2: 0.1,
+            shrink,
+            numel,
+            count,
+            select: None,
+        }])
+        .unwrap();
+        let (mut gu, mut gz) = (a.clone(), b.clone());
+        let k = kernel!(
+            lib,
+            "iterate_average_f64",
+            fn(P, P, C, f64, f64, f64, u64, u64)
+        );
+        // SAFETY: as above.
+        unsafe {
+            k(
+                gu.as_mut_ptr(),
+                gz.as_mut_ptr(),
+                w.as_ptr(),
+                0.28,
+                0.1,
+                shrink.unwrap_or(1.0),
+                u64::from(shrink.is_some()),
+                len as u64,
+            )
+        };
+        assert_eq!(bits(&wu), bits(&gu), "iterate_average u {shrink:?}");
+        assert_eq!(bits(&wz), bits(&gz), "iterate_average z {shrink:?}");
+    }
+    let mut want = vec![0.0; len];
+    cpu.map(&mut [Map::Interpolate {
+        z: HostView::F64(&b),
+        w: HostView::F64(&w),
+        out: HostViewMut::F64(&mut want),
+        coef: -0.25,
+        numel,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = vec![0.0; len];
+    let k = kernel!(lib, "interpolate_f64", fn(C, C, P, f64, u64));
+    // SAFETY: as above.
+    unsafe { k(b.as_ptr(), w.as_ptr(), got.as_mut_ptr(), -0.25, len as u64) };
+    assert_eq!(bits(&want), bits(&got), "interpolate");
+    // Matrices: Trace, MaxRowAbsSum (one NaN), TraceScale, AddRidge.
+    let n = 6usize;
+    let nn = n * n;
+    let mut m = values(63, count * nn);
+    m[2 * nn + 9] = f64::NAN;
+    for (kind, code) in [(Reduction::Trace, 0u64), (Reduction::MaxRowAbsSum, 1)] {
+        let mut want = vec![0.0; count];
+        cpu.reduce(&mut [ReduceJob {
+            input: HostView::F64(&m),
+            numel: nn,
+            count,
+            kind,
+            out: HostViewMut::F64(&mut want),
+            select: None,
+        }])
+        .unwrap();
+        let mut got = vec![0.0; count];
+        let k = kernel!(lib, "matrix_stat_f64", fn(C, P, u64, u64, u64));
+        // SAFETY: count matrices of n x n, count results.
+        unsafe { k(m.as_ptr(), got.as_mut_ptr(), code, n as u64, count as u64) };
+        assert_eq!(bits(&want[..2]), bits(&got[..2]), "{kind:?}");
+        assert_eq!(want[2].is_nan(), got[2].is_nan(), "{kind:?} NaN");
+    }
+    let m = values(64, count * nn);
+    let traces = vec![3.0, -1.0, 1e-12];
+    let mut want = m.clone();
+    cpu.map(&mut [Map::TraceScale {
+        x: HostViewMut::F64(&mut want),
+        traces: HostView::F64(&traces),
+        eps: 1e-10,
+        exponent: 0.5,
+        n,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = m.clone();
+    let k = kernel!(lib, "trace_scale_f64", fn(P, C, f64, f64, u64, u64));
+    // SAFETY: as above.
+    unsafe {
+        k(
+            got.as_mut_ptr(),
+            traces.as_ptr(),
+            1e-10,
+            0.5,
+            n as u64,
+            count as u64,
+        )
+    };
+    assert_eq!(bits(&want), bits(&got), "trace_scale");
+    let mut want = m.clone();
+    cpu.map(&mut [Map::AddRidge {
+        x: HostViewMut::F64(&mut want),
+        values: HostView::F64(&traces),
+        rel: 1e-3,
+        abs: 1e-9,
+        n,
+        count,
+        select: None,
+    }])
+    .unwrap();
+    let mut got = m.clone();
+    let k = kernel!(lib, "add_ridge_f64", fn(P, C, f64, f64, u64, u64));
+    // SAFETY: as above.
+    unsafe {
+        k(
+            got.as_mut_ptr(),
+            traces.as_ptr(),
+            1e-3,
+            1e-9,
+            n as u64,
+            count as u64,
+        )
+    };
+    assert_eq!(bits(&want), bits(&got), "add_ridge");
 }
 
 /// Values across both 16-bit formats' ranges: normals, subnormals, ties,

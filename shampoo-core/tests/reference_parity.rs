@@ -13,7 +13,7 @@ fn cases() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     v.sort();
-    assert!(v.len() >= 10, "expected the ten reference cases in {dir:?}");
+    assert!(v.len() >= 28, "expected the 28 reference cases in {dir:?}");
     v
 }
 

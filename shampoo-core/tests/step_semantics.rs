@@ -3,8 +3,10 @@
 
 mod common;
 use common::*;
-use shampoo_core::backend::*;
-use shampoo_core::{CpuBackend, DType, Error, HostView, HostViewMut, MatrixKind, Result, Shampoo};
+use shampoo_core::backend::Op;
+use shampoo_core::{
+    CpuBackend, DType, Error, HostView, HostViewMut, MatrixKind, Result, Shampoo,
+};
 
 fn run32(
     cfg: &str,
@@ -178,104 +180,11 @@ fn non_finite_statistics_are_an_error_naming_the_block() {
     }
 }
 
-/// Reinterprets a job slice of `Flaky` as one of `CpuBackend`.
-fn forward<A, B>(jobs: &mut [A]) -> &mut [B] {
-    assert_eq!(std::mem::size_of::<A>(), std::mem::size_of::<B>());
-    assert_eq!(std::mem::align_of::<A>(), std::mem::align_of::<B>());
-    // SAFETY: jobs are repr(C), and Flaky's buffer, view and table types are
-    // CpuBackend's, so `A` and `B` have the same layout (sizes checked).
-    unsafe { std::slice::from_raw_parts_mut(jobs.as_mut_ptr().cast::<B>(), jobs.len()) }
-}
-
-/// The CPU backend, with eigendecompositions that fail on demand.
-struct Flaky {
-    inner: CpuBackend,
-    fail: std::sync::atomic::AtomicBool,
-}
-
-impl Backend for Flaky {
-    type Buffer = <CpuBackend as Backend>::Buffer;
-    type View<'a> = HostView<'a>;
-    type ViewMut<'a> = HostViewMut<'a>;
-    type BlockTable = <CpuBackend as Backend>::BlockTable;
-    fn name(&self) -> String {
-        "flaky".into()
-    }
-    fn alloc(&self, d: DType, n: usize) -> Result<Self::Buffer> {
-        self.inner.alloc(d, n)
-    }
-    fn view<'a>(&self, b: &'a Self::Buffer) -> HostView<'a> {
-        self.inner.view(b)
-    }
-    fn view_mut<'a>(&self, b: &'a mut Self::Buffer) -> HostViewMut<'a> {
-        self.inner.view_mut(b)
-    }
-    fn shorten<'b, 'a: 'b>(v: HostView<'a>) -> HostView<'b> {
-        v
-    }
-    fn as_view<'b>(&self, v: &'b HostViewMut<'_>) -> HostView<'b> {
-        self.inner.as_view(v)
-    }
-    fn reborrow<'b>(&self, v: &'b mut HostViewMut<'_>) -> HostViewMut<'b> {
-        self.inner.reborrow(v)
-    }
-    fn upload(&self, d: HostViewMut<'_>, s: HostView<'_>) -> Result<()> {
-        self.inner.upload(d, s)
-    }
-    fn download(&self, s: HostView<'_>, d: HostViewMut<'_>) -> Result<()> {
-        self.inner.download(s, d)
-    }
-    fn synchronize(&self) -> Result<()> {
-        Ok(())
-    }
-    fn block_table(&self, e: Vec<TableEntry>) -> Result<Self::BlockTable> {
-        self.inner.block_table(e)
-    }
-    fn gather(&self, j: &mut [GatherJob<'_, '_, Self>]) -> Result<()> {
-        self.inner.gather(forward(j))
-    }
-    fn scatter(&self, j: &mut [ScatterJob<'_, Self>]) -> Result<()> {
-        self.inner.scatter(forward(j))
-    }
-    fn mode_gram(&self, j: &mut [GramJob<'_, Self>]) -> Result<()> {
-        self.inner.mode_gram(forward(j))
-    }
-    fn mode_product(&self, j: &mut [ModeProductJob<'_, Self>]) -> Result<()> {
-        self.inner.mode_product(forward(j))
-    }
-    fn matmul(&self, j: &mut [MatmulJob<'_, Self>]) -> Result<()> {
-        self.inner.matmul(forward(j))
-    }
-    fn eigh(&self, jobs: &mut [EighJob<'_, Self>]) -> Result<()> {
-        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-            for j in jobs.iter_mut() {
-                for s in j.status.iter_mut() {
-                    *s = EighStatus::Failed;
-                }
-            }
-            return Ok(());
-        }
-        self.inner.eigh(forward(jobs))
-    }
-    fn map(&self, j: &mut [Map<'_, Self>]) -> Result<()> {
-        self.inner.map(forward(j))
-    }
-    fn reduce(&self, j: &mut [ReduceJob<'_, Self>]) -> Result<()> {
-        self.inner.reduce(forward(j))
-    }
-    fn wire(&self, j: &mut [WireJob<'_, Self>]) -> Result<()> {
-        self.inner.wire(forward(j))
-    }
-}
-
 #[test]
 fn solver_failures_keep_the_previous_root_then_error_after_three() {
     let shapes = vec![vec![5]];
     let cfg = config(r#"{"lr": 0.5, "betas": [0.0, 1.0], "epsilon": 1e-6}"#);
-    let be = Flaky {
-        inner: CpuBackend::new(1).unwrap(),
-        fail: true.into(),
-    };
+    let be = Flaky::new(Outcome::Fail);
     let mut opt = Shampoo::new(cfg, &shapes, DType::F64, be).unwrap();
     let mut p = vec![0.0f64; 5];
     let g = vec![1.0, -2.0, 3.0, 0.5, 0.25];
@@ -301,14 +210,10 @@ fn solver_failures_keep_the_previous_root_then_error_after_three() {
         .to_string();
     assert!(msg.contains("failed 5 times in a row"), "{msg}");
     // A success resets the count.
-    opt.backend()
-        .fail
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    opt.backend().set(Outcome::Solve);
     opt.step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))])
         .unwrap();
-    opt.backend()
-        .fail
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    opt.backend().set(Outcome::Fail);
     opt.step(&mut [HostViewMut::F64(&mut p)], &[Some(HostView::F64(&g))])
         .unwrap();
 }
@@ -334,4 +239,125 @@ fn float64_factors_with_float32_parameters() {
         "f32 {e32:e}, f32 with f64 factors {emixed:e}"
     );
     assert_ne!(mixed, p32, "the factor dtype is used");
+}
+
+#[test]
+fn a_backend_without_an_operation_refuses_the_configuration_at_construction() {
+    let cases = [
+        (
+            Op::Qr,
+            r#"{"preconditioner": {"type": "eigenvalue_corrected", "eigendecomposition": {"method": "qr"}}}"#,
+            "the flaky backend cannot run the QR eigendecomposition yet (it lacks the Qr operation); use the CPU backend for this configuration",
+        ),
+        (
+            Op::AveragingMaps,
+            r#"{"iterate_averaging": {"type": "schedule_free"}}"#,
+            "the flaky backend cannot run iterate averaging yet (it lacks the AveragingMaps operation)",
+        ),
+        (
+            Op::Orthogonalize,
+            r#"{"preconditioner": {"type": "spectral_descent", "orthogonalization": {"method": "svd"}}}"#,
+            "cannot run spectral descent by SVD yet",
+        ),
+        (
+            Op::EigenRules,
+            r#"{"epsilon": 0.0, "preconditioner": {"type": "root_inv", "root_inverse": {"method": "eigh", "rank_deficient_stability": {"type": "pseudo_inverse"}}}}"#,
+            "cannot run the pseudo-inverse yet",
+        ),
+    ];
+    for (op, cfg, want) in cases {
+        let be = Flaky::lacking(op);
+        let e = match Shampoo::new(config(cfg), &[vec![4, 4]], DType::F64, be) {
+            Ok(_) => panic!("{cfg} should be refused"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(want), "{e}");
+        // The same backend runs configurations without the operation.
+        let be = Flaky::lacking(op);
+        Shampoo::new(config("{}"), &[vec![4, 4]], DType::F64, be).unwrap();
+    }
+}
+
+fn step_f64(
+    opt: &mut Shampoo<CpuBackend>,
+    p: &mut [Vec<f64>],
+    g: &[Option<Vec<f64>>],
+) -> Result<()> {
+    let mut v: Vec<HostViewMut<'_>> = p.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+    let gv: Vec<Option<HostView<'_>>> = g.iter().map(|g| g.as_deref().map(HostView::F64)).collect();
+    opt.step(&mut v, &gv)
+}
+
+fn switch(opt: &mut Shampoo<CpuBackend>, p: &mut [Vec<f64>], to_eval: bool) {
+    let mut v: Vec<HostViewMut<'_>> = p.iter_mut().map(|p| HostViewMut::F64(p)).collect();
+    if to_eval {
+        opt.eval(&mut v).unwrap();
+    } else {
+        opt.train(&mut v).unwrap();
+    }
+}
+
+#[test]
+fn iterate_averaging_eval_and_train_follow_the_published_semantics() {
+    let shapes = vec![vec![6, 5], vec![4]];
+    let cfg = config(
+        r#"{"lr": 0.1, "betas": [0.0, 0.99], "epsilon": 1e-8, "max_preconditioner_dim": 8,
+            "iterate_averaging": {"type": "gpa", "eval_interp_coeff": 0.9, "train_interp_coeff": 0.8}}"#,
+    );
+    let mut opt = Shampoo::new(cfg, &shapes, DType::F64, CpuBackend::new(1).unwrap()).unwrap();
+    let init = vec![vec![0.5; 30], vec![-1.0; 4]];
+    let g = |k: f64| {
+        vec![
+            Some((0..30).map(|i| (i as f64 + k).sin()).collect()),
+            Some(vec![k; 4]),
+        ]
+    };
+    let mut p = init.clone();
+    // Before the first step Z = y: the evaluation view is y itself.
+    switch(&mut opt, &mut p, true);
+    assert_eq!(p, init);
+    assert!(!opt.is_train_mode());
+    assert!(matches!(
+        step_f64(&mut opt, &mut p, &g(1.0)),
+        Err(Error::EvalMode)
+    ));
+    switch(&mut opt, &mut p, false);
+    for k in 1..=3 {
+        step_f64(&mut opt, &mut p, &g(k as f64)).unwrap();
+    }
+    let y = p.clone();
+    switch(&mut opt, &mut p, true);
+    let x = p.clone();
+    assert_ne!(x, y);
+    switch(&mut opt, &mut p, true);
+    assert_eq!(p, x, "eval twice is eval once");
+    switch(&mut opt, &mut p, false);
+    // Back to y up to float32 rounding of the coefficients (1 - 1/mu_y and
+    // 1 - mu_y do not cancel exactly).
+    let err = shampoo_core::reference::relative_error(&p.concat(), &y.concat());
+    assert!(err < 1e-6, "train(eval(y)) = y: {err:e}");
+    switch(&mut opt, &mut p, false);
+    step_f64(&mut opt, &mut p, &g(4.0)).unwrap();
+    // A parameter without a gradient stays bit for bit, and so does its Z.
+    let before = p[1].clone();
+    step_f64(&mut opt, &mut p, &[g(5.0)[0].clone(), None]).unwrap();
+    assert_eq!(
+        p[1].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        before.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    // Without iterate averaging, eval and train do nothing.
+    let mut plain = Shampoo::new(
+        config("{}"),
+        &shapes,
+        DType::F64,
+        CpuBackend::new(1).unwrap(),
+    )
+    .unwrap();
+    let mut q = init.clone();
+    step_f64(&mut plain, &mut q, &g(1.0)).unwrap();
+    let r = q.clone();
+    switch(&mut plain, &mut q, true);
+    assert_eq!(q, r);
+    assert!(plain.is_train_mode());
+    step_f64(&mut plain, &mut q, &g(2.0)).unwrap();
 }

@@ -138,34 +138,59 @@ impl<B: Backend> DistributedShampoo<B> {
     /// error and no rank's state changes meaning (each rank's load is
     /// all-or-nothing).
     pub fn load(&mut self, dir: &Path) -> Result<()> {
-        let comm = self.communicator().clone();
-        let mine = (|| -> Result<()> {
+        let blocks = self.assignment().len();
+        self.load_files(dir, || {
             if dir.is_file() {
-                let file = CheckpointFile::open(dir)?;
-                self.inner_mut().load_from(&[file])?;
-                return Ok(());
+                return Ok(vec![dir.to_path_buf()]);
             }
             let m = Manifest::read(dir)?;
-            if m.blocks != self.assignment().len() {
+            if m.blocks != blocks {
                 return Err(cerr(
                     &dir.join(MANIFEST),
                     format!(
-                        "written for {} blocks, this optimizer has {}",
-                        m.blocks,
-                        self.assignment().len()
+                        "written for {} blocks, this optimizer has {blocks}",
+                        m.blocks
                     ),
                 ));
             }
-            let files = m
-                .files
+            Ok(m.files.iter().map(|f| dir.join(f)).collect())
+        })
+    }
+
+    /// Collective: loads this rank's blocks from whichever of the
+    /// `shampoo-core` checkpoint files `files()` lists holds them: the rank
+    /// files of a distributed checkpoint ([`checkpoint_files`]) or the one
+    /// file of a single process (`Shampoo::save`), so the number of ranks
+    /// may change from any world size to any other, 1 included. Failures
+    /// are collective as in [`DistributedShampoo::load`].
+    /// `origin` names the checkpoint in errors.
+    pub fn load_files(
+        &mut self,
+        origin: &Path,
+        files: impl FnOnce() -> Result<Vec<PathBuf>>,
+    ) -> Result<()> {
+        let comm = self.communicator().clone();
+        let mine = (|| -> Result<()> {
+            let paths = files()?;
+            let files = paths
                 .iter()
-                .map(|f| CheckpointFile::open(dir.join(f)).map_err(Error::from))
+                .map(|f| CheckpointFile::open(f).map_err(Error::from))
                 .collect::<Result<Vec<_>>>()?;
             self.inner_mut().load_from(&files)?;
             Ok(())
         })();
-        agree(comm.as_ref(), mine, dir, "load its blocks")
+        agree(comm.as_ref(), mine, origin, "load its blocks")
     }
+}
+
+/// The rank files of the distributed checkpoint in `dir`, from its
+/// manifest.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(Manifest::read(dir)?
+        .files
+        .iter()
+        .map(|f| dir.join(f))
+        .collect())
 }
 
 /// Makes a per-rank outcome collective: every rank learns whether all

@@ -70,6 +70,16 @@ pub enum Error {
     #[error("optimizer fingerprint mismatch across ranks: {0}")]
     Fingerprint(String),
 
+    /// Ranks hold different values of something they must agree on (a
+    /// run configuration).
+    #[error("ranks disagree on {what}: {detail}")]
+    Disagreement {
+        /// What they must agree on.
+        what: String,
+        /// Which ranks and fields differ.
+        detail: String,
+    },
+
     /// A launcher variable (RANK, WORLD_SIZE, ...) is missing or invalid.
     #[error("environment: {0}")]
     Env(String),

@@ -47,6 +47,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod agreement;
 pub mod assign;
 mod checkpoint;
 pub mod collective;
@@ -59,7 +60,7 @@ mod optimizer;
 #[doc = include_str!("../../docs/distributed.md")]
 pub mod guide {}
 
-pub use checkpoint::{MANIFEST, MANIFEST_FORMAT, Manifest};
+pub use checkpoint::{MANIFEST, MANIFEST_FORMAT, Manifest, checkpoint_files};
 pub use collective::{
     Collective, CollectiveKind, Collectives, FlagCounter, HostCollective, HostStaged,
     IntoCollective,

@@ -313,6 +313,17 @@ impl<B: Backend> DistributedShampoo<B> {
     pub fn local(&self) -> &Shampoo<B> {
         &self.inner
     }
+    /// Root-inverse telemetry of the blocks whose state this rank writes
+    /// to checkpoints: its own blocks on the first group's ranks, none on
+    /// the other groups' ranks (their blocks are copies), so that a sum
+    /// over the ranks counts every block once.
+    pub fn root_inverse_stats(&self) -> Vec<shampoo_core::BlockRootInverseStats> {
+        if self.comm.rank() < self.group_size {
+            self.inner.root_inverse_stats()
+        } else {
+            Vec::new()
+        }
+    }
     /// The options.
     pub fn options(&self) -> &DistOptions {
         &self.opts
@@ -412,7 +423,7 @@ impl<B: Backend> DistributedShampoo<B> {
             return Ok(());
         }
         if self.opts.communicate_params {
-            return self.exchange_params(params, grads);
+            return self.exchange_params(params, |opt, params| opt.step(params, grads));
         }
         let t = Instant::now();
         let computed = {
@@ -428,7 +439,59 @@ impl<B: Backend> DistributedShampoo<B> {
             self.gather_nothing()?;
             return Err(e.into());
         }
+        self.exchange_directions(params)
+    }
 
+    /// Iterate averaging's evaluation view (the published `eval()`): every
+    /// rank's parameters become the averaged sequence. Collective; does
+    /// nothing without iterate averaging or when already in eval mode.
+    /// Each block's owner computes its increment (it holds the block's
+    /// `Z`), and they are shared like a step's directions.
+    pub fn eval(&mut self, params: &mut [B::ViewMut<'_>]) -> Result<()> {
+        self.switch_mode(params, true)
+    }
+
+    /// Back to the train-mode sequence (the published `train()`).
+    /// Collective; does nothing without iterate averaging or when already in
+    /// train mode.
+    pub fn train(&mut self, params: &mut [B::ViewMut<'_>]) -> Result<()> {
+        self.switch_mode(params, false)
+    }
+
+    /// Whether the parameters hold the train-mode sequence.
+    pub fn is_train_mode(&self) -> bool {
+        self.inner.is_train_mode()
+    }
+
+    fn switch_mode(&mut self, params: &mut [B::ViewMut<'_>], to_eval: bool) -> Result<()> {
+        let local = |opt: &mut Shampoo<B>, params: &mut [B::ViewMut<'_>]| {
+            if to_eval {
+                opt.eval(params)
+            } else {
+                opt.train(params)
+            }
+        };
+        if self.exchange.is_none() {
+            return Ok(local(&mut self.inner, params)?);
+        }
+        if self.opts.communicate_params {
+            return self.exchange_params(params, local);
+        }
+        let apply = {
+            let be = self.inner.backend();
+            let views: Vec<B::View<'_>> = params.iter().map(|p| be.as_view(p)).collect();
+            self.inner.compute_mode_switch(&views, to_eval)?
+        };
+        // Every rank decides the same (mode, step and config agree).
+        if apply {
+            self.exchange_directions(params)?;
+        }
+        Ok(())
+    }
+
+    /// Shares the own blocks' directions (one all-gather) and applies all
+    /// blocks' to `params`.
+    fn exchange_directions(&mut self, params: &mut [B::ViewMut<'_>]) -> Result<()> {
         let t = Instant::now();
         let group = self.group();
         let format = wire_format(&self.opts);
@@ -513,12 +576,13 @@ impl<B: Backend> DistributedShampoo<B> {
     fn exchange_params(
         &mut self,
         params: &mut [B::ViewMut<'_>],
-        grads: &[Option<B::View<'_>>],
+        local: impl FnOnce(&mut Shampoo<B>, &mut [B::ViewMut<'_>]) -> shampoo_core::Result<()>,
     ) -> Result<()> {
         let t = Instant::now();
-        // Own directions applied to own blocks in place. On a failure the
-        // own blocks are unchanged, and every rank still gets them.
-        let stepped = self.inner.step(params, grads);
+        // Own blocks updated in place (a step, or a mode switch). On a
+        // failure the own blocks are unchanged, and every rank still gets
+        // them.
+        let stepped = local(&mut self.inner, params);
         self.times.optimizer = t.elapsed();
         let t = Instant::now();
         let group = self.group();
@@ -616,39 +680,10 @@ fn copy<'a, B: Backend>(be: &B, src: B::View<'a>, dst: B::ViewMut<'a>) -> Result
 
 /// Exchanges fingerprints; any difference is the same error on every rank.
 fn check_fingerprints(comm: &dyn Communicator, fp: &Fingerprint) -> Result<()> {
-    let world = comm.world_size();
-    let mine = serde_json::to_vec(fp).map_err(|e| Error::invalid(format!("fingerprint: {e}")))?;
-    let mut lens = vec![0u8; 8 * world];
-    comm.all_gather_bytes(&(mine.len() as u64).to_le_bytes(), &mut lens)?;
-    let lens: Vec<usize> = lens
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
-        .collect();
-    let max = lens.iter().copied().max().unwrap_or(0);
-    let mut send = mine.clone();
-    send.resize(max, 0);
-    let mut all = vec![0u8; max * world];
-    comm.all_gather_bytes(&send, &mut all)?;
-    let fps: Vec<Option<Fingerprint>> = all
-        .chunks(max.max(1))
-        .zip(&lens)
-        .map(|(c, &n)| serde_json::from_slice(&c[..n]).ok())
-        .collect();
-    let first = &fps[0];
-    let mut problems = Vec::new();
-    for (r, f) in fps.iter().enumerate().skip(1) {
-        match (first, f) {
-            (Some(a), Some(b)) if a == b => {}
-            (Some(a), Some(b)) => {
-                problems.push(format!("rank {r} differs from rank 0: {}", diff(a, b, r)))
-            }
-            _ => problems.push(format!("rank {r}'s fingerprint is unreadable")),
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Fingerprint(problems.join("; ")))
+    let all = crate::agreement::all_gather_json(comm, fp)?;
+    match crate::agreement::disagreement(&all, diff) {
+        None => Ok(()),
+        Some(problems) => Err(Error::Fingerprint(problems)),
     }
 }
 

@@ -175,6 +175,13 @@ pub(crate) trait Engine: Send {
     fn state_bytes(&self) -> usize;
     /// Whether every rank computes every block.
     fn replicated(&self) -> bool;
+    /// Iterate averaging's evaluation view (`to_eval`) or back to the
+    /// train-mode sequence, in place (collective); the same contract on
+    /// `params` as [`Engine::step`].
+    fn switch_mode(&mut self, params: &[&Tensor], dtype: DType, to_eval: bool) -> Result<()>;
+    fn is_train_mode(&self) -> bool;
+    /// Root-inverse telemetry of the blocks this rank checkpoints.
+    fn root_inverse_stats(&self) -> Vec<shampoo_core::BlockRootInverseStats>;
     fn save(&mut self, dir: &Path) -> Result<()>;
     fn load(&mut self, path: &Path) -> Result<()>;
 }
@@ -257,6 +264,26 @@ impl<B: TensorBackend> Engine for DistributedShampoo<B> {
     }
     fn replicated(&self) -> bool {
         self.options().is_replicated()
+    }
+    fn switch_mode(&mut self, params: &[&Tensor], dtype: DType, to_eval: bool) -> Result<()> {
+        let ps: Vec<Option<&Tensor>> = params.iter().map(|t| Some(*t)).collect();
+        // SAFETY: as in `step`.
+        let mut p: Vec<B::ViewMut<'_>> = unsafe { views_mut::<B>(&ps, dtype) }
+            .into_iter()
+            .map(|v| v.expect("every parameter"))
+            .collect();
+        if to_eval {
+            DistributedShampoo::eval(self, &mut p)?;
+        } else {
+            DistributedShampoo::train(self, &mut p)?;
+        }
+        Ok(())
+    }
+    fn is_train_mode(&self) -> bool {
+        DistributedShampoo::is_train_mode(self)
+    }
+    fn root_inverse_stats(&self) -> Vec<shampoo_core::BlockRootInverseStats> {
+        DistributedShampoo::root_inverse_stats(self)
     }
     fn save(&mut self, dir: &Path) -> Result<()> {
         Ok(DistributedShampoo::save(self, dir)?)

@@ -46,11 +46,13 @@ mod dist;
 mod engine;
 mod error;
 mod optimizer;
+mod telemetry;
 mod vars;
 
 pub use dist::{GradientAveraging, all_reduce_gradients};
 pub use error::{Error, Result};
 pub use optimizer::{Shampoo, ShampooBuilder, StepTimings};
+pub use telemetry::VariableRootInverseStats;
 pub use vars::CUDA_UNSUPPORTED;
 
 /// The guide, `docs/tch.md`; its examples compile as doc tests.

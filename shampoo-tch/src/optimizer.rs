@@ -670,6 +670,52 @@ impl Shampoo {
         Ok(())
     }
 
+    /// Iterate averaging's evaluation view, as the published optimizer's
+    /// `eval()`: the variables of every group configured with
+    /// `iterate_averaging` take the averaged sequence (the others are left
+    /// alone). Evaluate the model, then call [`Shampoo::train`] before the
+    /// next step (a step in eval mode is an error). Collective on several
+    /// ranks; does nothing when already in eval mode.
+    pub fn eval(&mut self) -> Result<()> {
+        self.switch_mode(true)
+    }
+
+    /// Back to the train-mode sequence after [`Shampoo::eval`], as the
+    /// published `train()`. Collective on several ranks; does nothing when
+    /// already in train mode.
+    pub fn train(&mut self) -> Result<()> {
+        self.switch_mode(false)
+    }
+
+    /// Whether every group's variables hold its train-mode sequence (see
+    /// [`Shampoo::eval`]).
+    pub fn is_train_mode(&self) -> bool {
+        self.groups
+            .values()
+            .flat_map(|g| &g.segments)
+            .all(|s| s.engine.is_train_mode())
+    }
+
+    fn switch_mode(&mut self, to_eval: bool) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let current = self.sync()?;
+        let none: BTreeMap<usize, Vec<Option<Tensor>>> = current
+            .iter()
+            .map(|(&gid, vars)| (gid, vars.iter().map(|_| None).collect()))
+            .collect();
+        check_all_disjoint(&current, &none)?;
+        for (gid, group) in &mut self.groups {
+            let vars = &current[gid];
+            let index = name_index(vars);
+            for seg in &mut group.segments {
+                let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
+                let params: Vec<&Tensor> = idx.iter().map(|&i| &vars[i].tensor).collect();
+                seg.engine.switch_mode(&params, seg.dtype, to_eval)?;
+            }
+        }
+        Ok(())
+    }
+
     fn step_inner(&mut self, reduced: bool) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let current = self.sync()?;

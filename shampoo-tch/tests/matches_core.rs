@@ -364,3 +364,53 @@ fn a_variable_that_changes_shape_restarts_its_group_with_fresh_state() {
     }
     assert_eq!(opt.step_count(0), Some(3));
 }
+
+#[test]
+fn the_evaluation_view_of_iterate_averaging_matches_shampoo_core() {
+    tch::manual_seed(4);
+    let vs = VarStore::new(Device::Cpu);
+    let mlp = Mlp::new(vs.root());
+    let names = ["l1.bias", "l1.weight", "l2.bias", "l2.weight"];
+    let mut config = shampoo_config(0.01);
+    config.iterate_averaging = Some(shampoo_core::config::IterateAveraging::ScheduleFree {
+        train_interp_coeff: 0.9,
+        eval_coeff_lr_power: 2.0,
+    });
+    let mut reference = Reference::new(&vs, config.clone(), &names);
+    let mut opt = Shampoo::builder(&vs, config).threads(1).build().unwrap();
+    let switch = |r: &mut Reference, to_eval: bool| {
+        let mut p: Vec<shampoo_core::HostViewMut<'_>> = r
+            .params
+            .iter_mut()
+            .map(|p| shampoo_core::HostViewMut::F32(p))
+            .collect();
+        if to_eval {
+            r.opt.eval(&mut p).unwrap();
+        } else {
+            r.opt.train(&mut p).unwrap();
+        }
+    };
+    for step in 0..6 {
+        opt.zero_grad();
+        loss(&mlp, step, Kind::Float).backward();
+        reference.step(&vs);
+        opt.step().unwrap();
+        reference.assert_equal(&vs, &format!("step {step}"));
+        if step % 3 == 2 {
+            opt.eval().unwrap();
+            assert!(!opt.is_train_mode());
+            switch(&mut reference, true);
+            reference.assert_equal(&vs, &format!("eval view after step {step}"));
+            // Evaluating the model changes nothing; a step is refused.
+            let _ = loss(&mlp, 99, Kind::Float);
+            opt.zero_grad();
+            loss(&mlp, step, Kind::Float).backward();
+            let e = opt.step().unwrap_err().to_string();
+            assert!(e.contains("call train() before step()"), "{e}");
+            opt.train().unwrap();
+            assert!(opt.is_train_mode());
+            switch(&mut reference, false);
+            reference.assert_equal(&vs, &format!("train after step {step}"));
+        }
+    }
+}

@@ -9,8 +9,12 @@ pub use shampoo_dist::{Collectives, CommOptions, Communicator, SingleProcess};
 
 /// The communicator the launcher's variables describe (one process without
 /// them).
+/// The collectives' peer timeout is `SHAMPOO_COMM_TIMEOUT` seconds (300 by
+/// default; `shampoo-run --comm-timeout` sets it).
 pub fn from_env() -> Result<Arc<dyn Communicator>> {
-    Ok(shampoo_dist::communicator_from_env(&CommOptions::default())?)
+    Ok(shampoo_dist::communicator_from_env(
+        &CommOptions::from_env()?,
+    )?)
 }
 
 /// A world of one.

@@ -80,9 +80,60 @@ pub enum Error {
         "--device cuda: no CUDA device is visible to libtorch (tch::Cuda::is_available() is false); run on a machine with an NVIDIA GPU and the CUDA build of PyTorch, or use --device cpu"
     )]
     NoCuda,
-    /// A libtorch error.
-    #[error("libtorch: {0}")]
+    /// A libtorch error (its message without libtorch's C++ stack trace).
+    #[error("libtorch: {}", torch_message(.0))]
     Torch(#[from] tch::TchError),
+    /// `--out` already holds a run, and neither `--resume` nor
+    /// `--overwrite` was given.
+    #[error(
+        "run folder {} already holds a run ({found}); continue it with --resume, or replace it with --overwrite",
+        path.display()
+    )]
+    RunExists {
+        /// The run folder.
+        path: PathBuf,
+        /// What it holds.
+        found: String,
+    },
+    /// Another process holds the run folder's lock.
+    #[error(
+        "run folder {} is in use by {holder} (it holds {}/.lock); wait for that run to end, or choose another --out",
+        path.display(),
+        path.display()
+    )]
+    RunLocked {
+        /// The run folder.
+        path: PathBuf,
+        /// Who holds it, as the lock file says.
+        holder: String,
+    },
+    /// A non-finite loss, gradient or weight: the run stopped.
+    #[error("training diverged at step {step}: {what}; {then}")]
+    Diverged {
+        /// The global step (1-based).
+        step: u64,
+        /// What is not finite.
+        what: String,
+        /// What was kept and what to do.
+        then: String,
+    },
+    /// SIGINT or SIGTERM stopped the run after a step.
+    #[error(
+        "interrupted by {} after step {step}; {}",
+        crate::signals::name(*.signal),
+        match checkpoint {
+            Some(c) => format!("checkpoint written to {} (continue with --resume)", c.display()),
+            None => "no checkpoint written (checkpointing is off; add --checkpoint-every N to keep one)".into(),
+        }
+    )]
+    Interrupted {
+        /// The signal.
+        signal: i32,
+        /// Steps done.
+        step: u64,
+        /// The checkpoint written, if any.
+        checkpoint: Option<PathBuf>,
+    },
     /// A file-system error, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -108,6 +159,34 @@ pub enum Error {
     /// An error while drawing a plot.
     #[error("plot: {0}")]
     Plot(String),
+}
+
+impl Error {
+    /// The process exit code for this error: 128 + signal for
+    /// [`Error::Interrupted`] (130 for SIGINT, 143 for SIGTERM), else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Interrupted { signal, .. } => u8::try_from(128 + signal).unwrap_or(1),
+            _ => 1,
+        }
+    }
+}
+
+/// A libtorch message without the C++ context libtorch appends ("Exception
+/// raised from ...", stack frames), on one line.
+pub(crate) fn torch_message(e: &tch::TchError) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Exception raised from") && !l.starts_with("frame #"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        text.lines().next().unwrap_or_default().to_string()
+    } else {
+        lines.join(" ")
+    }
 }
 
 /// Result with this crate's [`Error`].

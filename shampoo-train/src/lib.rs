@@ -10,13 +10,18 @@ pub mod bench;
 pub mod checkpoint;
 pub mod comm;
 pub mod data;
+pub mod divergence;
 pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod options;
 pub mod plot;
+pub mod replicas;
 pub mod rng;
+pub mod run_dir;
 pub mod schedule;
+pub mod signals;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -7,6 +7,7 @@ use shampoo_train::model::ModelKind;
 use shampoo_train::optim::OptimizerKind;
 use shampoo_train::plot;
 use shampoo_train::schedule::ScheduleKind;
+use shampoo_train::signals::Interrupt;
 use shampoo_train::train::{self, DatasetKind, DeviceKind, TrainConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,10 @@ enum Command {
         #[command(flatten)]
         train: TrainArgs,
     },
+    /// Measure the ImageNet input pipeline alone (read, decode, random
+    /// resized crop, resize, flip, batch assembly, as training runs it) on
+    /// DIR/train; prints a JSON line with `images_per_s`.
+    BenchData(BenchDataArgs),
     /// Draw the loss and test-accuracy curves of run folders into one PNG and
     /// print a comparison (final accuracies, the step at which each run passes
     /// the AdamW run's final accuracy, training-time ratios).
@@ -82,7 +87,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     /// Peak learning rate [default: 1e-3; Shampoo: the config file's `lr`].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Linear warmup steps.
     #[arg(long, default_value_t = 100)]
@@ -94,23 +99,23 @@ struct TrainArgs {
     #[arg(long)]
     decay_steps: Option<u64>,
     /// Step schedule: decay factor.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     decay_gamma: f64,
     /// Weight decay, decoupled for AdamW and Shampoo, L2 for SGD [default:
     /// 1e-4; Shampoo: the config file's `weight_decay`].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     weight_decay: Option<f64>,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     momentum: f64,
     /// AdamW beta1.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     beta1: f64,
     /// AdamW beta2.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = 0.999, allow_negative_numbers = true)]
     beta2: f64,
     /// AdamW epsilon.
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = 1e-8, allow_negative_numbers = true)]
     adam_eps: f64,
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 0)]
@@ -122,8 +127,17 @@ struct TrainArgs {
     #[arg(long, value_name = "N")]
     checkpoint_every: Option<u64>,
     /// Continue from OUT/checkpoint (model, optimizer and data position).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Replace the run OUT holds (its metrics, checkpoints and summary);
+    /// without it, a folder that holds a run is refused unless resuming.
+    #[arg(long)]
+    overwrite: bool,
+    /// Skip up to N steps whose loss or gradient is not finite (no update;
+    /// they are listed in the metrics and the summary); the next one stops
+    /// the run.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    skip_nonfinite: u64,
     /// Stop after this many steps in total (the schedule still spans every epoch).
     #[arg(long)]
     max_steps: Option<u64>,
@@ -145,6 +159,13 @@ struct TrainArgs {
     /// Corrupt images: skip them with a warning and a count, or fail.
     #[arg(long, value_enum, default_value = "skip")]
     on_corrupt: OnCorrupt,
+    /// Threads that decode and assemble batches [default: the cores per
+    /// rank: available cores / LOCAL_WORLD_SIZE].
+    #[arg(long, value_name = "N")]
+    data_workers: Option<usize>,
+    /// Batches prepared ahead of the step that uses them.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    prefetch: usize,
     /// Device: cpu, or cuda (GPU LOCAL_RANK).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceKind,
@@ -179,6 +200,37 @@ struct TrainArgs {
     cuda_device: Option<usize>,
 }
 
+#[derive(Debug, Args)]
+struct BenchDataArgs {
+    /// ImageNet-layout folder (DIR/train/<class>/*.jpg).
+    #[arg(long)]
+    data: PathBuf,
+    /// Worker threads [default: the cores per rank, as `train`].
+    #[arg(long, value_name = "N")]
+    data_workers: Option<usize>,
+    /// Batches prepared ahead.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    prefetch: usize,
+    /// Images a batch.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Crop side.
+    #[arg(long, default_value_t = 224)]
+    resolution: u32,
+    /// Images measured (whole batches; the order wraps over epochs).
+    #[arg(long, default_value_t = 3000)]
+    images: usize,
+    /// Images run through an untimed pipeline first (page cache).
+    #[arg(long, default_value_t = 1000)]
+    warmup_images: usize,
+    /// Seed of the order and the crops.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Corrupt images: skip them, or fail.
+    #[arg(long, value_enum, default_value = "skip")]
+    on_corrupt: OnCorrupt,
+}
+
 impl TrainArgs {
     fn config(self) -> TrainConfig {
         TrainConfig {
@@ -210,6 +262,8 @@ impl TrainArgs {
             eval_batch_size: self.eval_batch_size,
             log_every: self.log_every,
             on_corrupt: self.on_corrupt,
+            data_workers: self.data_workers,
+            prefetch: self.prefetch,
             device: self.device,
             bf16: self.bf16,
             channels_last: self.channels_last,
@@ -219,6 +273,8 @@ impl TrainArgs {
             replicated: self.replicated,
             collective: self.collective,
             cuda_device: self.cuda_device,
+            overwrite: self.overwrite,
+            skip_nonfinite: self.skip_nonfinite,
         }
     }
 }
@@ -227,9 +283,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => {
             let cfg = args.config();
+            let interrupt =
+                Interrupt::install().context("installing the SIGINT/SIGTERM handlers")?;
             let comm = shampoo_train::comm::from_env().context("connecting the ranks")?;
             let rank = comm.rank();
-            let s = train::run(&cfg, comm)?;
+            let s = train::run_with(&cfg, comm, &interrupt)?;
             if rank == 0 {
                 println!(
                     "{} on {} rank(s): test accuracy {:.2}% (loss {:.4}) after {} steps, {:.1} s training; run folder {}",
@@ -261,6 +319,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::BenchData(a) => {
+            let cfg = shampoo_train::data::bench::DataBenchConfig {
+                workers: a
+                    .data_workers
+                    .unwrap_or_else(shampoo_train::data::loader::default_workers),
+                prefetch: a.prefetch,
+                batch_size: a.batch_size,
+                resolution: a.resolution,
+                images: a.images,
+                warmup_images: a.warmup_images,
+                seed: a.seed,
+                on_corrupt: a.on_corrupt,
+            };
+            let r = shampoo_train::data::bench::bench_data(&a.data, &cfg)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Command::Plot { runs, output } => {
             let runs = runs
                 .iter()
@@ -288,7 +363,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shampoo-train: error: {e:#}");
-            ExitCode::from(1)
+            // 128 + signal after SIGINT/SIGTERM, else 1.
+            let code = e
+                .downcast_ref::<shampoo_train::Error>()
+                .map_or(1, shampoo_train::Error::exit_code);
+            ExitCode::from(code)
         }
     }
 }

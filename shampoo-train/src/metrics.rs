@@ -9,6 +9,11 @@
 //!   time so far, without evaluations and checkpoints);
 //! - `"epoch"`: `epoch` (1-based), `step`, `train_loss`, `train_acc` (over
 //!   the epoch), `test_loss`, `test_acc`, `train_s`.
+//!
+//! `step` lines of Shampoo runs also carry `root_inverse`: this step's
+//! root-inverse failures, float64 retries and kept previous roots, summed
+//! over blocks and ranks; a step skipped for a non-finite loss or gradient
+//! (`--skip-nonfinite`) has `"skipped": true`.
 
 use crate::error::{Result, io_err};
 use serde::Deserialize;
@@ -16,39 +21,53 @@ use std::io::Write;
 use std::path::Path;
 
 /// Appends JSON lines to a file; a no-op writer on ranks other than 0.
+///
+/// Every line goes to the operating system in one `write` as soon as it is
+/// written (an interrupted process loses no line and tears none, short of
+/// the machine failing mid-write), and [`MetricsWriter::sync`] makes the
+/// file durable: the training loop calls it before every checkpoint, so the
+/// metrics always cover the newest checkpoint's step.
 #[derive(Debug)]
 pub struct MetricsWriter {
-    file: Option<std::io::BufWriter<std::fs::File>>,
+    file: Option<std::fs::File>,
+    line: Vec<u8>,
 }
 
 impl MetricsWriter {
     /// Opens `path` for appending (creating it) when `enabled`.
     pub fn open(path: &Path, enabled: bool) -> Result<Self> {
         let file = if enabled {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(io_err(format!("opening {}", path.display())))?;
-            Some(std::io::BufWriter::new(f))
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(io_err(format!("opening {}", path.display())))?,
+            )
         } else {
             None
         };
-        Ok(MetricsWriter { file })
+        Ok(MetricsWriter {
+            file,
+            line: Vec::new(),
+        })
     }
 
     /// Writes one line.
     pub fn write(&mut self, value: &serde_json::Value) -> Result<()> {
         if let Some(f) = &mut self.file {
-            writeln!(f, "{value}").map_err(io_err("writing metrics"))?;
+            self.line.clear();
+            serde_json::to_writer(&mut self.line, value).expect("JSON values serialise");
+            self.line.push(b'\n');
+            f.write_all(&self.line).map_err(io_err("writing metrics"))?;
         }
         Ok(())
     }
 
-    /// Flushes to disk.
-    pub fn flush(&mut self) -> Result<()> {
+    /// Makes every line written so far durable (fsync).
+    pub fn sync(&mut self) -> Result<()> {
         if let Some(f) = &mut self.file {
-            f.flush().map_err(io_err("writing metrics"))?;
+            f.sync_data().map_err(io_err("writing metrics"))?;
         }
         Ok(())
     }
@@ -71,41 +90,72 @@ pub struct Record {
     pub train_s: Option<f64>,
 }
 
-/// Reads `metrics.jsonl`.
+/// The lines of a metrics file, parsed: every complete line must parse; a
+/// last line that does not (a write torn by a crash, without its newline)
+/// is left out and reported as the second value.
+type Parsed<'t, T> = (Vec<(T, &'t str)>, Option<String>);
+
+fn parse_lines<'t, T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &'t str,
+) -> Result<Parsed<'t, T>> {
+    let mut out = Vec::new();
+    let complete = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(v) => out.push((v, *line)),
+            Err(_) if i + 1 == lines.len() && !complete => {
+                let note = format!(
+                    "{} line {}: dropped a torn last line ({} bytes without a newline; the writing process was killed)",
+                    path.display(),
+                    i + 1,
+                    line.len()
+                );
+                return Ok((out, Some(note)));
+            }
+            Err(source) => {
+                return Err(crate::Error::Json {
+                    context: format!("{} line {}", path.display(), i + 1),
+                    source,
+                });
+            }
+        }
+    }
+    Ok((out, None))
+}
+
+/// Reads `metrics.jsonl` (a torn last line is left out with a warning).
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     let text =
         std::fs::read_to_string(path).map_err(io_err(format!("reading {}", path.display())))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|source| crate::Error::Json {
-                context: format!("{} line {}", path.display(), i + 1),
-                source,
-            })
-        })
-        .collect()
+    let (records, note) = parse_lines::<Record>(path, &text)?;
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    Ok(records.into_iter().map(|(r, _)| r).collect())
 }
 
 /// Drops the lines of `path` whose `step` is after `step` (a resumed run
-/// repeats those steps). A missing file is left missing.
-pub fn truncate_after(path: &Path, step: u64) -> Result<()> {
+/// repeats those steps), and a torn last line. A missing file is left
+/// missing. Returns a note for the user when it dropped a torn line.
+pub fn truncate_after(path: &Path, step: u64) -> Result<Option<String>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
     };
+    let (lines, note) = parse_lines::<serde_json::Value>(path, &text)?;
     let mut kept = String::with_capacity(text.len());
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|source| crate::Error::Json {
-                context: format!("{}", path.display()),
-                source,
-            })?;
+    for (v, line) in lines {
         if v["step"].as_u64().is_some_and(|s| s <= step) {
             kept.push_str(line);
             kept.push('\n');
         }
     }
-    std::fs::write(path, kept).map_err(io_err(format!("writing {}", path.display())))
+    std::fs::write(path, kept).map_err(io_err(format!("writing {}", path.display())))?;
+    Ok(note)
 }

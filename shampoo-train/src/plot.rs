@@ -22,18 +22,21 @@ pub struct Run {
     pub dir: PathBuf,
     /// Legend label: optimizer and folder name.
     pub label: String,
-    /// `summary.json`.
+    /// `summary.json`, or what the metrics say of a run that did not
+    /// finish (crashed, interrupted or diverged).
     pub summary: Summary,
     /// `metrics.jsonl`.
     pub records: Vec<Record>,
     /// Total steps the run was planned for (`run.json`).
     pub total_steps: u64,
+    /// What is missing from the folder, for the user.
+    pub notes: Vec<String>,
 }
 
 impl Run {
-    /// Reads a run folder.
+    /// Reads a run folder: `metrics.jsonl` and `run.json`, and
+    /// `summary.json` when the run finished.
     pub fn read(dir: &Path) -> Result<Run> {
-        let summary = read_summary(dir)?;
         let records = read_records(&dir.join("metrics.jsonl"))?;
         let run_json = dir.join("run.json");
         let text = std::fs::read_to_string(&run_json).map_err(crate::error::io_err(format!(
@@ -44,6 +47,45 @@ impl Run {
             context: run_json.display().to_string(),
             source,
         })?;
+        let mut notes = Vec::new();
+        let summary = if dir.join("summary.json").exists() {
+            let s = read_summary(dir)?;
+            if s.test_loss.is_nan() || s.test_acc.is_nan() {
+                notes.push(format!(
+                    "{}: summary.json has no test loss (not finite when it was written)",
+                    dir.display()
+                ));
+            }
+            s
+        } else {
+            let last_step = records
+                .iter()
+                .filter(|r| r.kind == "step")
+                .map(|r| r.step)
+                .max()
+                .unwrap_or(0);
+            notes.push(format!(
+                "{}: no summary.json (the run did not finish): its curves end at step {last_step}, the last step in metrics.jsonl",
+                dir.display()
+            ));
+            let last_eval = records.iter().rfind(|r| r.kind == "eval");
+            Summary {
+                optimizer: v["config"]["optimizer"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_string(),
+                model: v["model"].as_str().unwrap_or("unknown").to_string(),
+                world_size: v["world_size"].as_u64().unwrap_or(1) as usize,
+                steps: last_step,
+                test_acc: last_eval.and_then(|r| r.test_acc).unwrap_or(f64::NAN),
+                test_loss: last_eval.and_then(|r| r.test_loss).unwrap_or(f64::NAN),
+                train_s: last_eval.and_then(|r| r.train_s).unwrap_or(f64::NAN),
+                corrupt_images: 0,
+                skipped_steps: Vec::new(),
+                root_inverse: Default::default(),
+                root_inverse_blocks: Vec::new(),
+            }
+        };
         let total_steps = v["total_steps"].as_u64().unwrap_or(summary.steps);
         let name = dir.file_name().map_or_else(
             || dir.display().to_string(),
@@ -55,6 +97,7 @@ impl Run {
             summary,
             records,
             total_steps,
+            notes,
         })
     }
 
@@ -81,6 +124,10 @@ impl Run {
 /// final accuracy, and training-time ratios.
 pub fn compare(runs: &[Run]) -> String {
     let mut out = String::new();
+    for note in runs.iter().flat_map(|r| &r.notes) {
+        out.push_str(note);
+        out.push('\n');
+    }
     out.push_str(&format!(
         "{:<36} {:>9} {:>8} {:>11}\n",
         "run", "test acc", "steps", "training s"
@@ -150,6 +197,11 @@ fn register_font() -> Result<()> {
 
 fn plot_err<E: std::fmt::Display>(e: E) -> Error {
     Error::Plot(e.to_string())
+}
+
+/// A step-axis tick label: an integer (`100`, not `100.0`).
+pub fn step_tick(x: &f64) -> String {
+    format!("{x:.0}")
 }
 
 /// Moving average of the per-step training loss over `window` steps.
@@ -243,6 +295,7 @@ pub fn plot(runs: &[Run], out: &Path) -> Result<()> {
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&step_tick)
             .y_desc(ylabel)
             .label_style(("sans-serif", 14))
             .draw()

@@ -5,12 +5,15 @@ use crate::checkpoint::{self, State};
 use crate::comm::{CollectiveChoice, Collectives, Communicator};
 use crate::data::fashion_mnist::{self, FashionMnist};
 use crate::data::imagenet::{ImageFolder, OnCorrupt};
+use crate::data::loader::{self, ChunkPlan, Loader, LoaderOptions, TrainPlan};
 use crate::data::{self, Dataset, Split};
+use crate::divergence::{self, NonFiniteSteps};
 use crate::error::{Error, Result, io_err};
 use crate::metrics::MetricsWriter;
 use crate::model::{self, ModelKind};
 use crate::optim::{AdamW, OptTimes, Optimizer, OptimizerKind, Sgd};
 use crate::schedule::{Schedule, ScheduleKind};
+use crate::signals::Interrupt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -116,6 +119,13 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Corrupt image policy.
     pub on_corrupt: OnCorrupt,
+    /// Threads that decode and assemble batches (default: the cores per
+    /// rank, [`loader::default_workers`]).
+    #[serde(default)]
+    pub data_workers: Option<usize>,
+    /// Batches prepared ahead of the step that uses them.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
     /// Device.
     pub device: DeviceKind,
     /// bfloat16 autocast of forward passes (CUDA only).
@@ -139,6 +149,14 @@ pub struct TrainConfig {
     /// else LOCAL_RANK); several ranks may share one.
     #[serde(default)]
     pub cuda_device: Option<usize>,
+    /// Replace a previous run in `out` (without it, a folder that holds a
+    /// run is refused unless resuming).
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Steps with a non-finite loss or gradient that are skipped (without
+    /// an update) before the run stops with an error.
+    #[serde(default)]
+    pub skip_nonfinite: u64,
 }
 
 impl TrainConfig {
@@ -174,6 +192,8 @@ impl TrainConfig {
             eval_batch_size: 1000,
             log_every: 50,
             on_corrupt: OnCorrupt::Skip,
+            data_workers: None,
+            prefetch: default_prefetch(),
             device: DeviceKind::Cpu,
             bf16: false,
             channels_last: false,
@@ -183,6 +203,24 @@ impl TrainConfig {
             replicated: false,
             collective: CollectiveChoice::Nccl,
             cuda_device: None,
+            overwrite: false,
+            skip_nonfinite: 0,
+        }
+    }
+
+    /// Data worker threads: `--data-workers`, else the cores per rank.
+    pub fn data_workers(&self) -> usize {
+        self.data_workers.unwrap_or_else(loader::default_workers)
+    }
+
+    /// How the input pipeline runs for this configuration on `device`.
+    pub fn loader_options(&self, device: Device) -> LoaderOptions {
+        LoaderOptions {
+            workers: self.data_workers(),
+            prefetch: self.prefetch,
+            device,
+            channels_last: self.channels_last,
+            seed: self.seed,
         }
     }
 
@@ -193,6 +231,10 @@ impl TrainConfig {
             DatasetKind::Imagenet => ModelKind::Resnet50,
         })
     }
+}
+
+fn default_prefetch() -> usize {
+    2
 }
 
 /// What a finished run reports (also written to `RUN_DIR/summary.json`).
@@ -207,20 +249,40 @@ pub struct Summary {
     /// Steps done in total.
     pub steps: u64,
     /// Test accuracy at the end, in `[0, 1]`.
+    #[serde(deserialize_with = "nan_if_null")]
     pub test_acc: f64,
-    /// Test loss at the end.
+    /// Test loss at the end (NaN when it was not finite; JSON `null`).
+    #[serde(deserialize_with = "nan_if_null")]
     pub test_loss: f64,
     /// Training time (seconds, without evaluations and checkpoints), over
     /// every session of a resumed run.
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_s: f64,
     /// Images skipped as corrupt (this session).
     pub corrupt_images: usize,
+    /// Steps skipped for a non-finite loss or gradient (`--skip-nonfinite`).
+    #[serde(default)]
+    pub skipped_steps: Vec<u64>,
+    /// Shampoo's root-inverse failures, float64 retries and kept previous
+    /// roots over the whole run (every session, every rank).
+    #[serde(default)]
+    pub root_inverse: shampoo_core::RootInverseCounters,
+    /// The same per block and factor (those with any), this session.
+    #[serde(default)]
+    pub root_inverse_blocks: Vec<shampoo_tch::VariableRootInverseStats>,
+}
+
+/// A number that JSON holds as `null` when it was not finite.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// The parts of a training step, seconds.
 #[derive(Debug, Clone, Copy, Default)]
 struct StepTimes {
-    data: f64,
+    /// Time the step waited for its batch (decoding runs ahead on the data
+    /// workers), with the batch's conversion on the device.
+    data_wait: f64,
     fwd_bwd: f64,
     opt: OptTimes,
     total: f64,
@@ -301,6 +363,7 @@ fn open_data(cfg: &TrainConfig, split: Split) -> Result<Arc<dyn Dataset>> {
 }
 
 fn validate(cfg: &TrainConfig, world: usize) -> Result<()> {
+    crate::options::check(cfg)?;
     if cfg.batch_size == 0 || !cfg.batch_size.is_multiple_of(world) {
         return Err(Error::Invalid(format!(
             "--batch-size {} (global) must be a positive multiple of the number of ranks ({world})",
@@ -319,6 +382,12 @@ fn validate(cfg: &TrainConfig, world: usize) -> Result<()> {
         return Err(Error::Invalid(
             "--eval-batch-size must be at least 1".into(),
         ));
+    }
+    if cfg.data_workers == Some(0) {
+        return Err(Error::Invalid("--data-workers must be at least 1".into()));
+    }
+    if cfg.prefetch == 0 {
+        return Err(Error::Invalid("--prefetch must be at least 1".into()));
     }
     if cfg.shampoo_config.is_some() && cfg.optimizer != OptimizerKind::Shampoo {
         return Err(Error::Invalid(
@@ -377,6 +446,8 @@ pub(crate) fn build_optimizer(
             if let Some(wd) = cfg.weight_decay {
                 sc.weight_decay = wd;
             }
+            crate::optim::check_shampoo_memory(vs, &sc)
+                .map_err(|e| Error::Invalid(format!("--shampoo-config {origin}: {e}")))?;
             let lr = sc.lr;
             let mut b = shampoo_tch::Shampoo::builder(vs, sc).replicated(cfg.replicated);
             if collectives.world_size() > 1 {
@@ -431,30 +502,64 @@ pub(crate) fn maybe_channels_last(cfg: &TrainConfig, vs: &VarStore) -> Result<()
     Ok(())
 }
 
+/// [`evaluate`] on the optimizer's evaluation view (iterate averaging's
+/// averaged parameters; the parameters themselves otherwise), then back to
+/// the training parameters, restored bit for bit (the published `train()`
+/// recomputes them, with float32 rounding: evaluations would perturb the
+/// training run and its resumption).
+fn evaluate_view(
+    opt: &mut Optimizer,
+    vs: &VarStore,
+    net: &dyn ModuleT,
+    test: &Arc<dyn Dataset>,
+    comm: &dyn Communicator,
+    cfg: &TrainConfig,
+    device: Device,
+) -> Result<(f64, f64)> {
+    if !opt.has_eval_view() {
+        return evaluate(net, test, comm, cfg, device);
+    }
+    let saved: Vec<(Tensor, Tensor)> = tch::no_grad(|| {
+        vs.trainable_variables()
+            .into_iter()
+            .map(|v| {
+                let copy = v.copy();
+                (v, copy)
+            })
+            .collect()
+    });
+    opt.eval_view()?;
+    let result = evaluate(net, test, comm, cfg, device);
+    opt.train_view()?;
+    tch::no_grad(|| {
+        for (mut v, copy) in saved {
+            v.copy_(&copy);
+        }
+    });
+    result
+}
+
 /// Evaluates on `test` (each rank a strided share, sums reduced over ranks):
 /// returns (mean loss, accuracy).
 fn evaluate(
     net: &dyn ModuleT,
-    test: &dyn Dataset,
+    test: &Arc<dyn Dataset>,
     comm: &dyn Communicator,
     cfg: &TrainConfig,
     device: Device,
 ) -> Result<(f64, f64)> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let mine: Vec<usize> = (rank..test.len()).step_by(world).collect();
+    let plan = ChunkPlan::new(mine, cfg.eval_batch_size, 0);
+    let mut batches = Loader::new(test.clone(), Box::new(plan), cfg.loader_options(device))?;
     let mut sums = [0f64; 3];
     tch::no_grad(|| -> Result<()> {
-        for chunk in mine.chunks(cfg.eval_batch_size) {
-            let b = test.batch(chunk, 0, cfg.seed)?;
+        while let Some(b) = batches.next_batch()? {
             let n = b.labels.size()[0];
             if n == 0 {
                 continue;
             }
-            let mut x = b.images.f_to_device(device)?;
-            if cfg.channels_last {
-                x = to_channels_last(&x)?;
-            }
-            let y = b.labels.f_to_device(device)?;
+            let (x, y) = (b.images, b.labels);
             let logits =
                 tch::autocast(cfg.bf16, || net.forward_t(&x, false)).f_to_kind(Kind::Float)?;
             let loss = logits
@@ -480,14 +585,30 @@ fn evaluate(
 
 /// Runs (or resumes) training as `cfg` says, on the ranks of `comm`.
 pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
+    run_with(cfg, comm, &Interrupt::none())
+}
+
+/// [`run`], stopping cleanly after the step during which `interrupt` is
+/// raised on any rank (a checkpoint when `--checkpoint-every` is on, then
+/// [`Error::Interrupted`]).
+pub fn run_with(
+    cfg: &TrainConfig,
+    comm: Arc<dyn Communicator>,
+    interrupt: &Interrupt,
+) -> Result<Summary> {
     let (rank, world) = (comm.rank(), comm.world_size());
     validate(cfg, world)?;
     let device = device_for(cfg)?;
     let collectives = crate::comm::collectives(device, &comm, cfg.collective)?;
     apply_threads(cfg);
-    std::fs::create_dir_all(&cfg.out).map_err(io_err(format!("creating {}", cfg.out.display())))?;
+    let _lock = crate::run_dir::prepare(&cfg.out, cfg.resume, cfg.overwrite, &*comm)?;
     let train = open_data(cfg, Split::Train)?;
     let test = open_data(cfg, Split::Test)?;
+    crate::replicas::agree_on_config(
+        &crate::replicas::run_fingerprint(cfg, train.len(), test.len(), train.num_classes()),
+        &*comm,
+    )?;
+    crate::comm::init_gpu(device, &comm);
     let model_kind = cfg.model_kind();
     if model_kind == ModelKind::Cnn && train.channels() != 1 {
         return Err(Error::Invalid(
@@ -519,7 +640,7 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
         gamma: cfg.decay_gamma,
     };
 
-    let mut state = State {
+    let fresh = State {
         format: checkpoint::FORMAT,
         model: model_kind.name().into(),
         num_classes: train.num_classes(),
@@ -531,16 +652,28 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
         step: 0,
         train_s: 0.0,
         epoch_sums: [0.0; 3],
+        train_len: Some(train.len()),
+        epochs: Some(cfg.epochs),
+        schedule: Some(schedule_fingerprint(&schedule, cfg.epochs)),
+        skipped_steps: Vec::new(),
+        root_inverse: Default::default(),
     };
+    let mut state = fresh.clone();
     if cfg.resume {
-        state = resume(cfg, &state, &mut vs, &mut opt)?;
+        state = resume(cfg, &fresh, &mut vs, &mut opt)?;
         tracing::info!(
             "resumed from {} at step {}",
             checkpoint::dir(&cfg.out).display(),
             state.step
         );
     }
+    state.format = checkpoint::FORMAT;
     state.world_size = world;
+    state.train_len = fresh.train_len;
+    state.epochs = fresh.epochs;
+    state.schedule = fresh.schedule.clone();
+    // Every rank starts from rank 0's weights (initial or resumed).
+    crate::replicas::broadcast_variables(&vs, &*comm)?;
 
     let lead = rank == 0;
     if lead {
@@ -555,25 +688,39 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
     }
     if lead && cfg.resume {
         // Lines an interrupted session wrote after its last checkpoint are
-        // written again by this one.
-        crate::metrics::truncate_after(&cfg.out.join("metrics.jsonl"), state.step)?;
+        // written again by this one; a line torn by a kill is dropped.
+        if let Some(note) =
+            crate::metrics::truncate_after(&cfg.out.join("metrics.jsonl"), state.step)?
+        {
+            tracing::warn!("{note}");
+        }
     }
     let mut metrics = MetricsWriter::open(&cfg.out.join("metrics.jsonl"), lead)?;
     let interactive = lead && cfg.progress && std::io::stderr().is_terminal();
 
-    let per_rank = cfg.batch_size / world;
-    let mut order = Vec::new();
-    let mut order_epoch = u64::MAX;
+    let plan = TrainPlan::new(
+        train.len(),
+        cfg.seed,
+        cfg.batch_size,
+        (rank, world),
+        (state.step, stop),
+    );
+    let mut batches = Loader::new(train.clone(), Box::new(plan), cfg.loader_options(device))?;
+    let mut bar_epoch = u64::MAX;
     let mut bar: Option<ProgressBar> = None;
     let mut last_eval: Option<(f64, f64, u64)> = None;
     let mut step = state.step;
-    let mut last_ckpt = state.step;
+    let mut last_ckpt = cfg.resume.then_some(state.step);
+    let mut nonfinite = NonFiniteSteps {
+        allowed: cfg.skip_nonfinite,
+        skipped: std::mem::take(&mut state.skipped_steps),
+    };
+    let mut root_inverse = opt.root_inverse_totals();
     while step < stop {
         let epoch = step / steps_per_epoch;
         let pos = (step % steps_per_epoch) as usize;
-        if order_epoch != epoch {
-            order = data::epoch_order(train.len(), cfg.seed, epoch);
-            order_epoch = epoch;
+        if bar_epoch != epoch {
+            bar_epoch = epoch;
             if interactive {
                 let b = ProgressBar::new(steps_per_epoch);
                 b.set_style(
@@ -589,18 +736,14 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
             }
         }
         let t0 = Instant::now();
-        let idx = data::rank_indices(&order, pos, cfg.batch_size, rank, world);
-        debug_assert_eq!(idx.len(), per_rank);
-        let batch = train.batch(idx, epoch, cfg.seed)?;
+        let batch = batches.next_batch()?.ok_or_else(|| {
+            Error::Invalid(format!("the data loader ended before step {}", step + 1))
+        })?;
         let n = batch.labels.size()[0];
         if n == 0 {
             return Err(Error::EmptyBatch { step: step + 1 });
         }
-        let mut x = batch.images.f_to_device(device)?;
-        if cfg.channels_last {
-            x = to_channels_last(&x)?;
-        }
-        let y = batch.labels.f_to_device(device)?;
+        let (x, y) = (batch.images, batch.labels);
         let t1 = Instant::now();
         let lr = schedule.lr_at(step);
         opt.set_lr(lr)?;
@@ -610,16 +753,6 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
             logits.f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0)?;
         loss.f_backward()?;
         let t2 = Instant::now();
-        let opt_times = opt.step(&vs)?;
-        let times = StepTimes {
-            data: (t1 - t0).as_secs_f64(),
-            fwd_bwd: (t2 - t1).as_secs_f64(),
-            opt: opt_times,
-            total: t0.elapsed().as_secs_f64(),
-        };
-        state.train_s += times.total;
-        step += 1;
-
         let correct = tch::no_grad(|| -> Result<f64> {
             Ok(logits
                 .f_argmax(-1, false)?
@@ -627,34 +760,88 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
                 .f_sum(Kind::Float)?
                 .f_double_value(&[])?)
         })?;
-        // One host exchange per step: the batch's loss and accuracy sums
-        // (averaged in rank order, as an all-reduce would) and every rank's
-        // optimizer time.
-        let (sums, optimizer_per_rank) = exchange_step_figures(
-            &*comm,
-            [
-                loss.f_double_value(&[])? * n as f64,
-                correct,
-                n as f64,
-                times.opt.optimizer,
-            ],
-        )?;
-        for (acc, s) in state.epoch_sums.iter_mut().zip(sums) {
-            *acc += s;
+        // The ranks agree, before any update, on the batch's loss and
+        // accuracy, on whether any loss or gradient is not finite, and on
+        // whether any rank was asked to stop.
+        let local_loss = loss.f_double_value(&[])?;
+        let finite = local_loss.is_finite() && divergence::gradients_finite(&vs)?;
+        let mut sums = [
+            local_loss * n as f64,
+            correct,
+            n as f64,
+            f64::from(u8::from(!finite)),
+            f64::from(u8::from(interrupt.signal().is_some())),
+        ];
+        comm.all_reduce_mean_f64(&mut sums)?;
+        let skipped = sums[3] > 0.0;
+        let opt_times = if skipped {
+            let what = if sums[0].is_finite() {
+                "a gradient holds NaN or Inf".to_string()
+            } else {
+                divergence::describe_loss(sums[0] / sums[2])
+            };
+            nonfinite.on_nonfinite(step + 1, &what, last_ckpt)?;
+            OptTimes::default()
+        } else {
+            opt.step(&vs)?
+        };
+        // Every rank's optimizer time (its share of the blocks), for the
+        // progress line and the metrics.
+        let optimizer_per_rank = gather_per_rank(&*comm, opt_times.optimizer)?;
+        let times = StepTimes {
+            data_wait: (t1 - t0).as_secs_f64(),
+            fwd_bwd: (t2 - t1).as_secs_f64(),
+            opt: opt_times,
+            total: t0.elapsed().as_secs_f64(),
+        };
+        state.train_s += times.total;
+        step += 1;
+
+        if !skipped {
+            for (acc, s) in state.epoch_sums.iter_mut().zip(&sums[..3]) {
+                *acc += s;
+            }
         }
         let (bl, ba) = (sums[0] / sums[2], sums[1] / sums[2]);
         let ips = cfg.batch_size as f64 / times.total;
-        metrics.write(&json!({
+        let mut line = json!({
             "kind": "step", "step": step, "epoch": epoch + 1, "lr": lr, "loss": bl, "acc": ba,
-            "images_per_s": ips, "data": times.data, "fwd_bwd": times.fwd_bwd,
+            "images_per_s": ips, "data_wait": times.data_wait, "fwd_bwd": times.fwd_bwd,
             "all_reduce": times.opt.all_reduce, "optimizer": times.opt.optimizer,
             "optimizer_per_rank": optimizer_per_rank,
             "all_gather": times.opt.all_gather, "gathered_bytes": times.opt.gathered_bytes,
             "step_time": times.total,
-        }))?;
+        });
+        if skipped {
+            line["skipped"] = json!(true);
+        }
+        if cfg.optimizer == OptimizerKind::Shampoo {
+            let now = opt.root_inverse_totals();
+            let mut delta = [
+                (now.failures - root_inverse.failures) as f64,
+                (now.f64_retries - root_inverse.f64_retries) as f64,
+                (now.kept_previous - root_inverse.kept_previous) as f64,
+            ];
+            root_inverse = now;
+            if world > 1 {
+                comm.all_reduce_mean_f64(&mut delta)?;
+                delta
+                    .iter_mut()
+                    .for_each(|d| *d = (*d * world as f64).round());
+            }
+            let d = shampoo_core::RootInverseCounters {
+                failures: delta[0] as u64,
+                f64_retries: delta[1] as u64,
+                kept_previous: delta[2] as u64,
+            };
+            state.root_inverse.add(&d);
+            line["root_inverse"] = serde_json::to_value(d).expect("serialises");
+        }
+        metrics.write(&line)?;
         let split = format!(
-            "loss {bl:.4} acc {:.1}% {ips:.0} img/s | fwd+bwd {:.1} ms, all-reduce {:.1} ms, optimizer {}, all-gather {:.1} ms ({})",
+            "loss {bl:.4} acc {:.1}% {ips:.0} img/s | data wait {:.1} ms, fwd+bwd {:.1} ms, all-reduce {:.1} ms, optimizer {}, all-gather {:.1} ms ({})",
             100.0 * ba,
+            1e3 * times.data_wait,
             1e3 * times.fwd_bwd,
             1e3 * times.opt.all_reduce,
             per_rank_ms(&optimizer_per_rank),
@@ -673,7 +860,7 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
             .eval_every
             .is_some_and(|e| e > 0 && step.is_multiple_of(e));
         if epoch_end || periodic || step == stop {
-            let (tl, ta) = evaluate(&*net, &*test, &*comm, cfg, device)?;
+            let (tl, ta) = evaluate_view(&mut opt, &vs, &*net, &test, &*comm, cfg, device)?;
             last_eval = Some((tl, ta, step));
             metrics.write(&json!({
                 "kind": "eval", "step": step, "epoch": epoch + 1, "test_loss": tl, "test_acc": ta,
@@ -701,25 +888,36 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
                     );
                 }
             }
-            metrics.flush()?;
         }
-        if cfg
+        let interrupted = sums[4] > 0.0;
+        let scheduled = cfg
             .checkpoint_every
-            .is_some_and(|c| c > 0 && step.is_multiple_of(c))
-            && step < stop
-        {
+            .is_some_and(|c| c > 0 && step.is_multiple_of(c));
+        if (scheduled || interrupted && cfg.checkpoint_every.is_some()) && step < stop {
             state.step = step;
-            save_checkpoint(cfg, &state, &vs, &mut opt, &*comm)?;
-            last_ckpt = step;
+            state.skipped_steps.clone_from(&nonfinite.skipped);
+            save_checkpoint(cfg, &state, &vs, &mut opt, &*comm, &mut metrics, last_ckpt)?;
+            last_ckpt = Some(step);
+        }
+        if interrupted && step < stop {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            let signal = interrupt.signal().unwrap_or(signal_hook::consts::SIGTERM);
+            return Err(Error::Interrupted {
+                signal,
+                step,
+                checkpoint: (last_ckpt == Some(step)).then(|| checkpoint::dir(&cfg.out)),
+            });
         }
     }
     if let Some(b) = bar.take() {
         b.finish_and_clear();
     }
-    metrics.flush()?;
     state.step = step;
-    if last_ckpt != step || !checkpoint::dir(&cfg.out).exists() {
-        save_checkpoint(cfg, &state, &vs, &mut opt, &*comm)?;
+    state.skipped_steps.clone_from(&nonfinite.skipped);
+    if last_ckpt != Some(step) || !checkpoint::dir(&cfg.out).exists() {
+        save_checkpoint(cfg, &state, &vs, &mut opt, &*comm, &mut metrics, last_ckpt)?;
     }
     opt.finish()?;
     if cfg.write_rank_weights {
@@ -727,13 +925,23 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
     }
     let (test_loss, test_acc) = match last_eval {
         Some((l, a, s)) if s == step => (l, a),
-        _ => evaluate(&*net, &*test, &*comm, cfg, device)?,
+        _ => evaluate_view(&mut opt, &vs, &*net, &test, &*comm, cfg, device)?,
     };
     let mut corrupt = [(train.corrupt_count() + test.corrupt_count()) as f64];
     comm.all_reduce_mean_f64(&mut corrupt)?;
     let corrupt_images = (corrupt[0] * world as f64).round() as usize;
     if corrupt_images > 0 && lead {
         tracing::warn!("{corrupt_images} corrupt images were skipped");
+    }
+    let root_inverse_blocks = gather_root_inverse_blocks(&opt, &*comm)?;
+    if !state.root_inverse.is_zero() && lead {
+        let c = state.root_inverse;
+        tracing::warn!(
+            "root inverses: {} failures ({} kept the previous root), {} needed the float64 retry; per block in summary.json",
+            c.failures,
+            c.kept_previous,
+            c.f64_retries
+        );
     }
     let summary = Summary {
         optimizer: cfg.optimizer.name().into(),
@@ -744,6 +952,9 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
         test_loss,
         train_s: state.train_s,
         corrupt_images,
+        skipped_steps: state.skipped_steps.clone(),
+        root_inverse: state.root_inverse,
+        root_inverse_blocks,
     };
     if lead {
         let path = cfg.out.join("summary.json");
@@ -756,34 +967,14 @@ pub fn run(cfg: &TrainConfig, comm: Arc<dyn Communicator>) -> Result<Summary> {
     Ok(summary)
 }
 
-/// Every rank's `[loss sum, correct, images, optimizer seconds]`: the first
-/// three averaged over the ranks in rank order (the transports' all-reduce
-/// arithmetic, `shampoo_dist::mean_in_rank_order`), and the optimizer
-/// seconds of every rank.
-fn exchange_step_figures(comm: &dyn Communicator, mine: [f64; 4]) -> Result<([f64; 3], Vec<f64>)> {
-    let world = comm.world_size();
-    let send: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let mut all = vec![0u8; send.len() * world];
-    comm.all_gather_bytes(&send, &mut all)?;
-    let ranks: Vec<[f64; 4]> = all
-        .chunks_exact(32)
-        .map(|c| {
-            let mut v = [0f64; 4];
-            for (x, b) in v.iter_mut().zip(c.chunks_exact(8)) {
-                *x = f64::from_le_bytes(b.try_into().expect("8 bytes"));
-            }
-            v
-        })
-        .collect();
-    let mut sums = [0f64; 3];
-    for (k, s) in sums.iter_mut().enumerate() {
-        let parts: Vec<[f64; 1]> = ranks.iter().map(|r| [r[k]]).collect();
-        let parts: Vec<&[f64]> = parts.iter().map(|p| p.as_slice()).collect();
-        let mut out = [0f64];
-        shampoo_dist::mean_in_rank_order(&parts, &mut out);
-        *s = out[0];
-    }
-    Ok((sums, ranks.iter().map(|r| r[3]).collect()))
+/// Every rank's `value` (collective: one all-gather of a float per rank).
+fn gather_per_rank(comm: &dyn Communicator, value: f64) -> Result<Vec<f64>> {
+    let mut all = vec![0u8; 8 * comm.world_size()];
+    comm.all_gather_bytes(&value.to_le_bytes(), &mut all)?;
+    Ok(all
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
 }
 
 /// Every rank's time in milliseconds: `12.3 ms` for one rank, `12.1 | 12.5
@@ -811,13 +1002,60 @@ fn mib(bytes: usize) -> String {
     format!("{:.1} MiB gathered", bytes as f64 / (1u64 << 20) as f64)
 }
 
+/// Every rank's per-block root-inverse counters, in one list (collective;
+/// each block is reported by one rank).
+fn gather_root_inverse_blocks(
+    opt: &Optimizer,
+    comm: &dyn Communicator,
+) -> Result<Vec<shampoo_tch::VariableRootInverseStats>> {
+    let mine = opt.root_inverse_stats();
+    if comm.world_size() == 1 || !matches!(opt, Optimizer::Shampoo { .. }) {
+        return Ok(mine);
+    }
+    let mut all: Vec<_> = shampoo_dist::agreement::all_gather_json(comm, &mine)?
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    all.sort_by(|a, b| {
+        (a.group, &a.variable, a.stats.block, a.stats.dim).cmp(&(
+            b.group,
+            &b.variable,
+            b.stats.block,
+            b.stats.dim,
+        ))
+    });
+    Ok(all)
+}
+
+/// Writes a checkpoint of `state` (collective). The metrics are made
+/// durable first, so that they cover the checkpoint's step; weights (and
+/// the baselines' moments) that are not finite are an error instead, and
+/// the previous checkpoint stays.
 fn save_checkpoint(
     cfg: &TrainConfig,
     state: &State,
     vs: &VarStore,
     opt: &mut Optimizer,
     comm: &dyn Communicator,
+    metrics: &mut MetricsWriter,
+    last_ckpt: Option<u64>,
 ) -> Result<()> {
+    let finite = divergence::all_finite(vs.variables().values())? && opt.state_is_finite()?;
+    let mut flag = [f64::from(u8::from(!finite))];
+    comm.all_reduce_mean_f64(&mut flag)?;
+    if flag[0] > 0.0 {
+        let kept = match last_ckpt {
+            Some(s) => format!("the last checkpoint (step {s}) is kept"),
+            None => "there is no earlier checkpoint".into(),
+        };
+        return Err(Error::Diverged {
+            step: state.step,
+            what: "the weights or the optimizer state hold NaN or Inf".into(),
+            then: format!("no checkpoint was written from them and {kept}; lower --lr"),
+        });
+    }
+    metrics.sync()?;
     let tmp = checkpoint::tmp_dir(&cfg.out);
     if comm.rank() == 0 {
         if tmp.exists() {
@@ -879,13 +1117,78 @@ fn resume(
     if saved.seed != fresh.seed {
         return Err(mismatch("seed", &saved.seed, &fresh.seed));
     }
+    if let (Some(a), Some(b)) = (saved.train_len, fresh.train_len)
+        && a != b
+    {
+        return Err(Error::Checkpoint {
+            path: ckpt,
+            reason: format!(
+                "it was written with {a} training images, this run has {b} (--limit-train or --data changed): the order of the data, and so where the run stands in it, would change; resume with the same training set"
+            ),
+        });
+    }
+    if let (Some(a), Some(b)) = (&saved.schedule, &fresh.schedule)
+        && a != b
+    {
+        tracing::warn!(
+            "resuming with another learning-rate schedule than the checkpoint's run: {}",
+            schedule_changes(a, b)
+        );
+    }
     vs.load(ckpt.join("model.ot"))
         .map_err(|e| Error::Checkpoint {
             path: ckpt.clone(),
-            reason: format!("model.ot: {e}"),
+            reason: format!("model.ot: {}", crate::error::torch_message(&e)),
         })?;
     opt.load(&ckpt.join("optim"), vs)?;
     Ok(saved)
+}
+
+/// What the learning rate of every step depends on (the decay only for the
+/// step schedule), as recorded in checkpoints.
+fn schedule_fingerprint(schedule: &Schedule, epochs: u64) -> serde_json::Value {
+    let mut v = json!({
+        "lr": schedule.lr, "warmup_steps": schedule.warmup, "total_steps": schedule.total,
+        "epochs": epochs, "kind": schedule.kind,
+    });
+    if schedule.kind == ScheduleKind::Step {
+        v["decay_steps"] = json!(schedule.decay_steps);
+        v["decay_gamma"] = json!(schedule.gamma);
+    }
+    v
+}
+
+/// `--epochs 2 -> 3, the number of steps 16 -> 24`: every field that differs.
+fn schedule_changes(was: &serde_json::Value, now: &serde_json::Value) -> String {
+    let option = |k: &str| match k {
+        "lr" => "--lr",
+        "warmup_steps" => "--warmup-steps",
+        "total_steps" => "the number of steps",
+        "epochs" => "--epochs",
+        "kind" => "--schedule",
+        "decay_steps" => "--decay-steps",
+        "decay_gamma" => "--decay-gamma",
+        _ => "",
+    };
+    let (Some(a), Some(b)) = (was.as_object(), now.as_object()) else {
+        return format!("{was} -> {now}");
+    };
+    let null = serde_json::Value::Null;
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{} {} -> {}",
+                option(k),
+                a.get(k).unwrap_or(&null),
+                b.get(k).unwrap_or(&null)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Reads a run's `summary.json`.

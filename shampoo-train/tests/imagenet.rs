@@ -1,41 +1,20 @@
-//! A tiny ImageNet-layout folder of generated JPEGs: training end to end with
-//! ResNet-18, and the layout and corrupt-image errors.
+//! A tiny ImageNet-layout folder of generated JPEGs (and CMYK, YCCK,
+//! greyscale and PNG-as-JPEG files): training end to end with ResNet-18,
+//! exact mid-epoch resume through the prefetching loader, and the layout and
+//! corrupt-image errors.
 
 mod common;
+mod image_folder;
 
-use common::torch_lock;
+use common::{assert_same_weights, torch_lock};
+use image_folder::{add_odd_files, make_folder};
 use shampoo_train::comm::Communicator;
 use shampoo_train::data::imagenet::OnCorrupt;
 use shampoo_train::model::ModelKind;
 use shampoo_train::optim::OptimizerKind;
-use shampoo_train::rng::SplitMix64;
 use shampoo_train::train::{DatasetKind, TrainConfig, run};
 use std::path::Path;
 use std::sync::Arc;
-
-const CLASSES: [&str; 3] = ["n01_red", "n02_green", "n03_blue"];
-
-/// `root/{train,val}/<class>/*.jpg`: `per_class` training images and 2
-/// validation images per class, of varying sizes, tinted by class.
-fn make_folder(root: &Path, per_class: usize) {
-    let mut rng = SplitMix64::new(11);
-    for (split, n) in [("train", per_class), ("val", 2)] {
-        for (c, name) in CLASSES.iter().enumerate() {
-            let dir = root.join(split).join(name);
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..n {
-                let (w, h) = (36 + rng.below(20) as u32, 30 + rng.below(20) as u32);
-                let mut img = image::RgbImage::new(w, h);
-                for px in img.pixels_mut() {
-                    let mut v = [rng.below(90) as u8; 3];
-                    v[c] = 150 + rng.below(100) as u8;
-                    *px = image::Rgb(v);
-                }
-                img.save(dir.join(format!("img{i}.jpg"))).unwrap();
-            }
-        }
-    }
-}
 
 fn config(data: &Path, out: &Path) -> TrainConfig {
     let mut cfg = TrainConfig::protocol(OptimizerKind::Adamw, out.to_path_buf());
@@ -62,14 +41,57 @@ fn tiny_imagenet_folder_trains_end_to_end_with_resnet18() {
     let data = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     make_folder(data.path(), 4);
+    add_odd_files(data.path());
     let s = run(&config(data.path(), out.path()), single()).unwrap();
-    // 12 training images, global batch 6: 2 steps an epoch.
+    // 16 training images (4 of them the CMYK, YCCK, grey and PNG files),
+    // global batch 6: 2 steps an epoch.
     assert_eq!(s.steps, 4);
     assert_eq!(s.model, "resnet18");
     assert_eq!(s.corrupt_images, 0);
+    // The step lines carry the data wait.
+    let metrics = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap();
+    let step: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(step["kind"], "step");
+    assert!(step["data_wait"].as_f64().unwrap() >= 0.0);
     assert!(s.test_loss.is_finite());
     // 6 validation images: the accuracy is a multiple of 1/6.
     assert_eq!((s.test_acc * 6.0).round() / 6.0, s.test_acc);
+}
+
+#[test]
+fn imagenet_resume_mid_epoch_is_exact() {
+    let _g = torch_lock();
+    let data = tempfile::tempdir().unwrap();
+    make_folder(data.path(), 4);
+    add_odd_files(data.path());
+    let full = tempfile::tempdir().unwrap();
+    let split = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path(), full.path());
+    cfg.batch_size = 4; // 4 steps an epoch, 8 in all
+    cfg.data_workers = Some(2);
+    let a = run(&cfg, single()).unwrap();
+    assert_eq!(a.steps, 8);
+
+    // Stop at step 3 of 8 (mid-epoch), then continue with another worker
+    // count and prefetch depth.
+    let mut first = config(data.path(), split.path());
+    first.batch_size = 4;
+    first.data_workers = Some(2);
+    first.max_steps = Some(3);
+    first.checkpoint_every = Some(3);
+    assert_eq!(run(&first, single()).unwrap().steps, 3);
+    let mut rest = first.clone();
+    rest.max_steps = None;
+    rest.resume = true;
+    rest.data_workers = Some(1);
+    rest.prefetch = 1;
+    let b = run(&rest, single()).unwrap();
+    assert_eq!(b.steps, 8);
+    assert_same_weights(
+        &full.path().join("checkpoint/model.ot"),
+        &split.path().join("checkpoint/model.ot"),
+    );
+    assert_eq!((a.test_acc, a.test_loss), (b.test_acc, b.test_loss));
 }
 
 #[test]
@@ -89,6 +111,7 @@ fn corrupt_image_is_skipped_and_counted_or_fails() {
     assert_eq!(s.corrupt_images, 1);
 
     cfg.on_corrupt = OnCorrupt::Fail;
+    cfg.overwrite = true;
     let err = run(&cfg, single()).unwrap_err().to_string();
     assert!(
         err.starts_with(&format!("corrupt image {}: ", bad.display())),

@@ -183,3 +183,172 @@ fn two_ranks_through_the_launcher_end_with_identical_weights_shampoo() {
     // Replicated: every rank computes every block, nothing is all-gathered.
     two_ranks_agree("shampoo", &["--shampoo-config", &conf, "--replicated"]);
 }
+
+/// `shampoo-run --nproc-per-node 2 -- sh -c SCRIPT`, where SCRIPT runs
+/// `shampoo-train train ARGS --out OUT` with `$RANK_ARGS_<rank>` added.
+fn launch_per_rank(args: &[&str], out: &Path, rank1_extra: &str) -> std::process::Output {
+    let script = format!(
+        "if [ \"$RANK\" = 1 ]; then exec \"$BIN\" \"$@\" {rank1_extra}; else exec \"$BIN\" \"$@\"; fi"
+    );
+    Command::new(launcher())
+        .args(["--nproc-per-node", "2", "--", "sh", "-c", &script, "sh"])
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .env("BIN", env!("CARGO_BIN_EXE_shampoo-train"))
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ranks_started_with_different_settings_stop_at_once_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "train",
+        "--optimizer",
+        "adamw",
+        "--limit-train",
+        "512",
+        "--limit-test",
+        "256",
+        "--batch-size",
+        "64",
+    ];
+    let o = launch_per_rank(&args, dir.path(), "--seed 3");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("ranks disagree on the run configuration (start every rank with the same options): rank 1 differs from rank 0: seed (0 on rank 0, 3 on rank 1)"),
+        "{err}"
+    );
+    assert!(!dir.path().join("metrics.jsonl").exists() || step_count(dir.path()) == 0);
+}
+
+fn step_count(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .matches("\"kind\":\"step\"")
+        .count()
+}
+
+#[test]
+fn initial_weights_are_broadcast_from_rank_0() {
+    use shampoo_train::replicas::broadcast_variables;
+    use tch::nn::VarStore;
+    let comms = shampoo_dist::in_process(2, &shampoo_dist::CommOptions::default());
+    let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    // Each rank starts from its own values, as ranks whose
+                    // random generators drifted apart would.
+                    let vs = VarStore::new(tch::Device::Cpu);
+                    let value = c.rank() as f64 + 1.0;
+                    let root = vs.root();
+                    let w = root.var("w", &[3, 2], tch::nn::Init::Const(value));
+                    let _b = root.zeros_no_train("stat", &[4]);
+                    broadcast_variables(&vs, &*c).unwrap();
+                    let all = tch::Tensor::cat(
+                        &[w.flatten(0, -1), vs.variables()["stat"].shallow_clone()],
+                        0,
+                    );
+                    Vec::<f32>::try_from(all).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[0][..6], [1.0; 6]);
+}
+
+#[test]
+fn a_two_rank_checkpoint_resumes_on_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fast_shampoo_config(dir.path());
+    let out = dir.path().join("run");
+    let args = [
+        "train",
+        "--optimizer",
+        "shampoo",
+        "--shampoo-config",
+        &conf,
+        "--limit-train",
+        "512",
+        "--limit-test",
+        "256",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--warmup-steps",
+        "2",
+    ];
+    let mut first = args.to_vec();
+    first.extend(["--max-steps", "5", "--checkpoint-every", "5"]);
+    launch(&first, &out);
+    let o = Command::new(env!("CARGO_BIN_EXE_shampoo-train"))
+        .args(args)
+        .args(["--resume", "--threads", "1", "--no-progress", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = shampoo_train::train::read_summary(&out).unwrap();
+    assert_eq!((s.steps, s.world_size), (8, 1));
+    assert!(s.test_acc > 0.3, "{s:?}");
+    // Shampoo runs report their root-inverse telemetry (none failed here).
+    assert_eq!(s.root_inverse, Default::default());
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last_step = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|v| v["kind"] == "step")
+        .unwrap();
+    assert_eq!(
+        last_step["root_inverse"],
+        serde_json::json!({"failures": 0, "f64_retries": 0, "kept_previous": 0})
+    );
+}
+
+#[test]
+fn sigint_to_the_launcher_stops_every_rank_after_the_same_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut child = Command::new(launcher())
+        .args(["--nproc-per-node", "2", "--grace-period", "60", "--"])
+        .arg(env!("CARGO_BIN_EXE_shampoo-train"))
+        .args(["train", "--optimizer", "adamw", "--limit-train", "512"])
+        .args([
+            "--limit-test",
+            "256",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "40",
+        ])
+        .args(["--checkpoint-every", "1000", "--out"])
+        .arg(&out)
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for_steps(&out, 3, &mut child);
+    common::kill(&child, "INT");
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    let step = common::checkpoint_step(&out);
+    for r in 0..2 {
+        assert!(
+            err.contains(&format!(
+                "[rank{r}]: shampoo-train: error: interrupted by SIGINT after step {step}; checkpoint written to"
+            )),
+            "rank {r}: {err}"
+        );
+    }
+    assert_eq!(common::step_lines(&out), (1..=step).collect::<Vec<_>>());
+}

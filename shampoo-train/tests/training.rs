@@ -215,6 +215,7 @@ fn protocol_shampoo_config_has_the_issue_hyperparameters() {
         grafting: Some(Grafting::Adam {
             beta2: 0.999,
             epsilon: 1e-8,
+            drop_weighting_factor_on_gsquare: false,
         }),
         ..ShampooConfig::default()
     };
@@ -266,4 +267,33 @@ fn plot_compares_runs_and_writes_a_png() {
     plot(&runs, &png).unwrap();
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn schedule_free_evaluates_on_the_averaged_parameters_and_resumes_exactly() {
+    // Evaluations every 2 steps switch to the evaluation view and back
+    // (before and after the restart at step 5); a step left in eval mode
+    // would be an error.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("shampoo.json");
+    let text = PROTOCOL_SHAMPOO
+        .replacen(
+            '{',
+            r#"{"iterate_averaging": {"type": "schedule_free", "train_interp_coeff": 0.9}, "#,
+            1,
+        )
+        .replace(
+            "\"precondition_frequency\": 20",
+            "\"precondition_frequency\": 2",
+        )
+        .replace(
+            "\"start_preconditioning_step\": 20",
+            "\"start_preconditioning_step\": 2",
+        );
+    ShampooConfig::from_json(&text).unwrap();
+    std::fs::write(&conf, text).unwrap();
+    resume_is_exact_with(OptimizerKind::Shampoo, |c| {
+        c.shampoo_config = Some(conf.clone());
+        c.eval_every = Some(2);
+    });
 }

@@ -1,23 +1,30 @@
 //! Steps 4-7: grafting accumulators, the filtered gradient,
 //! preconditioning, grafting, weight decay and momentum.
 //!
-//! - `Gf = M1 / (1 - beta1^t)` with `M1 <- beta1 M1 + (1 - beta1) G`
-//!   (`Gf = G` when `beta1 == 0`); statistics used the raw `G`.
-//! - root-inverse Shampoo: `P_sh = Gf x_1 X_1 ... x_k X_k`;
+//! - `Gf = (beta3 M1 + (1 - beta3) G) / (1 - beta3 beta1^(t-1))` with `M1`
+//!   before its update `M1 <- beta1 M1 + (1 - beta1) G` (`beta3 = beta1`:
+//!   `M1 / (1 - beta1^t)`; `Gf = G` when `beta1 == 0`); statistics used the
+//!   raw `G`.
+//! - root-inverse, eigendecomposed and KL-Shampoo:
+//!   `P_sh = Gf x_1 X_1 ... x_k X_k`;
 //! - eigenvalue-corrected: `D <- beta2 D + (1 - beta2) (G x_k Q_k^T)^2`,
-//!   `P_sh = [(Gf x_k Q_k^T) / (sqrt(D / bc2) + eps)] x_k Q_k`;
+//!   `P_sh = [(Gf x_k Q_k^T) / ((D / bc2)^e + eps)] x_k Q_k`;
+//! - spectral descent: `P_sh = orth(Gf)` ([`super::orthogonalize`]); sign
+//!   descent: `P_sh = sign(Gf)`;
 //! - grafting: `P = P_sh ||graft(Gf)|| / (||P_sh|| + 1e-16)` per block, or
 //!   `P = graft(Gf)` before preconditioning starts;
-//! - `P += wd W` (decoupled), momentum, and the direction `-lr P`.
+//! - `P += alpha W` (decoupled, corrected or independent weight decay),
+//!   momentum, and the direction `-lr P`; with iterate averaging, the
+//!   increment of the parameters instead ([`super::averaging`]).
 
 use super::Shampoo;
+use super::chain::chain;
 use super::state::{GroupState, Loc, active_groups};
 use crate::Result;
 use crate::backend::{
-    Backend, DirectionSource, GraftKernel, Map, ModeProductJob, MomentumKernel, ReduceJob,
-    Reduction, ViewMutOps,
+    Backend, DirectionSource, GraftKernel, Map, MomentumKernel, ReduceJob, Reduction, ViewMutOps,
 };
-use crate::config::{Grafting, Preconditioner, ShampooConfig, WeightDecayType};
+use crate::config::{Grafting, Preconditioner, ShampooConfig};
 use crate::schedule::StepScalars;
 
 /// The grafting kernel of this step.
@@ -26,13 +33,31 @@ fn graft_kernel(config: &ShampooConfig, sc: &StepScalars) -> GraftKernel {
         None => GraftKernel::None,
         Some(Grafting::Sgd) => GraftKernel::Sgd,
         Some(Grafting::Adagrad { epsilon }) => GraftKernel::Adagrad { eps: epsilon },
-        Some(Grafting::Rmsprop { beta2, epsilon }) => GraftKernel::Ema {
+        Some(Grafting::Rmsprop {
             beta2,
+            epsilon,
+            drop_weighting_factor_on_gsquare,
+        }) => GraftKernel::Ema {
+            beta2,
+            weight: if drop_weighting_factor_on_gsquare {
+                1.0
+            } else {
+                1.0 - beta2
+            },
             eps: epsilon,
             bc: 1.0,
         },
-        Some(Grafting::Adam { beta2, epsilon }) => GraftKernel::Ema {
+        Some(Grafting::Adam {
             beta2,
+            epsilon,
+            drop_weighting_factor_on_gsquare,
+        }) => GraftKernel::Ema {
+            beta2,
+            weight: if drop_weighting_factor_on_gsquare {
+                1.0
+            } else {
+                1.0 - beta2
+            },
             eps: epsilon,
             bc: sc.graft_bc,
         },
@@ -57,6 +82,7 @@ pub(super) fn gradient_statistics<B: Backend>(
     let graft = graft_kernel(&opt.config, sc);
     let want_norms = source(&opt.config, sc) == DirectionSource::GraftedShampoo;
     let beta1 = opt.config.betas[0];
+    let beta3 = opt.config.beta3();
     let backend = &opt.backend;
     let mut jobs: Vec<Map<'_, B>> = active_groups(&mut opt.groups, &opt.layout)
         .filter(|(g, _)| g.graft.is_some() || g.filtered.is_some() || want_norms)
@@ -78,6 +104,7 @@ pub(super) fn gradient_statistics<B: Backend>(
                     .as_mut()
                     .map(|(m1, gf)| (backend.view_mut(m1), backend.view_mut(gf))),
                 beta1,
+                beta3,
                 bc1: sc.bc1,
                 graft_sq_norms: want_norms.then(|| backend.view_mut(sq_norms).split_at(count).0),
                 numel: spec.numel,
@@ -87,64 +114,6 @@ pub(super) fn gradient_statistics<B: Backend>(
         })
         .collect();
     backend.map(&mut jobs)
-}
-
-/// Runs, for every active group, its factors' mode products in sequence,
-/// starting from `locs[group]` and alternating between the two work
-/// buffers; leaves each group's result location in `locs`.
-fn chain<B: Backend>(opt: &mut Shampoo<B>, transpose: bool, locs: &mut [Loc]) -> Result<()> {
-    let backend = &opt.backend;
-    let tf32 = opt.config.tf32;
-    let rounds = opt
-        .groups
-        .iter()
-        .map(|g| g.factors.len())
-        .max()
-        .unwrap_or(0);
-    for r in 0..rounds {
-        let mut jobs: Vec<ModeProductJob<'_, B>> = Vec::new();
-        for (gi, (g, spec)) in opt.groups.iter_mut().zip(&opt.layout.groups).enumerate() {
-            if !g.any_active || g.factors.len() <= r {
-                continue;
-            }
-            let input = locs[gi];
-            let target = match input {
-                Loc::Work(i) => 1 - i,
-                _ => 0,
-            };
-            let GroupState {
-                grad,
-                filtered,
-                work,
-                factors,
-                active,
-                ..
-            } = g;
-            // The output is the work buffer the input is not in.
-            let [w0, w1] = work;
-            let (src, dst) = match input {
-                Loc::Work(0) => (&*w0, w1),
-                Loc::Work(_) => (&*w1, w0),
-                Loc::Grad => (&*grad, w0),
-                Loc::Gf => (filtered.as_ref().map_or(&*grad, |(_, gf)| gf), w0),
-            };
-            let f = &factors[r];
-            jobs.push(ModeProductJob {
-                input: backend.view(src),
-                dims: &spec.dims,
-                count: spec.count(),
-                mode: f.spec.dim,
-                matrices: backend.view(&f.root),
-                transpose,
-                out: backend.view_mut(dst),
-                tf32,
-                select: active.as_deref(),
-            });
-            locs[gi] = Loc::Work(target);
-        }
-        backend.mode_product(&mut jobs)?;
-    }
-    Ok(())
 }
 
 /// Computes `P_sh` for every active group (when this step uses it).
@@ -157,27 +126,68 @@ pub(super) fn precondition<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -
     }
     let n = opt.groups.len();
     match opt.config.preconditioner {
-        Preconditioner::RootInv { .. } => {
+        Preconditioner::RootInv { .. }
+        | Preconditioner::Eigendecomposed { .. }
+        | Preconditioner::KlShampoo { .. } => {
             let mut locs = vec![Loc::Gf; n];
-            chain(opt, false, &mut locs)?;
+            chain(opt, false, &mut locs, None)?;
             for (g, loc) in opt.groups.iter_mut().zip(locs) {
                 g.p_sh = loc;
             }
         }
-        Preconditioner::EigenvalueCorrected => eigenvalue_corrected(opt, sc)?,
+        Preconditioner::EigenvalueCorrected { .. } => eigenvalue_corrected(opt, sc)?,
+        Preconditioner::SpectralDescent { orthogonalization } => {
+            super::orthogonalize::orthogonalize(opt, orthogonalization)?
+        }
+        Preconditioner::SignDescent => sign(opt)?,
     }
     Ok(())
+}
+
+/// Sign descent: `P_sh = sign(Gf)` into the first work buffer.
+fn sign<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
+    let backend = &opt.backend;
+    let mut jobs: Vec<Map<'_, B>> = Vec::new();
+    for (g, spec) in active_groups(&mut opt.groups, &opt.layout) {
+        let GroupState {
+            grad,
+            filtered,
+            work,
+            active,
+            p_sh,
+            ..
+        } = g;
+        let gf = filtered.as_ref().map_or(&*grad, |(_, gf)| gf);
+        jobs.push(Map::Sign {
+            src: backend.view(gf),
+            dst: backend.view_mut(&mut work[0]),
+            numel: spec.numel,
+            count: spec.count(),
+            select: active.as_deref(),
+        });
+        *p_sh = Loc::Work(0);
+    }
+    backend.map(&mut jobs)
 }
 
 /// Eigenvalue-corrected Shampoo's direction (the eigenbases are the
 /// factors' roots; identity before the first basis).
 fn eigenvalue_corrected<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Result<()> {
     let beta2 = opt.config.betas[1];
+    let drop = opt
+        .config
+        .shampoo_options()
+        .is_some_and(|o| o.drop_weighting_factor);
+    let weight = if drop || beta2 == 1.0 {
+        1.0
+    } else {
+        1.0 - beta2
+    };
     let eps = opt.config.epsilon;
     let n = opt.groups.len();
     // The raw gradient in the eigenbasis updates D.
     let mut raw = vec![Loc::Grad; n];
-    chain(opt, false, &mut raw)?;
+    chain(opt, false, &mut raw, None)?;
     {
         let backend = &opt.backend;
         let mut jobs: Vec<Map<'_, B>> = Vec::new();
@@ -190,6 +200,7 @@ fn eigenvalue_corrected<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> R
                 r: backend.view(r),
                 d: backend.view_mut(d),
                 beta2,
+                weight,
                 numel: spec.numel,
                 count: spec.count(),
                 select: active,
@@ -203,7 +214,7 @@ fn eigenvalue_corrected<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> R
         raw
     } else {
         let mut f = vec![Loc::Gf; n];
-        chain(opt, false, &mut f)?;
+        chain(opt, false, &mut f, None)?;
         f
     };
     {
@@ -213,12 +224,14 @@ fn eigenvalue_corrected<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> R
             if !g.any_active {
                 continue;
             }
+            let exponent = opt.config.eigenvalue_exponent(spec.dims.len());
             let (r, d, active) = rotated_and_corrected_mut(g, locs[gi]);
             jobs.push(Map::EigenvalueScale {
                 r: backend.view_mut(r),
                 d: backend.view(d),
                 bc2: sc.bc2,
                 eps,
+                exponent,
                 numel: spec.numel,
                 count: spec.count(),
                 select: active,
@@ -226,7 +239,7 @@ fn eigenvalue_corrected<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> R
         }
         backend.map(&mut jobs)?;
     }
-    chain(opt, true, &mut locs)?;
+    chain(opt, true, &mut locs, None)?;
     for (g, loc) in opt.groups.iter_mut().zip(locs) {
         g.p_sh = loc;
     }
@@ -312,8 +325,8 @@ pub(super) fn finish<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Resu
         }
         backend.reduce(&mut jobs)?;
     }
-    let wd = (config.weight_decay != 0.0 && config.weight_decay_type == WeightDecayType::Decoupled)
-        .then_some(config.weight_decay);
+    // With iterate averaging, weight decay shrinks Z instead.
+    let wd = sc.decay.filter(|_| sc.averaging.is_none());
     let momentum = config.momentum.map(|m| MomentumKernel {
         mu: m.momentum,
         dampening: m.dampening,
@@ -372,5 +385,11 @@ pub(super) fn finish<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Resu
             select: active.as_deref(),
         });
     }
-    backend.map(&mut jobs)
+    backend.map(&mut jobs)?;
+    drop(jobs);
+    drop(out);
+    match sc.averaging {
+        Some(avg) => super::averaging::increments(opt, avg),
+        None => Ok(()),
+    }
 }

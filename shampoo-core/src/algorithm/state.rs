@@ -5,7 +5,10 @@
 //! root-inverse work). A steady-state step allocates nothing on the backend.
 
 use crate::backend::{Backend, EighStatus, TableEntry};
-use crate::config::{Preconditioner, RootInverse, ShampooConfig, WeightDecayType};
+use crate::config::{
+    Amortized, Eigendecomposition, Orthogonalization, Preconditioner, RootInverse, ShampooConfig,
+    WeightDecayType,
+};
 use crate::layout::{FactorSpec, Group, Layout};
 use crate::{DType, Result};
 
@@ -15,16 +18,23 @@ pub(crate) struct FactorState<B: Backend> {
     pub spec: FactorSpec,
     /// Statistics `L` (factor dtype), `count * n * n`, lower triangle valid.
     pub stats: B::Buffer,
-    /// Inverse roots `X` (parameter dtype), or eigenvectors for
+    /// Inverse roots `X` (parameter dtype; for eigendecomposed Shampoo the
+    /// root formed from `eigvecs` and `eigvals`), or the eigenbasis for
     /// eigenvalue-corrected Shampoo (column-major). Starts at identity.
     pub root: B::Buffer,
+    /// Eigendecomposed Shampoo's eigenvectors (column-major) and
+    /// eigenvalues (factor dtype); identity and ones at first.
+    pub eigen: Option<(B::Buffer, B::Buffer)>,
     /// Root-inverse work: damped factor, then eigenvectors (factor dtype).
     pub work: B::Buffer,
-    /// Root-inverse matrices (factor dtype), by role through `roles`:
-    /// eigh uses the candidate root `X`; coupled Newton uses all six.
+    /// Root-inverse matrices (factor dtype), by role through `roles`; only
+    /// the roles the method uses are allocated (see [`scratch_roles`]).
     pub scratch: Vec<B::Buffer>,
     /// Physical index in `scratch` of each [`Role`] (roles swap for free).
-    pub roles: [usize; 6],
+    pub roles: [usize; ROLES],
+    /// Eigenvalue powers when a root is formed from kept eigenvalues
+    /// (eigendecomposed Shampoo), `count * n`.
+    pub powers: Option<B::Buffer>,
     /// The block shape of a matrix, `[n, n]`.
     pub square: [usize; 2],
     /// Eigenvalues, or Frobenius norms for Newton (factor dtype), `count * n`.
@@ -33,29 +43,68 @@ pub(crate) struct FactorState<B: Backend> {
     pub flags: B::Buffer,
     /// Consecutive root-inverse failures per block.
     pub failures: Vec<u32>,
+    /// Root-inverse outcomes per block since construction (telemetry).
+    pub counters: Vec<super::telemetry::RootInverseCounters>,
     /// Per-block eigendecomposition outcome of the last root inverse.
     pub status: Vec<EighStatus>,
     /// Host copy of `flags` (or Newton errors).
     pub host_flags: Vec<f64>,
     /// Per-step selection scratch.
     pub accept: Vec<u32>,
+    /// A second selection (adaptive and QR eigendecompositions).
+    pub keep: Vec<u32>,
+    /// Per-block iteration state of the coupled higher-order method:
+    /// `(last error, iterations)`.
+    pub iteration: Vec<(f64, u32)>,
 }
 
-/// What a root-inverse scratch matrix is used for.
+/// Number of scratch roles.
+pub(crate) const ROLES: usize = 8;
+
+/// What a root-inverse scratch matrix is used for. Methods allocate the
+/// roles up to the highest one they use, so the order matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Role {
     /// The candidate root `X`.
     X = 0,
-    /// Newton's coupled matrix `M`.
-    M = 1,
-    /// Newton's `M' = (1 + 1/p) I - M / p`.
-    Mp = 2,
-    /// Binary exponentiation's running square.
+    /// Product target; eigendecompositions: a copy of the eigenvectors.
+    T = 1,
+    /// Coupled iterations' `M`; eigendecompositions: `B = Q^T A Q`.
+    M = 2,
+    /// Binary exponentiation's running square; eigendecompositions: the
+    /// current eigenvectors `Q` (as rows).
     Z = 3,
-    /// Binary exponentiation's result.
-    R = 4,
-    /// Product target.
-    T = 5,
+    /// Coupled iterations' `M'`.
+    Mp = 4,
+    /// Binary exponentiation's result; QR's `R`.
+    R = 5,
+    /// The higher-order iteration's `E = I - M`.
+    E = 6,
+    /// The higher-order iteration's ridged factor `A_r`.
+    A = 7,
+}
+
+/// How many scratch roles (from [`Role::X`] on) an amortized method uses.
+pub(crate) fn scratch_roles(config: &ShampooConfig) -> usize {
+    let eigen = |e: Eigendecomposition, formed: bool| match e {
+        Eigendecomposition::Eigh { tolerance: 0.0, .. } => {
+            if formed {
+                Role::T as usize + 1
+            } else {
+                0
+            }
+        }
+        Eigendecomposition::Eigh { .. } => Role::Z as usize + 1,
+        Eigendecomposition::Qr { .. } => Role::R as usize + 1,
+    };
+    match config.amortized() {
+        Amortized::RootInverse(RootInverse::Eigh { .. }) => 1,
+        Amortized::RootInverse(RootInverse::CoupledNewton { .. }) => Role::R as usize + 1,
+        Amortized::RootInverse(RootInverse::CoupledHigherOrder { .. }) => ROLES,
+        Amortized::Eigenpairs(e) => eigen(e, true),
+        Amortized::Eigenbasis(e) => eigen(e, false),
+        Amortized::None => 0,
+    }
 }
 
 impl<B: Backend> FactorState<B> {
@@ -83,6 +132,13 @@ pub(crate) struct GroupState<B: Backend> {
     pub momentum: Option<B::Buffer>,
     /// Eigenvalue-corrected second moments `D`.
     pub corrected: Option<B::Buffer>,
+    /// Iterate averaging's sequence `Z`.
+    pub z: Option<B::Buffer>,
+    /// Spectral descent's Newton-Schulz matrices `B` and `B B`, one square
+    /// per block of the smaller side.
+    pub ortho: Option<[B::Buffer; 2]>,
+    /// Per-block scalars of the preconditioning (norms, nuclear norms).
+    pub scalars: B::Buffer,
     /// Ping-pong product buffers.
     pub work: [B::Buffer; 2],
     /// Per-block `(sum graft^2, sum P_sh^2)`.
@@ -164,14 +220,9 @@ fn allocate_group<B: Backend>(
 ) -> Result<GroupState<B>> {
     let len = group.len();
     let count = group.count();
-    let ec = matches!(config.preconditioner, Preconditioner::EigenvalueCorrected);
-    let newton = matches!(
-        config.preconditioner,
-        Preconditioner::RootInv {
-            root_inverse: RootInverse::CoupledNewton { .. },
-            ..
-        }
-    );
+    let ec = config.is_eigenvalue_corrected();
+    let roles = scratch_roles(config);
+    let eigenpairs = matches!(config.amortized(), Amortized::Eigenpairs(_));
     let entries = group
         .blocks
         .iter()
@@ -195,38 +246,63 @@ fn allocate_group<B: Backend>(
         let mats = count * n * n;
         let mut root = backend.alloc(dtype, mats)?;
         fill_identity(backend, &mut root, dtype, n, count)?;
+        let eigen = if eigenpairs {
+            let mut vectors = backend.alloc(fdtype, mats)?;
+            fill_identity(backend, &mut vectors, fdtype, n, count)?;
+            let mut values = backend.alloc(fdtype, count * n)?;
+            upload_f64(
+                backend,
+                backend.view_mut(&mut values),
+                &vec![1.0; count * n],
+                fdtype,
+            )?;
+            Some((vectors, values))
+        } else {
+            None
+        };
         factors.push(FactorState {
             stats: backend.alloc(fdtype, mats)?,
             root,
+            eigen,
             work: backend.alloc(fdtype, mats)?,
-            scratch: (0..match (ec, newton) {
-                (true, _) => 0,
-                (false, false) => 1,
-                (false, true) => 6,
-            })
+            scratch: (0..roles)
                 .map(|_| backend.alloc(fdtype, mats))
                 .collect::<Result<_>>()?,
-            roles: [0, 1, 2, 3, 4, 5],
+            roles: std::array::from_fn(|i| i),
+            powers: opt(eigenpairs, fdtype, count * n)?,
             square: [n, n],
             values: backend.alloc(fdtype, count * n)?,
             flags: backend.alloc(fdtype, 2 * count)?,
             failures: vec![0; count],
+            counters: vec![Default::default(); count],
             status: vec![EighStatus::Skipped; count],
             host_flags: vec![0.0; 2 * count],
             accept: Vec::with_capacity(count),
+            keep: Vec::with_capacity(count),
+            iteration: vec![(0.0, 0); count],
             spec: spec.clone(),
         });
     }
     let graft = config.grafting.filter(|g| g.has_accumulator());
+    let averaging = config.iterate_averaging.is_some();
+    let decay = config.weight_decay != 0.0 && config.weight_decay_type != WeightDecayType::L2;
+    let ortho = match &config.preconditioner {
+        Preconditioner::SpectralDescent {
+            orthogonalization: Orthogonalization::NewtonSchulz { .. },
+        } => {
+            let k = group.dims.iter().copied().min().unwrap_or(0);
+            Some([
+                backend.alloc(dtype, count * k * k)?,
+                backend.alloc(dtype, count * k * k)?,
+            ])
+        }
+        _ => None,
+    };
     Ok(GroupState {
         gather: backend.block_table(entries)?,
         grad: backend.alloc(dtype, len)?,
         grad_factor: opt(has_factors && fdtype != dtype, fdtype, len)?,
-        weights: opt(
-            config.weight_decay != 0.0 && config.weight_decay_type == WeightDecayType::Decoupled,
-            dtype,
-            len,
-        )?,
+        weights: opt(decay || averaging, dtype, len)?,
         filtered: if config.betas[0] != 0.0 {
             Some((backend.alloc(dtype, len)?, backend.alloc(dtype, len)?))
         } else {
@@ -235,6 +311,9 @@ fn allocate_group<B: Backend>(
         graft: opt(graft.is_some(), dtype, len)?,
         momentum: opt(config.momentum.is_some(), dtype, len)?,
         corrected: opt(ec, dtype, len)?,
+        z: opt(averaging, dtype, len)?,
+        ortho,
+        scalars: backend.alloc(dtype, count.max(1))?,
         work: [backend.alloc(dtype, len)?, backend.alloc(dtype, len)?],
         sq_norms: backend.alloc(dtype, 2 * count)?,
         factors,
@@ -339,4 +418,17 @@ pub(crate) fn pick3<T>(items: &mut [T], a: usize, b: usize, c: usize) -> (&T, &T
     let (out, right) = right.split_first_mut().expect("index in range");
     let get = |i: usize| -> &T { if i < c { &left[i] } else { &right[i - c - 1] } };
     (get(a), get(b), out)
+}
+
+/// Borrows `a` and `b` exclusively from one slice (`a != b`).
+#[track_caller]
+pub(crate) fn pick2_mut<T>(items: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert!(a != b, "pick2_mut: the two items must differ");
+    if a < b {
+        let (left, right) = items.split_at_mut(b);
+        (&mut left[a], &mut right[0])
+    } else {
+        let (left, right) = items.split_at_mut(a);
+        (&mut right[0], &mut left[b])
+    }
 }

@@ -2,12 +2,18 @@
 //! Kronecker factor statistics.
 //!
 //! `L_k <- beta2 L_k + (1 - beta2) C_k` in two roundings (`L *= beta2`, then
-//! `L += (1 - beta2) C`), or `L_k <- L_k + C_k` when `beta2 == 1`, where
+//! `L += (1 - beta2) C`), or `L_k <- L_k + C_k` when `beta2 == 1` (and
+//! `L_k <- beta2 L_k + C_k` when the weighting factor is dropped), where
 //! `C_k` contracts the raw gradient with itself over every dimension but
 //! `k` (`G G^T` and `G^T G` for a matrix). Only the lower triangle is
 //! computed: half of the products.
+//!
+//! KL-Shampoo contracts instead `G_k = G x_j X_j` (every other factor's
+//! current root `X_j`): `C_L = G X_R X_R G^T`, `C_R = G^T X_L X_L G`.
 
 use super::Shampoo;
+use super::chain::chain;
+use super::state::Loc;
 use crate::Result;
 use crate::backend::{Backend, GatherJob, GramJob, Map};
 use crate::config::WeightDecayType;
@@ -46,14 +52,28 @@ pub(super) fn gather<'s, B: Backend>(
     backend.gather(&mut jobs)
 }
 
-/// Accumulates the factor statistics of every active block.
-pub(super) fn update_factors<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
+/// `(beta, alpha)` of the statistics update `L <- beta L + alpha C`.
+fn coefficients<B: Backend>(opt: &Shampoo<B>) -> (f64, f64) {
     let beta2 = opt.config.betas[1];
-    let (beta, alpha) = if beta2 == 1.0 {
+    let drop = opt
+        .config
+        .shampoo_options()
+        .is_some_and(|o| o.drop_weighting_factor);
+    if beta2 == 1.0 {
         (1.0, 1.0)
+    } else if drop {
+        (beta2, 1.0)
     } else {
         (beta2, 1.0 - beta2)
-    };
+    }
+}
+
+/// Accumulates the factor statistics of every active block.
+pub(super) fn update_factors<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
+    if opt.config.is_kl() {
+        return update_factors_kl(opt);
+    }
+    let (beta, alpha) = coefficients(opt);
     let backend = &opt.backend;
     // Gradients in the factor dtype, when it differs from the parameters'.
     let mut casts: Vec<Map<'_, B>> = Vec::new();
@@ -96,4 +116,84 @@ pub(super) fn update_factors<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
         }
     }
     backend.mode_gram(&mut jobs)
+}
+
+/// KL-Shampoo's statistics: for each factor index `k`, every group that has
+/// a factor `k` multiplies its gradient by its other factors' roots, then
+/// contracts the product for factor `k`.
+fn update_factors_kl<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
+    let (beta, alpha) = coefficients(opt);
+    let most = opt
+        .groups
+        .iter()
+        .map(|g| g.factors.len())
+        .max()
+        .unwrap_or(0);
+    for k in 0..most {
+        let mut locs = vec![Loc::Grad; opt.groups.len()];
+        chain(opt, false, &mut locs, Some(k))?;
+        let backend = &opt.backend;
+        // Into the factor dtype when it differs.
+        let mut casts: Vec<Map<'_, B>> = Vec::new();
+        for (gi, g) in opt.groups.iter_mut().enumerate() {
+            if !g.any_active || g.factors.len() <= k {
+                continue;
+            }
+            let spec = &opt.layout.groups[gi];
+            let super::state::GroupState {
+                grad,
+                filtered,
+                work,
+                grad_factor,
+                active,
+                ..
+            } = g;
+            if let Some(gf) = grad_factor.as_mut() {
+                casts.push(Map::Copy {
+                    src: backend.view(locs[gi].of::<B>(grad, filtered, work)),
+                    dst: backend.view_mut(gf),
+                    numel: spec.numel,
+                    count: spec.count(),
+                    select: active.as_deref(),
+                });
+            }
+        }
+        backend.map(&mut casts)?;
+        drop(casts);
+        let mut jobs: Vec<GramJob<'_, B>> = Vec::new();
+        for (gi, g) in opt.groups.iter_mut().enumerate() {
+            if !g.any_active || g.factors.len() <= k {
+                continue;
+            }
+            let spec = &opt.layout.groups[gi];
+            let super::state::GroupState {
+                grad,
+                filtered,
+                work,
+                grad_factor,
+                factors,
+                active,
+                ..
+            } = g;
+            let input = match grad_factor.as_ref() {
+                Some(gf) => backend.view(gf),
+                None => backend.view(locs[gi].of::<B>(grad, filtered, work)),
+            };
+            let f = &mut factors[k];
+            jobs.push(GramJob {
+                input,
+                dims: &spec.dims,
+                count: spec.count(),
+                mode: f.spec.dim,
+                out: backend.view_mut(&mut f.stats),
+                beta,
+                alpha,
+                full: false,
+                tf32: opt.config.tf32,
+                select: active.as_deref(),
+            });
+        }
+        backend.mode_gram(&mut jobs)?;
+    }
+    Ok(())
 }

@@ -12,6 +12,8 @@
 //! | [`mode_product`](Backend::mode_product) | `T x_k M` (or `M^T`) |
 //! | [`matmul`](Backend::matmul) | batched `C = alpha op(A) op(B) (+ C)` |
 //! | [`eigh`](Backend::eigh) | batched symmetric eigendecomposition, in place |
+//! | [`qr`](Backend::qr) | batched QR factorization `A = Q R` |
+//! | [`orthogonalize`](Backend::orthogonalize) | `U V^T` of each matrix's reduced SVD (and the sum of its singular values) |
 //! | [`map`](Backend::map) | the fused elementwise kernels of [`Map`] |
 //! | [`reduce`](Backend::reduce) | per-matrix reductions of [`Reduction`] |
 //! | [`wire`](Backend::wire) | 16-bit communication formats: `round16(x)` and back ([`WireJob`]) |
@@ -143,8 +145,51 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn map(&self, jobs: &mut [Map<'_, Self>]) -> Result<()>;
     /// Per-matrix reductions.
     fn reduce(&self, jobs: &mut [ReduceJob<'_, Self>]) -> Result<()>;
+    /// Batched QR factorization of square matrices (QR eigendecomposition).
+    fn qr(&self, jobs: &mut [QrJob<'_, Self>]) -> Result<()>;
+    /// Batched orthogonal polar factor `U V^T` of the reduced SVD (spectral
+    /// descent by SVD).
+    fn orthogonalize(&self, jobs: &mut [OrthogonalizeJob<'_, Self>]) -> Result<()>;
+    /// Whether this backend implements `op` (the optimizer asks at
+    /// construction, so that a configuration the backend cannot run is a
+    /// clear error then, not a failure at some later step).
+    fn supports(&self, op: Op) -> bool;
     /// Packs values into a 16-bit communication format, or unpacks them.
     fn wire(&self, jobs: &mut [WireJob<'_, Self>]) -> Result<()>;
+}
+
+/// Operations (primitives, or variants of one) that a backend may not
+/// implement yet. Every other operation of the trait is required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// [`Backend::qr`].
+    Qr,
+    /// [`Backend::orthogonalize`].
+    Orthogonalize,
+    /// [`EigenRule::ShiftNonnegative`] and [`EigenRule::PseudoInverse`] in
+    /// [`Map::EigenPower`].
+    EigenRules,
+    /// [`Map::NewtonInit`] with a `scale` other than 2.
+    CoupledInit,
+    /// [`GradientStatistics`](Map::GradientStatistics) with `beta3 != beta1`,
+    /// and an [`GraftKernel::Ema`] weight other than `1 - beta2`.
+    FilterOptions,
+    /// [`Map::EigenvalueUpdate`] with a weight other than `1 - beta2`, and
+    /// [`Map::EigenvalueScale`] with an exponent other than 1/2.
+    EigenvalueOptions,
+    /// [`Reduction::Trace`] and [`Reduction::MaxRowAbsSum`].
+    TraceReductions,
+    /// [`Reduction::OffDiagonalRatio`].
+    OffDiagonalRatio,
+    /// [`Map::TraceScale`] and [`Map::AddRidge`].
+    RidgeMaps,
+    /// [`Map::Eigenpairs`].
+    Eigenpairs,
+    /// [`Map::ScaleByNorm`], [`Map::Axpby`], [`Map::ScaleBlocks`],
+    /// [`Map::Sign`].
+    DirectionMaps,
+    /// [`Map::IterateAverage`] and [`Map::Interpolate`].
+    AveragingMaps,
 }
 
 /// A 16-bit floating-point format of the direction all-gather.
@@ -343,6 +388,71 @@ pub struct EighJob<'a, B: Backend> {
     pub select: Selection<'a>,
 }
 
+/// `A = Q R` of square matrices: `a` (row-major) is replaced by `Q`, `r`
+/// receives `R` (upper triangular, zeros below). The signs of the columns of
+/// `Q` are the backend's (callers must not depend on them).
+#[repr(C)]
+pub struct QrJob<'a, B: Backend> {
+    /// `count` matrices `n x n`, replaced by their `Q`.
+    pub a: B::ViewMut<'a>,
+    /// `count` matrices `n x n`: `R`.
+    pub r: B::ViewMut<'a>,
+    /// Matrix size.
+    pub n: usize,
+    /// Number of matrices.
+    pub count: usize,
+    /// Which matrices.
+    pub select: Selection<'a>,
+}
+
+/// `out = U V^T` for the reduced SVD `M = U S V^T` of each `rows x cols`
+/// matrix (row-major), and `nuclear = sum S` when asked for.
+#[repr(C)]
+pub struct OrthogonalizeJob<'a, B: Backend> {
+    /// `count` matrices.
+    pub input: B::View<'a>,
+    /// `count` matrices of the same shape.
+    pub out: B::ViewMut<'a>,
+    /// `count` sums of singular values.
+    pub nuclear: Option<B::ViewMut<'a>>,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Number of matrices.
+    pub count: usize,
+    /// Which matrices.
+    pub select: Selection<'a>,
+}
+
+/// How [`Map::EigenPower`] makes eigenvalues safe to raise to `-e`
+/// (`lambda_min` is the smallest of a matrix's eigenvalues).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EigenRule {
+    /// If `lambda_min < eps`: `lambda <- (lambda - lambda_min) + eps`
+    /// (damping added before the decomposition).
+    ShiftBelow {
+        /// Damping.
+        eps: f64,
+    },
+    /// Always `lambda <- (lambda - min(lambda_min, 0)) + eps` (damping after
+    /// the decomposition).
+    ShiftNonnegative {
+        /// Damping.
+        eps: f64,
+    },
+    /// Pseudo-inverse: eigenvalues at or below
+    /// `c = max(rtol * max(lambda_max, 0), atol)` give 0, the others
+    /// `lambda^-e`; `rtol = None` means `n` times the dtype's machine
+    /// epsilon.
+    PseudoInverse {
+        /// Absolute cutoff.
+        atol: f64,
+        /// Relative cutoff.
+        rtol: Option<f64>,
+    },
+}
+
 /// Grafting method, with this step's scalars.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum GraftKernel {
@@ -355,11 +465,14 @@ pub enum GraftKernel {
         /// Damping.
         eps: f64,
     },
-    /// `V = b2 V + (1 - b2) g^2`; `graft(g) = g / (sqrt(V / bc) + eps)`.
-    /// RMSprop is this with `bc = 1`.
+    /// `V = b2 V + w g^2` (`w = 1 - b2`, or 1 when the weighting factor is
+    /// dropped); `graft(g) = g / (sqrt(V / bc) + eps)`. RMSprop is this with
+    /// `bc = 1`.
     Ema {
         /// EMA coefficient.
         beta2: f64,
+        /// Weight `w` of the new square.
+        weight: f64,
         /// Damping.
         eps: f64,
         /// Bias correction divisor (1 for RMSprop).
@@ -400,6 +513,14 @@ pub enum Reduction {
     MaxAbsDevIdentity,
     /// 1 if every element is finite, else 0.
     AllFinite,
+    /// `sum_i M_ii` of an `n x n` matrix.
+    Trace,
+    /// `max_i sum_j |M_ij|` (the infinity norm) of an `n x n` matrix.
+    MaxRowAbsSum,
+    /// `sqrt(||M||_F^2 - ||diag M||^2) / ||M||_F` of an `n x n` matrix (0
+    /// for a zero matrix; NaN when rounding makes the difference negative,
+    /// as in the published criterion): how far `M` is from diagonal.
+    OffDiagonalRatio,
 }
 
 /// `out[b] = reduction(input[b])` for each of `count` chunks of `numel`.
@@ -440,9 +561,9 @@ pub enum Map<'a, B: Backend> {
         /// Which matrices.
         select: Selection<'a>,
     },
-    /// Eigenvalue map of the eigh root inverse. Per matrix, with
-    /// `m = min(lambda)`: if `m < eps` then `lambda <- (lambda - m) + eps`;
-    /// then `out = lambda^(-exponent)` (or `lambda^(-exponent/2)` if `half`).
+    /// Eigenvalue map of the eigenvalue-based roots: `rule` makes the
+    /// eigenvalues safe, then `out = lambda^(-exponent)` (or
+    /// `lambda^(-exponent/2)` if `half`), in place.
     EigenPower {
         /// Eigenvalues, in place.
         values: B::ViewMut<'a>,
@@ -450,8 +571,8 @@ pub enum Map<'a, B: Backend> {
         n: usize,
         /// Number of vectors.
         count: usize,
-        /// Damping.
-        eps: f64,
+        /// Damping or cutoff.
+        rule: EigenRule,
         /// Inverse exponent.
         exponent: f64,
         /// Produce the square root of the power.
@@ -509,13 +630,18 @@ pub enum Map<'a, B: Backend> {
         /// Which chunks.
         select: Selection<'a>,
     },
-    /// Coupled Newton start: `z = (p + 1) / (2 norm)`, `X = z^(1/p) I`,
-    /// `M = z A`.
+    /// Coupled iterations' start: `z = numerator / (scale * s)` with `s` the
+    /// matrix's scalar, `X = z^(1/p) I`, `M = z A`. Newton:
+    /// `z = (p + 1) / (2 ||A||_F)`; higher order: `z = 1 / trace(A)`.
     NewtonInit {
         /// Damped factors (full).
         a: B::View<'a>,
-        /// Their Frobenius norms.
+        /// Per-matrix scalars `s` (Frobenius norms, traces).
         norms: B::View<'a>,
+        /// Numerator of `z`.
+        numerator: f64,
+        /// Scale of `s` in `z`'s denominator.
+        scale: f64,
         /// Root estimates.
         x: B::ViewMut<'a>,
         /// Coupled matrices.
@@ -529,14 +655,17 @@ pub enum Map<'a, B: Backend> {
         /// Which matrices.
         select: Selection<'a>,
     },
-    /// `out = M * (-1/p) + (1 + 1/p) I`.
+    /// `out = M * coef + diag I` (two roundings on the diagonal): Newton's
+    /// `M' = M (-1/p) + (1 + 1/p) I`, `I - M`, Horner steps.
     NewtonCoefficient {
         /// Coupled matrices.
         m: B::View<'a>,
         /// Results.
         out: B::ViewMut<'a>,
-        /// Root `p`.
-        p: u32,
+        /// Scale of `M`.
+        coef: f64,
+        /// Added to the diagonal.
+        diag: f64,
         /// Matrix size.
         n: usize,
         /// Number of matrices.
@@ -545,8 +674,10 @@ pub enum Map<'a, B: Backend> {
         select: Selection<'a>,
     },
     /// Per element of the raw gradient `g`: update the grafting accumulator,
-    /// the filtered gradient `m1 = beta1 m1 + (1 - beta1) g` and
-    /// `gf = m1 / bc1`; accumulate `sum graft(gf)^2` per block.
+    /// the filtered gradient: `gf = (beta3 m1 + (1 - beta3) g) / bc1` with
+    /// `m1` before its update, then `m1 = beta1 m1 + (1 - beta1) g` (for
+    /// `beta3 == beta1`: `gf = m1 / bc1` with the updated `m1`); accumulate
+    /// `sum graft(gf)^2` per block.
     GradientStatistics {
         /// Raw gradients.
         g: B::View<'a>,
@@ -559,6 +690,8 @@ pub enum Map<'a, B: Backend> {
         filtered: Option<(B::ViewMut<'a>, B::ViewMut<'a>)>,
         /// `beta1`.
         beta1: f64,
+        /// `beta3` (Lion's interpolation of the filtered gradient).
+        beta3: f64,
         /// Divisor of the filtered gradient.
         bc1: f64,
         /// Per-block `sum graft(gf)^2`, when wanted.
@@ -602,8 +735,8 @@ pub enum Map<'a, B: Backend> {
         /// Which blocks.
         select: Selection<'a>,
     },
-    /// Eigenvalue-corrected statistics: `d = beta2 d + (1 - beta2) r^2`
-    /// (`d += r^2` when `beta2 == 1`).
+    /// Eigenvalue-corrected statistics: `d = beta2 d + weight r^2` (two
+    /// roundings; `d += weight r^2` when `beta2 == 1`).
     EigenvalueUpdate {
         /// Rotated raw gradient.
         r: B::View<'a>,
@@ -611,6 +744,8 @@ pub enum Map<'a, B: Backend> {
         d: B::ViewMut<'a>,
         /// EMA coefficient.
         beta2: f64,
+        /// Weight of the new square (`1 - beta2`, or 1).
+        weight: f64,
         /// Elements per block.
         numel: usize,
         /// Number of blocks.
@@ -618,7 +753,7 @@ pub enum Map<'a, B: Backend> {
         /// Which blocks.
         select: Selection<'a>,
     },
-    /// `r = r / (sqrt(d / bc2) + eps)`.
+    /// `r = r / ((d / bc2)^exponent + eps)` (`sqrt` for 1/2).
     EigenvalueScale {
         /// Rotated filtered gradient, in place.
         r: B::ViewMut<'a>,
@@ -628,6 +763,167 @@ pub enum Map<'a, B: Backend> {
         bc2: f64,
         /// Damping.
         eps: f64,
+        /// Exponent on `d / bc2`.
+        exponent: f64,
+        /// Elements per block.
+        numel: usize,
+        /// Number of blocks.
+        count: usize,
+        /// Which blocks.
+        select: Selection<'a>,
+    },
+    /// Trace scaling: `x <- x * max(t, eps)^(-exponent)` with `t` the
+    /// matrix's trace.
+    TraceScale {
+        /// Matrices, in place.
+        x: B::ViewMut<'a>,
+        /// Their traces.
+        traces: B::View<'a>,
+        /// Clamp of the trace.
+        eps: f64,
+        /// Exponent.
+        exponent: f64,
+        /// Matrix size.
+        n: usize,
+        /// Number of matrices.
+        count: usize,
+        /// Which matrices.
+        select: Selection<'a>,
+    },
+    /// The higher-order iteration's ridge: `x_ii += max(v * rel, abs)` with
+    /// `v` the matrix's scalar (its infinity norm).
+    AddRidge {
+        /// Matrices, in place.
+        x: B::ViewMut<'a>,
+        /// Per-matrix scalars.
+        values: B::View<'a>,
+        /// Relative ridge.
+        rel: f64,
+        /// Smallest ridge.
+        abs: f64,
+        /// Matrix size.
+        n: usize,
+        /// Number of matrices.
+        count: usize,
+        /// Which matrices.
+        select: Selection<'a>,
+    },
+    /// Eigenpairs from a (nearly) diagonalized `b = S A S^T`: `values =
+    /// diag(b)`, sorted ascending (stable) when `sort`, and the rows of
+    /// `vectors` (the eigenvectors) copied into `out_vectors` in the same
+    /// order.
+    Eigenpairs {
+        /// Rotated matrices.
+        b: B::View<'a>,
+        /// Eigenvectors (rows) of the rotation.
+        vectors: B::View<'a>,
+        /// Eigenvectors (rows), reordered.
+        out_vectors: B::ViewMut<'a>,
+        /// Eigenvalues.
+        values: B::ViewMut<'a>,
+        /// Sort ascending.
+        sort: bool,
+        /// Matrix size.
+        n: usize,
+        /// Number of matrices.
+        count: usize,
+        /// Which matrices.
+        select: Selection<'a>,
+    },
+    /// `dst = src / max(s, floor)` with `s` the block's scalar (its norm).
+    ScaleByNorm {
+        /// Blocks.
+        src: B::View<'a>,
+        /// Results.
+        dst: B::ViewMut<'a>,
+        /// Per-block scalars.
+        norms: B::View<'a>,
+        /// Smallest divisor.
+        floor: f64,
+        /// Elements per block.
+        numel: usize,
+        /// Number of blocks.
+        count: usize,
+        /// Which blocks.
+        select: Selection<'a>,
+    },
+    /// `x = a x + b y` (two products, one sum).
+    Axpby {
+        /// In place.
+        x: B::ViewMut<'a>,
+        /// Second term.
+        y: B::View<'a>,
+        /// Scale of `x`.
+        a: f64,
+        /// Scale of `y`.
+        b: f64,
+        /// Elements per chunk.
+        numel: usize,
+        /// Number of chunks.
+        count: usize,
+        /// Which chunks.
+        select: Selection<'a>,
+    },
+    /// `x *= s` with `s` the block's scalar.
+    ScaleBlocks {
+        /// Blocks, in place.
+        x: B::ViewMut<'a>,
+        /// Per-block scalars.
+        scales: B::View<'a>,
+        /// Elements per block.
+        numel: usize,
+        /// Number of blocks.
+        count: usize,
+        /// Which blocks.
+        select: Selection<'a>,
+    },
+    /// `dst = sign(src)` (`sign(0) = 0`).
+    Sign {
+        /// Blocks.
+        src: B::View<'a>,
+        /// Results.
+        dst: B::ViewMut<'a>,
+        /// Elements per block.
+        numel: usize,
+        /// Number of blocks.
+        count: usize,
+        /// Which blocks.
+        select: Selection<'a>,
+    },
+    /// Iterate averaging's step, with `u = -lr P` in `u`:
+    /// `z <- z * shrink` (weight decay, when given), `d = z - w`,
+    /// `z <- z + u`, `u <- u c1 + c2 d` (the increment of `w`).
+    IterateAverage {
+        /// `-lr P`, replaced by the parameter increment.
+        u: B::ViewMut<'a>,
+        /// The averaging state `Z`.
+        z: B::ViewMut<'a>,
+        /// The parameters `W` (gathered).
+        w: B::View<'a>,
+        /// `1 - mu_y mu_x`.
+        c1: f64,
+        /// `1 - mu_x`.
+        c2: f64,
+        /// Weight decay's shrink factor of `Z`.
+        shrink: Option<f64>,
+        /// Elements per block.
+        numel: usize,
+        /// Number of blocks.
+        count: usize,
+        /// Which blocks.
+        select: Selection<'a>,
+    },
+    /// `out = (z - w) * coef`: the increment that moves the parameters
+    /// between the train and the evaluation sequence.
+    Interpolate {
+        /// The averaging state `Z`.
+        z: B::View<'a>,
+        /// The parameters `W` (gathered).
+        w: B::View<'a>,
+        /// Increments.
+        out: B::ViewMut<'a>,
+        /// Coefficient.
+        coef: f64,
         /// Elements per block.
         numel: usize,
         /// Number of blocks.

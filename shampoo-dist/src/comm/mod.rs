@@ -159,6 +159,37 @@ impl Default for CommOptions {
     }
 }
 
+/// The variable that sets [`CommOptions::timeout`] in seconds
+/// ([`CommOptions::from_env`]; `shampoo-run --comm-timeout` sets it).
+pub const TIMEOUT_VAR: &str = "SHAMPOO_COMM_TIMEOUT";
+
+impl CommOptions {
+    /// The defaults, with the timeout from [`TIMEOUT_VAR`] when it is set
+    /// (seconds, fractions allowed, more than 0).
+    pub fn from_env() -> Result<CommOptions> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// [`CommOptions::from_env`] with the variables read through `get`.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<CommOptions> {
+        let mut opts = CommOptions::default();
+        if let Some(v) = get(TIMEOUT_VAR).filter(|v| !v.trim().is_empty()) {
+            let secs: f64 = v.trim().parse().map_err(|_| {
+                crate::Error::Env(format!("{TIMEOUT_VAR}={v:?} is not a number of seconds"))
+            })?;
+            opts.timeout = Duration::try_from_secs_f64(secs)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    crate::Error::Env(format!(
+                        "{TIMEOUT_VAR}={v:?}: the timeout must be a positive number of seconds"
+                    ))
+                })?;
+        }
+        Ok(opts)
+    }
+}
+
 /// Checks the sizes of an all-gather.
 pub(crate) fn check_gather(world: usize, send: usize, recv: usize) -> Result<()> {
     if send.checked_mul(world) != Some(recv) {

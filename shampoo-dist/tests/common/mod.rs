@@ -97,17 +97,7 @@ pub fn reference_worlds(
     let mut params = init_params(shapes);
     for step in 1..=steps {
         let world = worlds[step as usize - 1];
-        let grads: Vec<Option<Vec<f32>>> = (0..shapes.len())
-            .map(|p| {
-                let per_rank: Vec<Vec<f32>> = (0..world)
-                    .map(|r| grad(shapes, step, r, p))
-                    .collect::<Option<_>>()?;
-                let parts: Vec<&[f32]> = per_rank.iter().map(Vec::as_slice).collect();
-                let mut mean = vec![0f32; per_rank[0].len()];
-                mean_in_rank_order(&parts, &mut mean);
-                Some(mean)
-            })
-            .collect();
+        let grads = averaged_grads(shapes, step, world);
         let mut views: Vec<HostViewMut<'_>> =
             params.iter_mut().map(|p| HostViewMut::F32(p)).collect();
         let gviews: Vec<Option<HostView<'_>>> = grads
@@ -117,6 +107,22 @@ pub fn reference_worlds(
         opt.step(&mut views, &gviews).unwrap();
     }
     params
+}
+
+/// The gradients of step `step` averaged over `world` ranks with the
+/// transports' arithmetic.
+pub fn averaged_grads(shapes: &[Vec<usize>], step: u64, world: usize) -> Vec<Option<Vec<f32>>> {
+    (0..shapes.len())
+        .map(|p| {
+            let per_rank: Vec<Vec<f32>> = (0..world)
+                .map(|r| grad(shapes, step, r, p))
+                .collect::<Option<_>>()?;
+            let parts: Vec<&[f32]> = per_rank.iter().map(Vec::as_slice).collect();
+            let mut mean = vec![0f32; per_rank[0].len()];
+            mean_in_rank_order(&parts, &mut mean);
+            Some(mean)
+        })
+        .collect()
 }
 
 /// One rank's training loop; returns its parameters.

@@ -1,12 +1,11 @@
 //! Fashion-MNIST from its idx files (`*-ubyte.gz`, as the Debian package
 //! `dataset-fashion-mnist` installs them in `/usr/share/datasets/fashion-mnist`).
 
-use super::{Batch, Dataset};
+use super::{Dataset, Scratch};
 use crate::error::{Error, Result};
 use flate2::read::GzDecoder;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use tch::Tensor;
 
 /// Where the Debian package puts the files.
 pub const DEFAULT_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -72,28 +71,29 @@ impl Dataset for FashionMnist {
         10
     }
 
-    fn channels(&self) -> usize {
-        1
+    fn sample_shape(&self) -> [usize; 3] {
+        [self.rows, self.cols, 1]
     }
 
-    fn batch(&self, indices: &[usize], _epoch: u64, _seed: u64) -> Result<Batch> {
+    fn normalisation(&self) -> (&'static [f32], &'static [f32]) {
+        (&[MEAN], &[STD])
+    }
+
+    fn label(&self, index: usize) -> i64 {
+        self.labels[index] as i64
+    }
+
+    fn write_sample(
+        &self,
+        index: usize,
+        _epoch: u64,
+        _seed: u64,
+        out: &mut [u8],
+        _scratch: &mut Scratch,
+    ) -> Result<bool> {
         let px = self.rows * self.cols;
-        let mut images = Vec::with_capacity(indices.len() * px);
-        let mut labels = Vec::with_capacity(indices.len());
-        for &i in indices {
-            images.extend(
-                self.pixels[i * px..(i + 1) * px]
-                    .iter()
-                    .map(|&p| (p as f32 / 255.0 - MEAN) / STD),
-            );
-            labels.push(self.labels[i] as i64);
-        }
-        let n = indices.len() as i64;
-        Ok(Batch {
-            images: Tensor::from_slice(&images).view([n, 1, self.rows as i64, self.cols as i64]),
-            labels: Tensor::from_slice(&labels),
-            skipped: 0,
-        })
+        out.copy_from_slice(&self.pixels[index * px..(index + 1) * px]);
+        Ok(true)
     }
 }
 

@@ -72,6 +72,11 @@ impl AdamW {
         })
     }
 
+    /// Whether both moments are finite everywhere.
+    pub fn state_is_finite(&self) -> Result<bool> {
+        crate::divergence::all_finite(self.exp_avg.iter().chain(&self.exp_avg_sq))
+    }
+
     /// Writes the step count and the moments to `path` (libtorch's format).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut named: Vec<(String, Tensor)> =
@@ -174,6 +179,11 @@ impl Sgd {
         })
     }
 
+    /// Whether the momentum buffers are finite everywhere.
+    pub fn state_is_finite(&self) -> Result<bool> {
+        crate::divergence::all_finite(self.buf.iter().flatten())
+    }
+
     /// Writes the momentum buffers to `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut named: Vec<(String, Tensor)> =
@@ -220,7 +230,7 @@ fn check_count(vars: usize, state: usize) -> Result<()> {
 fn load_named(path: &Path) -> Result<std::collections::HashMap<String, Tensor>> {
     let named = Tensor::load_multi(path).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: crate::error::torch_message(&e),
     })?;
     Ok(named.into_iter().collect())
 }

@@ -167,6 +167,39 @@ impl Optimizer {
         }
     }
 
+    /// Whether the model is evaluated with other parameters than it is
+    /// trained with (Shampoo with iterate averaging).
+    pub fn has_eval_view(&self) -> bool {
+        match self {
+            Optimizer::Shampoo { opt, .. } => opt
+                .groups()
+                .iter()
+                .any(|&g| opt.config(g).iterate_averaging.is_some()),
+            _ => false,
+        }
+    }
+
+    /// Puts the parameters the model is evaluated with into the variables:
+    /// Shampoo's evaluation view with iterate averaging (the averaged
+    /// sequence, as the published `eval()`), the parameters themselves
+    /// otherwise. Collective. Undo with [`Optimizer::train_view`].
+    pub fn eval_view(&mut self) -> Result<()> {
+        if let Optimizer::Shampoo { opt, .. } = self {
+            opt.eval()?;
+        }
+        Ok(())
+    }
+
+    /// Back to the parameters the next step updates (the published
+    /// `train()`, which recomputes them from the evaluation view: up to
+    /// float32 rounding of its coefficients). Collective.
+    pub fn train_view(&mut self) -> Result<()> {
+        if let Optimizer::Shampoo { opt, .. } = self {
+            opt.train()?;
+        }
+        Ok(())
+    }
+
     /// Writes the optimizer state into the folder `dir` (which exists).
     /// Collective: every rank calls it (Shampoo's ranks each write their
     /// part; the baselines' state, the same on every rank, is written by
@@ -180,6 +213,35 @@ impl Optimizer {
         }
     }
 
+    /// Whether the optimizer's own state is finite: the baselines' moments
+    /// (Shampoo checks its factors and roots itself, at every root inverse).
+    pub fn state_is_finite(&self) -> Result<bool> {
+        match self {
+            Optimizer::AdamW(o, _) => o.state_is_finite(),
+            Optimizer::Sgd(o, _) => o.state_is_finite(),
+            Optimizer::Shampoo { .. } => Ok(true),
+        }
+    }
+
+    /// Shampoo's root-inverse counters of the blocks this rank reports
+    /// (see `shampoo_tch::Shampoo::root_inverse_stats`); empty for the
+    /// baselines.
+    pub fn root_inverse_stats(&self) -> Vec<shampoo_tch::VariableRootInverseStats> {
+        match self {
+            Optimizer::Shampoo { opt, .. } => opt.root_inverse_stats(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// [`Optimizer::root_inverse_stats`] summed.
+    pub fn root_inverse_totals(&self) -> shampoo_core::RootInverseCounters {
+        let mut total = shampoo_core::RootInverseCounters::default();
+        for s in self.root_inverse_stats() {
+            total.add(&s.stats.counters);
+        }
+        total
+    }
+
     /// Reads the state [`Optimizer::save`] wrote.
     pub fn load(&mut self, dir: &Path, vs: &VarStore) -> Result<()> {
         match self {
@@ -188,4 +250,41 @@ impl Optimizer {
             Optimizer::Shampoo { opt, .. } => Ok(opt.load(&dir.join("shampoo"))?),
         }
     }
+}
+
+/// Refuses a Shampoo configuration whose state would not fit in this
+/// machine's memory, before anything is allocated; the error gives the
+/// size and the variable with the widest factor.
+pub(crate) fn check_shampoo_memory(
+    vs: &VarStore,
+    config: &shampoo_core::ShampooConfig,
+) -> std::result::Result<(), String> {
+    let Some(limit) = shampoo_core::memory::host_memory_bytes() else {
+        return Ok(());
+    };
+    let mut vars: Vec<(String, tch::Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let shapes: Vec<Vec<usize>> = vars
+        .iter()
+        .map(|(_, t)| t.size().iter().map(|&d| d.max(0) as usize).collect())
+        .collect();
+    let dtype = match vars.first().map(|(_, t)| t.kind()) {
+        Some(tch::Kind::Double) => shampoo_core::DType::F64,
+        _ => shampoo_core::DType::F32,
+    };
+    let name = |i: usize| format!("variable {}", vars[i].0);
+    shampoo_core::memory::check_allocation(
+        &shapes,
+        config,
+        dtype,
+        limit,
+        "this machine's memory",
+        &name,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
 }

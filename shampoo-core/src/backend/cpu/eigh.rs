@@ -17,7 +17,7 @@ thread_local! {
     static SCRATCH: RefCell<(usize, Option<MemBuffer>)> = const { RefCell::new((0, None)) };
 }
 
-fn with_scratch<R>(req: StackReq, f: impl FnOnce(&mut MemStack) -> R) -> R {
+pub(super) fn with_scratch<R>(req: StackReq, f: impl FnOnce(&mut MemStack) -> R) -> R {
     SCRATCH.with(|cell| {
         let mut cell = cell.borrow_mut();
         let need = req.size_bytes();

@@ -39,6 +39,27 @@ pub fn ema_divided<T: Float>(m: &mut [T], out: &mut [T], g: &[T], beta: T, coef:
     }
 }
 
+/// Lion's filtered gradient: `out = (b3 m + c3 g) / divisor` with the old
+/// `m`, then `m = b1 m + c1 g` (each sum in two roundings).
+#[multiversion(targets = "simd")]
+pub fn interpolate_then_ema<T: Float>(
+    m: &mut [T],
+    out: &mut [T],
+    g: &[T],
+    [b3, c3]: [T; 2],
+    [b1, c1]: [T; 2],
+    divisor: T,
+) {
+    for ((m, o), &g) in m.iter_mut().zip(out.iter_mut()).zip(g) {
+        let mut f = *m * b3;
+        f += c3 * g;
+        *o = f / divisor;
+        let mut t = *m * b1;
+        t += c1 * g;
+        *m = t;
+    }
+}
+
 /// `out = g / (sqrt(v / divisor) + eps)` (`divisor = 1` skips nothing: the
 /// division by one is exact).
 #[multiversion(targets = "simd")]

@@ -7,7 +7,7 @@
 use super::kernels;
 use super::linalg::CpuFloat;
 use super::{CpuBackend, check_len, check_select, take_mut, typed, typed_mut};
-use crate::backend::{DirectionSource, GraftKernel, Map, MomentumKernel};
+use crate::backend::{DirectionSource, EigenRule, GraftKernel, Map, MomentumKernel};
 use crate::{DType, Error, Float, HostView, Result};
 
 /// One block's (or matrix's) share of a map.
@@ -21,7 +21,7 @@ enum Task<'a, T> {
     },
     EigenPower {
         values: &'a mut [T],
-        eps: T,
+        rule: EigenRule,
         exponent: T,
     },
     ScaleRows {
@@ -44,6 +44,8 @@ enum Task<'a, T> {
     NewtonInit {
         a: &'a [T],
         norm: T,
+        numerator: T,
+        scale: T,
         x: &'a mut [T],
         m: &'a mut [T],
         p: u32,
@@ -52,7 +54,8 @@ enum Task<'a, T> {
     NewtonCoefficient {
         m: &'a [T],
         out: &'a mut [T],
-        p: u32,
+        coef: T,
+        diag: T,
         n: usize,
     },
     GradientStatistics {
@@ -61,6 +64,7 @@ enum Task<'a, T> {
         graft: GraftKernel,
         filtered: Option<(&'a mut [T], &'a mut [T])>,
         beta1: f64,
+        beta3: f64,
         bc1: T,
         sq_norm: Option<&'a mut T>,
     },
@@ -80,13 +84,70 @@ enum Task<'a, T> {
         r: &'a [T],
         d: &'a mut [T],
         beta2: f64,
+        weight: f64,
     },
     EigenvalueScale {
         r: &'a mut [T],
         d: &'a [T],
         bc2: T,
         eps: T,
+        exponent: f64,
     },
+    TraceScale {
+        x: &'a mut [T],
+        scale: T,
+    },
+    AddRidge {
+        x: &'a mut [T],
+        ridge: T,
+        n: usize,
+    },
+    Eigenpairs {
+        b: &'a [T],
+        vectors: &'a [T],
+        out_vectors: &'a mut [T],
+        values: &'a mut [T],
+        sort: bool,
+        n: usize,
+    },
+    Scaled {
+        src: Option<&'a [T]>,
+        dst: &'a mut [T],
+        scale: Scale<T>,
+    },
+    Axpby {
+        x: &'a mut [T],
+        y: &'a [T],
+        a: T,
+        b: T,
+    },
+    Sign {
+        src: &'a [T],
+        dst: &'a mut [T],
+    },
+    IterateAverage {
+        u: &'a mut [T],
+        z: &'a mut [T],
+        w: &'a [T],
+        c1: T,
+        c2: T,
+        shrink: Option<T>,
+    },
+    Interpolate {
+        z: &'a [T],
+        w: &'a [T],
+        out: &'a mut [T],
+        coef: T,
+    },
+}
+
+/// How [`Task::Scaled`] scales a block.
+#[derive(Clone, Copy)]
+enum Scale<T> {
+    /// `x / max(s, floor)`.
+    DivideClamped(T, T),
+    /// `x * s`.
+    Multiply(T),
 }
 
 /// `out = graft(g)`.
@@ -136,23 +197,9 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
         }
         Task::EigenPower {
             values,
-            eps,
+            rule,
             exponent,
-        } => {
-            let min = values
-                .iter()
-                .copied()
-                .fold(T::from_f64(f64::INFINITY), |m, x| if x < m { x } else { m });
-            if min < eps {
-                for x in values.iter_mut() {
-                    *x = (*x + (-min)) + eps;
-                }
-            }
-            let e = -exponent;
-            for x in values.iter_mut() {
-                *x = x.powf(e);
-            }
-        }
+        } => eigen_power(values, rule, exponent),
         Task::ScaleRows { x, d, n } => {
             for (row, &s) in x.chunks_mut(n).zip(d) {
                 for v in row {
@@ -175,12 +222,14 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
         Task::NewtonInit {
             a,
             norm,
+            numerator,
+            scale,
             x,
             m,
             p,
             n,
         } => {
-            let z = T::from_f64(p as f64 + 1.0) / (T::from_f64(2.0) * norm);
+            let z = numerator / (scale * norm);
             let zp = z.powf(T::from_f64(1.0 / p as f64));
             x.fill(T::ZERO);
             for i in 0..n {
@@ -190,11 +239,15 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
                 *m = z * a;
             }
         }
-        Task::NewtonCoefficient { m, out, p, n } => {
-            let alpha = -1.0 / p as f64;
-            let (a, diag) = (T::from_f64(alpha), T::from_f64(1.0 - alpha));
+        Task::NewtonCoefficient {
+            m,
+            out,
+            coef,
+            diag,
+            n,
+        } => {
             for (o, &x) in out.iter_mut().zip(m) {
-                *o = x * a;
+                *o = x * coef;
             }
             for i in 0..n {
                 out[i * n + i] += diag;
@@ -206,6 +259,7 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
             graft,
             filtered,
             beta1,
+            beta3,
             bc1,
             sq_norm,
         } => {
@@ -213,20 +267,31 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
             if let Some(acc) = v.as_deref_mut() {
                 match graft {
                     GraftKernel::Adagrad { .. } => kernels::add_square(acc, g),
-                    GraftKernel::Ema { beta2, .. } => {
-                        kernels::ema_square(acc, g, T::from_f64(beta2), T::from_f64(1.0 - beta2))
+                    GraftKernel::Ema { beta2, weight, .. } => {
+                        kernels::ema_square(acc, g, T::from_f64(beta2), T::from_f64(weight))
                     }
                     _ => {}
                 }
             }
             let gf: &[T] = match filtered {
-                Some((m1, gf)) => {
+                Some((m1, gf)) if beta3 == beta1 => {
                     kernels::ema_divided(
                         m1,
                         gf,
                         g,
                         T::from_f64(beta1),
                         T::from_f64(1.0 - beta1),
+                        bc1,
+                    );
+                    gf
+                }
+                Some((m1, gf)) => {
+                    kernels::interpolate_then_ema(
+                        m1,
+                        gf,
+                        g,
+                        [T::from_f64(beta3), T::from_f64(1.0 - beta3)],
+                        [T::from_f64(beta1), T::from_f64(1.0 - beta1)],
                         bc1,
                     );
                     gf
@@ -268,13 +333,19 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
             }
             kernels::scale(out, neg_lr);
         }
-        Task::EigenvalueUpdate { r, d, beta2 } => {
+        Task::EigenvalueUpdate {
+            r,
+            d,
+            beta2,
+            weight,
+        } => {
+            let c = T::from_f64(weight);
             if beta2 == 1.0 {
                 for (d, &x) in d.iter_mut().zip(r) {
-                    *d += x * x;
+                    *d += c * x * x;
                 }
             } else {
-                let (b, c) = (T::from_f64(beta2), T::from_f64(1.0 - beta2));
+                let b = T::from_f64(beta2);
                 for (d, &x) in d.iter_mut().zip(r) {
                     let mut t = *d * b;
                     t += c * x * x;
@@ -282,11 +353,156 @@ fn run_task<T: CpuFloat>(task: Task<'_, T>) {
                 }
             }
         }
-        Task::EigenvalueScale { r, d, bc2, eps } => {
-            for (r, &d) in r.iter_mut().zip(d) {
-                *r /= (d / bc2).sqrt() + eps;
+        Task::EigenvalueScale {
+            r,
+            d,
+            bc2,
+            eps,
+            exponent,
+        } => {
+            if exponent == 0.5 {
+                for (r, &d) in r.iter_mut().zip(d) {
+                    *r /= (d / bc2).sqrt() + eps;
+                }
+            } else {
+                let e = T::from_f64(exponent);
+                for (r, &d) in r.iter_mut().zip(d) {
+                    *r /= (d / bc2).powf(e) + eps;
+                }
             }
         }
+        Task::TraceScale { x, scale } => kernels::scale(x, scale),
+        Task::AddRidge { x, ridge, n } => {
+            for i in 0..n {
+                x[i * n + i] += ridge;
+            }
+        }
+        Task::Eigenpairs {
+            b,
+            vectors,
+            out_vectors,
+            values,
+            sort,
+            n,
+        } => {
+            let mut order: Vec<usize> = (0..n).collect();
+            if sort {
+                // Stable, ascending; NaN last.
+                let key = |i: usize| b[i * n + i].to_f64();
+                order.sort_by(|&i, &j| {
+                    let (x, y) = (key(i), key(j));
+                    x.partial_cmp(&y)
+                        .unwrap_or_else(|| x.is_nan().cmp(&y.is_nan()))
+                });
+            }
+            for (k, &i) in order.iter().enumerate() {
+                values[k] = b[i * n + i];
+                out_vectors[k * n..(k + 1) * n].copy_from_slice(&vectors[i * n..(i + 1) * n]);
+            }
+        }
+        Task::Scaled { src, dst, scale } => match (scale, src) {
+            (Scale::DivideClamped(s, floor), Some(src)) => {
+                let d = if s > floor { s } else { floor };
+                for (o, &x) in dst.iter_mut().zip(src) {
+                    *o = x / d;
+                }
+            }
+            (Scale::Multiply(s), None) => kernels::scale(dst, s),
+            (Scale::Multiply(s), Some(src)) => kernels::scaled(dst, src, s),
+            (Scale::DivideClamped(s, floor), None) => {
+                let d = if s > floor { s } else { floor };
+                for o in dst.iter_mut() {
+                    *o /= d;
+                }
+            }
+        },
+        Task::Axpby { x, y, a, b } => {
+            for (x, &y) in x.iter_mut().zip(y) {
+                *x = a * *x + b * y;
+            }
+        }
+        Task::Sign { src, dst } => {
+            for (o, &x) in dst.iter_mut().zip(src) {
+                *o = if x > T::ZERO {
+                    T::ONE
+                } else if x < T::ZERO {
+                    -T::ONE
+                } else {
+                    x * T::ZERO
+                };
+            }
+        }
+        Task::IterateAverage {
+            u,
+            z,
+            w,
+            c1,
+            c2,
+            shrink,
+        } => {
+            for ((u, z), &w) in u.iter_mut().zip(z.iter_mut()).zip(w) {
+                let zs = match shrink {
+                    Some(s) => *z * s,
+                    None => *z,
+                };
+                let d = zs - w;
+                *z = zs + *u;
+                *u = *u * c1 + c2 * d;
+            }
+        }
+        Task::Interpolate { z, w, out, coef } => {
+            for ((o, &z), &w) in out.iter_mut().zip(z).zip(w) {
+                *o = (z - w) * coef;
+            }
+        }
+    }
+}
+
+/// [`Map::EigenPower`] on one vector of eigenvalues.
+fn eigen_power<T: CpuFloat>(values: &mut [T], rule: EigenRule, exponent: T) {
+    let e = -exponent;
+    let min = values
+        .iter()
+        .copied()
+        .fold(T::from_f64(f64::INFINITY), |m, x| if x < m { x } else { m });
+    match rule {
+        EigenRule::ShiftBelow { eps } => {
+            let eps = T::from_f64(eps);
+            if min < eps {
+                for x in values.iter_mut() {
+                    *x = (*x + (-min)) + eps;
+                }
+            }
+        }
+        EigenRule::ShiftNonnegative { eps } => {
+            let eps = T::from_f64(eps);
+            for x in values.iter_mut() {
+                if min < T::ZERO {
+                    *x += -min;
+                }
+                *x += eps;
+            }
+        }
+        EigenRule::PseudoInverse { atol, rtol } => {
+            let max = values
+                .iter()
+                .copied()
+                .fold(T::ZERO, |m, x| if x > m { x } else { m });
+            let rtol = match rtol {
+                Some(r) => T::from_f64(r),
+                None => T::from_f64(values.len() as f64) * T::EPSILON,
+            };
+            let atol = T::from_f64(atol);
+            let c = rtol * max;
+            let cutoff = if c > atol { c } else { atol };
+            for x in values.iter_mut() {
+                *x = if *x <= cutoff { T::ZERO } else { x.powf(e) };
+            }
+            return;
+        }
+    }
+    for x in values.iter_mut() {
+        *x = x.powf(e);
     }
 }
 
@@ -399,7 +615,7 @@ fn map_job<'a, T: CpuFloat>(
             values,
             n,
             count,
-            eps,
+            rule,
             exponent,
             half,
             select,
@@ -408,11 +624,11 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let values = tm::<T>(take_mut(values), "values", count, n)?;
             let e = if *half { *exponent / 2.0 } else { *exponent };
-            let (eps, exponent) = (T::from_f64(*eps), T::from_f64(e));
+            let (rule, exponent) = (*rule, T::from_f64(e));
             per_chunk(tasks, values, n, *select, count, |_, values| {
                 Task::EigenPower {
                     values,
-                    eps,
+                    rule,
                     exponent,
                 }
             });
@@ -484,6 +700,8 @@ fn map_job<'a, T: CpuFloat>(
         Map::NewtonInit {
             a,
             norms,
+            numerator,
+            scale,
             x,
             m,
             p,
@@ -491,6 +709,7 @@ fn map_job<'a, T: CpuFloat>(
             count,
             select,
         } => {
+            let (numerator, scale) = (T::from_f64(*numerator), T::from_f64(*scale));
             let (n, count) = (*n, *count);
             check_select(OP, *select, count)?;
             let a = tr::<T>(*a, "a", count, n * n)?;
@@ -510,6 +729,8 @@ fn map_job<'a, T: CpuFloat>(
                         Task::NewtonInit {
                             a: chunk(a, i, n * n),
                             norm: norms[i],
+                            numerator,
+                            scale,
                             x,
                             m,
                             p: *p,
@@ -522,7 +743,8 @@ fn map_job<'a, T: CpuFloat>(
         Map::NewtonCoefficient {
             m,
             out,
-            p,
+            coef,
+            diag,
             n,
             count,
             select,
@@ -531,12 +753,13 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let m = tr::<T>(*m, "m", count, n * n)?;
             let out = tm::<T>(take_mut(out), "out", count, n * n)?;
-            let p = *p;
+            let (coef, diag) = (T::from_f64(*coef), T::from_f64(*diag));
             per_chunk(tasks, out, n * n, *select, count, |i, out| {
                 Task::NewtonCoefficient {
                     m: chunk(m, i, n * n),
                     out,
-                    p,
+                    coef,
+                    diag,
                     n,
                 }
             });
@@ -547,6 +770,7 @@ fn map_job<'a, T: CpuFloat>(
             graft,
             filtered,
             beta1,
+            beta3,
             bc1,
             graft_sq_norms,
             numel,
@@ -604,6 +828,7 @@ fn map_job<'a, T: CpuFloat>(
                         graft: *graft,
                         filtered: filt,
                         beta1: *beta1,
+                        beta3: *beta3,
                         bc1: T::from_f64(*bc1),
                         sq_norm: norms[i].take(),
                     },
@@ -712,6 +937,7 @@ fn map_job<'a, T: CpuFloat>(
             r,
             d,
             beta2,
+            weight,
             numel,
             count,
             select,
@@ -720,12 +946,13 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let r = tr::<T>(*r, "r", count, numel)?;
             let d = tm::<T>(take_mut(d), "d", count, numel)?;
-            let beta2 = *beta2;
+            let (beta2, weight) = (*beta2, *weight);
             per_chunk(tasks, d, numel, *select, count, |i, d| {
                 Task::EigenvalueUpdate {
                     r: chunk(r, i, numel),
                     d,
                     beta2,
+                    weight,
                 }
             });
         }
@@ -734,6 +961,7 @@ fn map_job<'a, T: CpuFloat>(
             d,
             bc2,
             eps,
+            exponent,
             numel,
             count,
             select,
@@ -742,13 +970,228 @@ fn map_job<'a, T: CpuFloat>(
             check_select(OP, *select, count)?;
             let d = tr::<T>(*d, "d", count, numel)?;
             let r = tm::<T>(take_mut(r), "r", count, numel)?;
-            let (bc2, eps) = (T::from_f64(*bc2), T::from_f64(*eps));
+            let (bc2, eps, exponent) = (T::from_f64(*bc2), T::from_f64(*eps), *exponent);
             per_chunk(tasks, r, numel, *select, count, |i, r| {
                 Task::EigenvalueScale {
                     r,
                     d: chunk(d, i, numel),
                     bc2,
                     eps,
+                    exponent,
+                }
+            });
+        }
+        Map::TraceScale {
+            x,
+            traces,
+            eps,
+            exponent,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count) = (*n, *count);
+            check_select(OP, *select, count)?;
+            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
+            let traces = tr::<T>(*traces, "traces", count, 1)?;
+            let (eps, e) = (T::from_f64(*eps), T::from_f64(-*exponent));
+            per_chunk(tasks, x, n * n, *select, count, |i, x| {
+                let t = traces[i];
+                let t = if t > eps { t } else { eps };
+                Task::TraceScale {
+                    x,
+                    scale: t.powf(e),
+                }
+            });
+        }
+        Map::AddRidge {
+            x,
+            values,
+            rel,
+            abs,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count) = (*n, *count);
+            check_select(OP, *select, count)?;
+            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
+            let values = tr::<T>(*values, "values", count, 1)?;
+            let (rel, abs) = (T::from_f64(*rel), T::from_f64(*abs));
+            per_chunk(tasks, x, n * n, *select, count, |i, x| {
+                let r = values[i] * rel;
+                let ridge = if r > abs { r } else { abs };
+                Task::AddRidge { x, ridge, n }
+            });
+        }
+        Map::Eigenpairs {
+            b,
+            vectors,
+            out_vectors,
+            values,
+            sort,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count) = (*n, *count);
+            check_select(OP, *select, count)?;
+            let b = tr::<T>(*b, "b", count, n * n)?;
+            let vectors = tr::<T>(*vectors, "vectors", count, n * n)?;
+            let outs = tm::<T>(take_mut(out_vectors), "out_vectors", count, n * n)?;
+            let vals = tm::<T>(take_mut(values), "values", count, n)?;
+            let keep = mask(*select, count);
+            let outs = split(outs, n * n, &keep);
+            let vals = split(vals, n, &keep);
+            for (i, (o, v)) in outs.into_iter().zip(vals).enumerate() {
+                if let (Some(out_vectors), Some(values)) = (o, v) {
+                    tasks.push((
+                        (n * n) as u64,
+                        Task::Eigenpairs {
+                            b: chunk(b, i, n * n),
+                            vectors: chunk(vectors, i, n * n),
+                            out_vectors,
+                            values,
+                            sort: *sort,
+                            n,
+                        },
+                    ));
+                }
+            }
+        }
+        Map::ScaleByNorm {
+            src,
+            dst,
+            norms,
+            floor,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let src = tr::<T>(*src, "src", count, numel)?;
+            let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
+            let norms = tr::<T>(*norms, "norms", count, 1)?;
+            let floor = T::from_f64(*floor);
+            per_chunk(tasks, dst, numel, *select, count, |i, dst| Task::Scaled {
+                src: Some(chunk(src, i, numel)),
+                dst,
+                scale: Scale::DivideClamped(norms[i], floor),
+            });
+        }
+        Map::Axpby {
+            x,
+            y,
+            a,
+            b,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let x = tm::<T>(take_mut(x), "x", count, numel)?;
+            let y = tr::<T>(*y, "y", count, numel)?;
+            let (a, b) = (T::from_f64(*a), T::from_f64(*b));
+            per_chunk(tasks, x, numel, *select, count, |i, x| Task::Axpby {
+                x,
+                y: chunk(y, i, numel),
+                a,
+                b,
+            });
+        }
+        Map::ScaleBlocks {
+            x,
+            scales,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let x = tm::<T>(take_mut(x), "x", count, numel)?;
+            let scales = tr::<T>(*scales, "scales", count, 1)?;
+            per_chunk(tasks, x, numel, *select, count, |i, dst| Task::Scaled {
+                src: None,
+                dst,
+                scale: Scale::Multiply(scales[i]),
+            });
+        }
+        Map::Sign {
+            src,
+            dst,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let src = tr::<T>(*src, "src", count, numel)?;
+            let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
+            per_chunk(tasks, dst, numel, *select, count, |i, dst| Task::Sign {
+                src: chunk(src, i, numel),
+                dst,
+            });
+        }
+        Map::IterateAverage {
+            u,
+            z,
+            w,
+            c1,
+            c2,
+            shrink,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let us = tm::<T>(take_mut(u), "u", count, numel)?;
+            let zs = tm::<T>(take_mut(z), "z", count, numel)?;
+            let w = tr::<T>(*w, "w", count, numel)?;
+            let keep = mask(*select, count);
+            let (c1, c2) = (T::from_f64(*c1), T::from_f64(*c2));
+            let shrink = shrink.map(T::from_f64);
+            let us = split(us, numel, &keep);
+            let zs = split(zs, numel, &keep);
+            for (i, (u, z)) in us.into_iter().zip(zs).enumerate() {
+                if let (Some(u), Some(z)) = (u, z) {
+                    tasks.push((
+                        numel as u64,
+                        Task::IterateAverage {
+                            u,
+                            z,
+                            w: chunk(w, i, numel),
+                            c1,
+                            c2,
+                            shrink,
+                        },
+                    ));
+                }
+            }
+        }
+        Map::Interpolate {
+            z,
+            w,
+            out,
+            coef,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count) = (*numel, *count);
+            check_select(OP, *select, count)?;
+            let z = tr::<T>(*z, "z", count, numel)?;
+            let w = tr::<T>(*w, "w", count, numel)?;
+            let out = tm::<T>(take_mut(out), "out", count, numel)?;
+            let coef = T::from_f64(*coef);
+            per_chunk(tasks, out, numel, *select, count, |i, out| {
+                Task::Interpolate {
+                    z: chunk(z, i, numel),
+                    w: chunk(w, i, numel),
+                    out,
+                    coef,
                 }
             });
         }
@@ -769,6 +1212,12 @@ fn job_dtype(job: &Map<'_, CpuBackend>) -> DType {
         Map::Direction { out, .. } => out.dtype(),
         Map::EigenvalueUpdate { d, .. } => d.dtype(),
         Map::EigenvalueScale { r, .. } => r.dtype(),
+        Map::TraceScale { x, .. } | Map::AddRidge { x, .. } => x.dtype(),
+        Map::Eigenpairs { values, .. } => values.dtype(),
+        Map::ScaleByNorm { dst, .. } | Map::Sign { dst, .. } => dst.dtype(),
+        Map::Axpby { x, .. } | Map::ScaleBlocks { x, .. } => x.dtype(),
+        Map::IterateAverage { u, .. } => u.dtype(),
+        Map::Interpolate { out, .. } => out.dtype(),
     }
 }
 

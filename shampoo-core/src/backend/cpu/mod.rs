@@ -13,12 +13,14 @@ mod eigh;
 mod kernels;
 mod linalg;
 mod map;
+mod qr;
 mod reduce;
 pub(crate) mod wire;
+mod svd;
 
 use crate::backend::{
-    Backend, EighJob, GatherJob, GramJob, Map, MatmulJob, ModeProductJob, ReduceJob, ScatterJob,
-    TableEntry, ViewMutOps, ViewOps, WireJob,
+    Backend, EighJob, GatherJob, GramJob, Map, MatmulJob, ModeProductJob, Op, OrthogonalizeJob,
+    QrJob, ReduceJob, ScatterJob, TableEntry, ViewMutOps, ViewOps, WireJob,
 };
 use crate::{DType, Error, Float, HostView, HostViewMut, Result};
 
@@ -182,6 +184,32 @@ pub(crate) fn chunks<'a, T>(
         .filter(move |(i, _)| keep.as_ref().is_none_or(|k| k[*i]))
 }
 
+/// `vec![0.0; len]`, but an allocation failure is an error instead of an
+/// abort (a configuration that asks for terabytes of factors).
+fn zeroed_vec<T: crate::Float>(len: usize) -> Result<Vec<T>> {
+    let too_large = || {
+        Error::backend(
+            "alloc",
+            format!(
+                "cannot allocate {} ({len} elements)",
+                crate::memory::human_bytes((len as u64).saturating_mul(size_of::<T>() as u64))
+            ),
+        )
+    };
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| too_large())?;
+    // SAFETY: `layout` has a non-zero size (len > 0 and T is f32 or f64).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return Err(too_large());
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of
+    // `len` values of `T`, and all-zero bytes are the valid value 0.0.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
 impl Backend for CpuBackend {
     type Buffer = CpuBuffer;
     type View<'a> = HostView<'a>;
@@ -194,8 +222,8 @@ impl Backend for CpuBackend {
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
         Ok(match dtype {
-            DType::F32 => CpuBuffer::F32(vec![0.0; len]),
-            DType::F64 => CpuBuffer::F64(vec![0.0; len]),
+            DType::F32 => CpuBuffer::F32(zeroed_vec(len)?),
+            DType::F64 => CpuBuffer::F64(zeroed_vec(len)?),
         })
     }
 
@@ -291,6 +319,18 @@ impl Backend for CpuBackend {
 
     fn wire(&self, jobs: &mut [WireJob<'_, Self>]) -> Result<()> {
         wire::wire(self, jobs)
+    }
+
+    fn qr(&self, jobs: &mut [QrJob<'_, Self>]) -> Result<()> {
+        qr::qr(self, jobs)
+    }
+
+    fn orthogonalize(&self, jobs: &mut [OrthogonalizeJob<'_, Self>]) -> Result<()> {
+        svd::orthogonalize(self, jobs)
+    }
+
+    fn supports(&self, _op: Op) -> bool {
+        true
     }
 }
 

@@ -41,7 +41,52 @@ fn run_task<T: CpuFloat>(t: Task<'_, T>) {
                 T::ZERO
             }
         }
+        Reduction::Trace => {
+            let n = side(t.input);
+            let mut s = T::ZERO;
+            for i in 0..n {
+                s += t.input[i * n + i];
+            }
+            s
+        }
+        Reduction::MaxRowAbsSum => {
+            let n = side(t.input);
+            let mut m = T::ZERO;
+            let mut nan = false;
+            for row in t.input.chunks(n.max(1)) {
+                let mut s = T::ZERO;
+                for &x in row {
+                    s += x.abs();
+                }
+                nan |= s.to_f64().is_nan();
+                if s > m {
+                    m = s;
+                }
+            }
+            if nan { T::from_f64(f64::NAN) } else { m }
+        }
+        Reduction::OffDiagonalRatio => {
+            let n = side(t.input);
+            let all = super::kernels::sum_squares(t.input);
+            let mut diag = 0.0f64;
+            for i in 0..n {
+                let d = t.input[i * n + i].to_f64();
+                diag += d * d;
+            }
+            // As published: rounding can make `all - diag` negative, and
+            // then the ratio is NaN (never below a tolerance).
+            if all == 0.0 {
+                T::ZERO
+            } else {
+                T::from_f64((all - diag).sqrt() / all.sqrt())
+            }
+        }
     };
+}
+
+/// The side of a square matrix stored in `m`.
+fn side<T>(m: &[T]) -> usize {
+    (m.len() as f64).sqrt().round() as usize
 }
 
 fn reduce_job<'a, T: CpuFloat>(

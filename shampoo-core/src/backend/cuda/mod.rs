@@ -40,8 +40,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 
 use crate::backend::{
-    Backend, EighJob, GatherJob, GramJob, Map, MatmulJob, ModeProductJob, ReduceJob, ScatterJob,
-    Selection, TableEntry, ViewMutOps, ViewOps, WireJob,
+    Backend, EighJob, GatherJob, GramJob, Map, MatmulJob, ModeProductJob, Op, OrthogonalizeJob,
+    QrJob, ReduceJob, ScatterJob, Selection, TableEntry, ViewMutOps, ViewOps, WireJob,
 };
 use crate::{DType, Error, HostView, HostViewMut, Result};
 
@@ -583,6 +583,48 @@ impl Backend for CudaBackend {
     fn wire(&self, jobs: &mut [WireJob<'_, Self>]) -> Result<()> {
         self.bind()?;
         wire::wire(self, jobs)
+    }
+
+    fn qr(&self, jobs: &mut [QrJob<'_, Self>]) -> Result<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        Err(Error::backend(
+            "qr",
+            "the QR eigendecomposition is not implemented on the CUDA backend yet",
+        ))
+    }
+
+    fn orthogonalize(&self, jobs: &mut [OrthogonalizeJob<'_, Self>]) -> Result<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        Err(Error::backend(
+            "orthogonalize",
+            "spectral descent by SVD is not implemented on the CUDA backend yet",
+        ))
+    }
+
+    fn supports(&self, op: Op) -> bool {
+        implements(op)
+    }
+}
+
+/// What the CUDA backend implements of the optional operations: everything
+/// but the QR factorization, the SVD and the two pieces of the adaptive and
+/// QR eigendecompositions (the off-diagonal ratio and the eigenpairs of a
+/// rotated factor).
+pub fn implements(op: Op) -> bool {
+    match op {
+        Op::EigenRules
+        | Op::CoupledInit
+        | Op::FilterOptions
+        | Op::EigenvalueOptions
+        | Op::TraceReductions
+        | Op::RidgeMaps
+        | Op::DirectionMaps
+        | Op::AveragingMaps => true,
+        Op::Qr | Op::Orthogonalize | Op::OffDiagonalRatio | Op::Eigenpairs => false,
     }
 }
 

@@ -5,8 +5,8 @@ use super::kernels::{Args, grid_for, grid_matrices, launch};
 use super::{CudaBackend, CudaView, at, complement, runs, same_dtype};
 use crate::backend::cpu::{check_len, check_select};
 use crate::backend::{
-    DirectionSource, GatherJob, GraftKernel, Map, ReduceJob, Reduction, ScatterJob, TableEntry,
-    ViewMutOps, ViewOps,
+    DirectionSource, EigenRule, GatherJob, GraftKernel, Map, ReduceJob, Reduction, ScatterJob,
+    TableEntry, ViewMutOps, ViewOps,
 };
 use crate::{DType, Error, Result};
 
@@ -217,14 +217,29 @@ pub(super) fn scatter(be: &CudaBackend, jobs: &mut [ScatterJob<'_, CudaBackend>]
 const MAP: &str = "map";
 
 /// Kernel numbering of the grafting methods (kernels/map.cu, reduce.cu).
-fn graft_code(g: GraftKernel) -> (u64, f64, f64, f64) {
-    // (kind, beta2, eps, bias-correction divisor)
+fn graft_code(g: GraftKernel) -> (u64, f64, f64, f64, f64) {
+    // (kind, beta2, weight of g^2, eps, bias-correction divisor)
     match g {
-        GraftKernel::None => (0, 0.0, 0.0, 1.0),
-        GraftKernel::Sgd => (1, 0.0, 0.0, 1.0),
-        GraftKernel::Adagrad { eps } => (2, 0.0, eps, 1.0),
-        GraftKernel::Ema { beta2, eps, bc } => (3, beta2, eps, bc),
+        GraftKernel::None => (0, 0.0, 0.0, 0.0, 1.0),
+        GraftKernel::Sgd => (1, 0.0, 0.0, 0.0, 1.0),
+        GraftKernel::Adagrad { eps } => (2, 0.0, 0.0, eps, 1.0),
+        GraftKernel::Ema {
+            beta2,
+            weight,
+            eps,
+            bc,
+        } => (3, beta2, weight, eps, bc),
     }
+}
+
+/// The error of an operation this backend does not implement yet (the
+/// optimizer refuses such configurations at construction, see
+/// [`crate::backend::Backend::supports`]).
+fn not_yet(op: &'static str, what: &str) -> Error {
+    Error::backend(
+        op,
+        format!("{what} is not implemented on the CUDA backend yet"),
+    )
 }
 
 /// Launches an elementwise kernel over runs of `per`-element chunks; `args`
@@ -296,7 +311,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             values,
             n,
             count,
-            eps,
+            rule,
             exponent,
             half,
             select,
@@ -305,9 +320,22 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             check_select(MAP, *select, count)?;
             check_len(MAP, "values", values.len(), count, n)?;
             let e = if *half { *exponent / 2.0 } else { *exponent };
-            let (v, eps) = (values.ptr, *eps);
+            // (rule code, eps, atol, rtol; rtol < 0: n machine epsilons)
+            let (code, eps, atol, rtol) = match *rule {
+                EigenRule::ShiftBelow { eps } => (0u64, eps, 0.0, 0.0),
+                EigenRule::ShiftNonnegative { eps } => (1, eps, 0.0, 0.0),
+                EigenRule::PseudoInverse { atol, rtol } => (2, 0.0, atol, rtol.unwrap_or(-1.0)),
+            };
+            let v = values.ptr;
             per_run(be, "eigen_power", dt, *select, count, n, true, |s, l, a| {
-                a.u(at(v, dt, s * n)).u(n as u64).u(l as u64).f(eps).f(e);
+                a.u(at(v, dt, s * n))
+                    .u(n as u64)
+                    .u(l as u64)
+                    .u(code)
+                    .f(eps)
+                    .f(atol)
+                    .f(rtol)
+                    .f(e);
             })
         }
         Map::ScaleRows {
@@ -411,6 +439,8 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
         Map::NewtonInit {
             a,
             norms,
+            numerator,
+            scale,
             x,
             m,
             p,
@@ -432,7 +462,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             check_len(MAP, "x", x.len(), count, n * n)?;
             check_len(MAP, "m", m.len(), count, n * n)?;
             let (ap, np, xp, mp) = (a.ptr, norms.ptr, x.ptr, m.ptr);
-            let (p1, inv) = (*p as f64 + 1.0, 1.0 / *p as f64);
+            let (num, sc, inv) = (*numerator, *scale, 1.0 / *p as f64);
             per_run(
                 be,
                 "newton_init",
@@ -447,7 +477,8 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                         .u(at(np, dt, s))
                         .u(at(xp, dt, o))
                         .u(at(mp, dt, o))
-                        .f(p1)
+                        .f(num)
+                        .f(sc)
                         .f(inv)
                         .u(n as u64)
                         .u(l as u64);
@@ -457,7 +488,8 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
         Map::NewtonCoefficient {
             m,
             out,
-            p,
+            coef,
+            diag,
             n,
             count,
             select,
@@ -467,7 +499,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             same_dtype(MAP, dt, &[("m", m.dtype())])?;
             check_len(MAP, "m", m.len(), count, n * n)?;
             check_len(MAP, "out", out.len(), count, n * n)?;
-            let alpha = -1.0 / *p as f64;
+            let (alpha, diag) = (*coef, *diag);
             let (mp, op) = (m.ptr, out.ptr);
             per_run(
                 be,
@@ -481,7 +513,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                     a.u(at(mp, dt, s * n * n))
                         .u(at(op, dt, s * n * n))
                         .f(alpha)
-                        .f(1.0 - alpha)
+                        .f(diag)
                         .u(n as u64)
                         .u(l as u64);
                 },
@@ -493,6 +525,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             graft,
             filtered,
             beta1,
+            beta3,
             bc1,
             graft_sq_norms,
             numel,
@@ -500,6 +533,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, g.dtype());
+            let (b3, lion) = (*beta3, u64::from(*beta3 != *beta1));
             check_select(MAP, *select, count)?;
             check_len(MAP, "g", g.len(), count, numel)?;
             let mut dts = Vec::new();
@@ -518,7 +552,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 dts.push(("graft_sq_norms", s.dtype()));
             }
             same_dtype(MAP, dt, &dts)?;
-            let (kind, beta2, eps, bc) = graft_code(*graft);
+            let (kind, beta2, weight, eps, bc) = graft_code(*graft);
             let vp = v.as_ref().map_or(0, |v| v.ptr);
             let (m1p, gfp) = filtered.as_ref().map_or((0, 0), |(m, f)| (m.ptr, f.ptr));
             let (gp, b1, d1) = (g.ptr, *beta1, *bc1);
@@ -536,11 +570,14 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                         .u(off(vp, s))
                         .u(kind)
                         .f(beta2)
-                        .f(1.0 - beta2)
+                        .f(weight)
                         .u(off(m1p, s))
                         .u(off(gfp, s))
                         .f(b1)
                         .f(1.0 - b1)
+                        .f(b3)
+                        .f(1.0 - b3)
+                        .u(lion)
                         .f(d1)
                         .u((l * numel) as u64);
                 },
@@ -632,7 +669,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 DirectionSource::GraftedShampoo => 1,
                 DirectionSource::Shampoo => 2,
             };
-            let (kind, _, eps, bc) = graft_code(*graft);
+            let (kind, _, _, eps, bc) = graft_code(*graft);
             let kind = if v.is_some() { kind } else { 0 };
             let vp = v.map_or(0, |v| v.ptr);
             let pp = p_sh.map_or(0, |p| p.ptr);
@@ -695,6 +732,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             r,
             d,
             beta2,
+            weight,
             numel,
             count,
             select,
@@ -704,7 +742,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             same_dtype(MAP, dt, &[("r", r.dtype())])?;
             check_len(MAP, "r", r.len(), count, numel)?;
             check_len(MAP, "d", d.len(), count, numel)?;
-            let (rp, dp, b2) = (r.ptr, d.ptr, *beta2);
+            let (rp, dp, b2, w) = (r.ptr, d.ptr, *beta2, *weight);
             per_run(
                 be,
                 "eigenvalue_update",
@@ -717,7 +755,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                     a.u(at(rp, dt, s * numel))
                         .u(at(dp, dt, s * numel))
                         .f(b2)
-                        .f(1.0 - b2)
+                        .f(w)
                         .u((l * numel) as u64);
                 },
             )
@@ -727,6 +765,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             d,
             bc2,
             eps,
+            exponent,
             numel,
             count,
             select,
@@ -736,7 +775,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             same_dtype(MAP, dt, &[("d", d.dtype())])?;
             check_len(MAP, "d", d.len(), count, numel)?;
             check_len(MAP, "r", r.len(), count, numel)?;
-            let (rp, dp, b, e) = (r.ptr, d.ptr, *bc2, *eps);
+            let (rp, dp, b, e, x) = (r.ptr, d.ptr, *bc2, *eps, *exponent);
             per_run(
                 be,
                 "eigenvalue_scale",
@@ -750,6 +789,267 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                         .u(at(dp, dt, s * numel))
                         .f(b)
                         .f(e)
+                        .f(x)
+                        .u((l * numel) as u64);
+                },
+            )
+        }
+        Map::TraceScale {
+            x,
+            traces,
+            eps,
+            exponent,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("traces", traces.dtype())])?;
+            check_len(MAP, "x", x.len(), count, n * n)?;
+            check_len(MAP, "traces", traces.len(), count, 1)?;
+            let (xp, tp, e, p) = (x.ptr, traces.ptr, *eps, *exponent);
+            per_run(
+                be,
+                "trace_scale",
+                dt,
+                *select,
+                count,
+                n * n,
+                false,
+                |s, l, a| {
+                    a.u(at(xp, dt, s * n * n))
+                        .u(at(tp, dt, s))
+                        .f(e)
+                        .f(p)
+                        .u(n as u64)
+                        .u(l as u64);
+                },
+            )
+        }
+        Map::AddRidge {
+            x,
+            values,
+            rel,
+            abs,
+            n,
+            count,
+            select,
+        } => {
+            let (n, count, dt) = (*n, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("values", values.dtype())])?;
+            check_len(MAP, "x", x.len(), count, n * n)?;
+            check_len(MAP, "values", values.len(), count, 1)?;
+            let (xp, vp, r, ab) = (x.ptr, values.ptr, *rel, *abs);
+            per_run(be, "add_ridge", dt, *select, count, n, false, |s, l, a| {
+                a.u(at(xp, dt, s * n * n))
+                    .u(at(vp, dt, s))
+                    .f(r)
+                    .f(ab)
+                    .u(n as u64)
+                    .u(l as u64);
+            })
+        }
+        Map::Eigenpairs { .. } => Err(not_yet(
+            MAP,
+            "eigenpairs of a rotated factor (adaptive and QR eigendecompositions)",
+        )),
+        Map::ScaleByNorm {
+            src,
+            dst,
+            norms,
+            floor,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, dst.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("src", src.dtype()), ("norms", norms.dtype())])?;
+            check_len(MAP, "src", src.len(), count, numel)?;
+            check_len(MAP, "dst", dst.len(), count, numel)?;
+            check_len(MAP, "norms", norms.len(), count, 1)?;
+            let (sp, dp, np, f) = (src.ptr, dst.ptr, norms.ptr, *floor);
+            per_run(
+                be,
+                "scale_blocks",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(sp, dt, s * numel))
+                        .u(at(dp, dt, s * numel))
+                        .u(at(np, dt, s))
+                        .f(f)
+                        .u(1)
+                        .u(numel as u64)
+                        .u(l as u64);
+                },
+            )
+        }
+        Map::ScaleBlocks {
+            x,
+            scales,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("scales", scales.dtype())])?;
+            check_len(MAP, "x", x.len(), count, numel)?;
+            check_len(MAP, "scales", scales.len(), count, 1)?;
+            let (xp, sp) = (x.ptr, scales.ptr);
+            per_run(
+                be,
+                "scale_blocks",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(xp, dt, s * numel))
+                        .u(at(xp, dt, s * numel))
+                        .u(at(sp, dt, s))
+                        .f(0.0)
+                        .u(0)
+                        .u(numel as u64)
+                        .u(l as u64);
+                },
+            )
+        }
+        Map::Axpby {
+            x,
+            y,
+            a,
+            b,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, x.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("y", y.dtype())])?;
+            check_len(MAP, "x", x.len(), count, numel)?;
+            check_len(MAP, "y", y.len(), count, numel)?;
+            let (xp, yp, ca, cb) = (x.ptr, y.ptr, *a, *b);
+            per_run(
+                be,
+                "axpby",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, args| {
+                    args.u(at(xp, dt, s * numel))
+                        .u(at(yp, dt, s * numel))
+                        .f(ca)
+                        .f(cb)
+                        .u((l * numel) as u64);
+                },
+            )
+        }
+        Map::Sign {
+            src,
+            dst,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, dst.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("src", src.dtype())])?;
+            check_len(MAP, "src", src.len(), count, numel)?;
+            check_len(MAP, "dst", dst.len(), count, numel)?;
+            let (sp, dp) = (src.ptr, dst.ptr);
+            per_run(
+                be,
+                "sign_map",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(sp, dt, s * numel))
+                        .u(at(dp, dt, s * numel))
+                        .u((l * numel) as u64);
+                },
+            )
+        }
+        Map::IterateAverage {
+            u,
+            z,
+            w,
+            c1,
+            c2,
+            shrink,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, u.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("z", z.dtype()), ("w", w.dtype())])?;
+            check_len(MAP, "u", u.len(), count, numel)?;
+            check_len(MAP, "z", z.len(), count, numel)?;
+            check_len(MAP, "w", w.len(), count, numel)?;
+            let (up, zp, wp, k1, k2) = (u.ptr, z.ptr, w.ptr, *c1, *c2);
+            let (sh, has) = (shrink.unwrap_or(1.0), u64::from(shrink.is_some()));
+            per_run(
+                be,
+                "iterate_average",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(up, dt, s * numel))
+                        .u(at(zp, dt, s * numel))
+                        .u(at(wp, dt, s * numel))
+                        .f(k1)
+                        .f(k2)
+                        .f(sh)
+                        .u(has)
+                        .u((l * numel) as u64);
+                },
+            )
+        }
+        Map::Interpolate {
+            z,
+            w,
+            out,
+            coef,
+            numel,
+            count,
+            select,
+        } => {
+            let (numel, count, dt) = (*numel, *count, out.dtype());
+            check_select(MAP, *select, count)?;
+            same_dtype(MAP, dt, &[("z", z.dtype()), ("w", w.dtype())])?;
+            check_len(MAP, "z", z.len(), count, numel)?;
+            check_len(MAP, "w", w.len(), count, numel)?;
+            check_len(MAP, "out", out.len(), count, numel)?;
+            let (zp, wp, op, c) = (z.ptr, w.ptr, out.ptr, *coef);
+            per_run(
+                be,
+                "interpolate",
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(zp, dt, s * numel))
+                        .u(at(wp, dt, s * numel))
+                        .u(at(op, dt, s * numel))
+                        .f(c)
                         .u((l * numel) as u64);
                 },
             )
@@ -820,6 +1120,39 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
                             .u(l as u64);
                     },
                 )?;
+            }
+            Reduction::Trace | Reduction::MaxRowAbsSum => {
+                let n = (numel as f64).sqrt().round() as usize;
+                if n * n != numel {
+                    return Err(Error::backend(
+                        OP,
+                        format!("{numel} elements are not a square matrix"),
+                    ));
+                }
+                let kind = u64::from(job.kind == Reduction::MaxRowAbsSum);
+                // One thread per matrix: sums in the CPU backend's order.
+                per_run(
+                    be,
+                    "matrix_stat",
+                    dt,
+                    job.select,
+                    count,
+                    1,
+                    false,
+                    |s, l, a| {
+                        a.u(at(ip, dt, s * numel))
+                            .u(at(op, dt, s))
+                            .u(kind)
+                            .u(n as u64)
+                            .u(l as u64);
+                    },
+                )?;
+            }
+            Reduction::OffDiagonalRatio => {
+                return Err(not_yet(
+                    OP,
+                    "the off-diagonal ratio (adaptive and QR eigendecompositions)",
+                ));
             }
             Reduction::AllFinite => {
                 per_run(
