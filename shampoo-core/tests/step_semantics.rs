@@ -4,9 +4,7 @@
 mod common;
 use common::*;
 use shampoo_core::backend::Op;
-use shampoo_core::{
-    CpuBackend, DType, Error, HostView, HostViewMut, MatrixKind, Result, Shampoo,
-};
+use shampoo_core::{CpuBackend, DType, Error, HostView, HostViewMut, MatrixKind, Result, Shampoo};
 
 fn run32(
     cfg: &str,

@@ -599,7 +599,6 @@ pub fn run_with(
     let (rank, world) = (comm.rank(), comm.world_size());
     validate(cfg, world)?;
     let device = device_for(cfg)?;
-    let collectives = crate::comm::collectives(device, &comm, cfg.collective)?;
     apply_threads(cfg);
     let _lock = crate::run_dir::prepare(&cfg.out, cfg.resume, cfg.overwrite, &*comm)?;
     let train = open_data(cfg, Split::Train)?;
@@ -608,7 +607,8 @@ pub fn run_with(
         &crate::replicas::run_fingerprint(cfg, train.len(), test.len(), train.num_classes()),
         &*comm,
     )?;
-    crate::comm::init_gpu(device, &comm);
+    // Collective set-up (NCCL) only once the ranks agree on the run.
+    let collectives = crate::comm::collectives(device, &comm, cfg.collective)?;
     let model_kind = cfg.model_kind();
     if model_kind == ModelKind::Cnn && train.channels() != 1 {
         return Err(Error::Invalid(

@@ -15,8 +15,8 @@ mod linalg;
 mod map;
 mod qr;
 mod reduce;
-pub(crate) mod wire;
 mod svd;
+pub(crate) mod wire;
 
 use crate::backend::{
     Backend, EighJob, GatherJob, GramJob, Map, MatmulJob, ModeProductJob, Op, OrthogonalizeJob,
