@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn allocation_bytes_is_what_construction_allocates() {
-        let shapes = vec![vec![40, 30], vec![30], vec![7, 5, 3]];
+        let shapes = [vec![40, 30], vec![30], vec![7, 5, 3]];
         for extra in [
             r#""grafting": {"type": "adam"}"#,
             r#""momentum": {"momentum": 0.9}, "betas": [0.0, 0.999], "factor_dtype": "f64""#,
