@@ -39,6 +39,7 @@ use shampoo_core::backend::{
     wire16_len,
 };
 use shampoo_core::layout::Layout;
+use shampoo_core::strided::ParamShape;
 use shampoo_core::{CpuBackend, DType, Shampoo, ShampooConfig};
 
 use crate::assign::{assign_blocks, block_costs};
@@ -157,14 +158,20 @@ impl<B: Backend> DistributedShampoo<B> {
     /// Collective: every rank must call it; ranks exchange a fingerprint of
     /// shapes, dtype, config and options, and any difference is the same
     /// [`Error::Fingerprint`] on every rank.
-    pub fn new(
+    ///
+    /// Parameters given with strides ([`StridedShape`](shampoo_core::strided::StridedShape): channels-last
+    /// weights) are read and written in place through them; only their
+    /// logical shapes need to agree across ranks.
+    pub fn new<S: ParamShape>(
         config: ShampooConfig,
-        shapes: &[Vec<usize>],
+        given: &[S],
         dtype: DType,
         backend: B,
         comm: impl IntoCollective<B>,
         opts: DistOptions,
     ) -> Result<Self> {
+        let shapes: Vec<Vec<usize>> = given.iter().map(|s| s.dims().to_vec()).collect();
+        let shapes = &shapes[..];
         let comm = comm.into_collective();
         config.validate()?;
         let world = comm.world_size();
@@ -192,7 +199,7 @@ impl<B: Backend> DistributedShampoo<B> {
         let owner = assign_blocks(&costs, g);
         let local_rank = rank % g;
         let group_base = rank - local_rank;
-        let inner = Shampoo::with_owned_blocks(config, shapes, dtype, backend, &|id| {
+        let inner = Shampoo::with_owned_blocks(config, given, dtype, backend, &|id| {
             owner[id] == local_rank
         })?;
         let owned: Vec<usize> = (0..owner.len())

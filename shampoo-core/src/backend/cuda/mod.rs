@@ -46,7 +46,7 @@ use crate::backend::{
 use crate::{DType, Error, HostView, HostViewMut, Result};
 
 pub use kernels::{COMMON, KernelSource, SOURCES, compile_all, compile_options, compile_source};
-pub use ops::CudaBlockTable;
+pub use ops::{CudaBlockTable, GEOMETRY_WORDS};
 
 /// One device allocation of `len` elements of one dtype.
 pub struct CudaBuffer {
