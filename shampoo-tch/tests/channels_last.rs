@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::channels_last::{config, model, same_trajectories, train};
+use common::channels_last::{Trajectory, config, model, same_trajectories, train};
 use shampoo_dist::{CommOptions, in_process};
 use shampoo_tch::Shampoo;
 use tch::{Device, Kind, Tensor};
@@ -57,7 +57,7 @@ fn two_sharded_ranks_with_channels_last_weights_equal_one_process() {
             timeout: Duration::from_secs(60),
         },
     );
-    let ranks: Vec<Vec<Vec<(String, Vec<u32>)>>> = std::thread::scope(|s| {
+    let ranks: Vec<Trajectory> = std::thread::scope(|s| {
         let hs: Vec<_> = comms
             .into_iter()
             .map(|c| s.spawn(move || train(Device::Cpu, true, Some(c))))

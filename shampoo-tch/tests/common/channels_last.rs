@@ -13,6 +13,9 @@ use super::{bits, init_fixed};
 
 pub const STEPS: usize = 6;
 
+/// Every variable's bits (by name) after each step.
+pub type Trajectory = Vec<Vec<(String, Vec<u32>)>>;
+
 /// Preconditioned from step 2, root inverses every 2 steps; blocks of up
 /// to 12 merge (out, in) of the first conv (not nested in channels-last
 /// memory) and its 3x3 window (nested).
@@ -86,7 +89,7 @@ pub fn train(
     device: Device,
     channels_last: bool,
     comm: Option<Arc<dyn Communicator>>,
-) -> Vec<Vec<(String, Vec<u32>)>> {
+) -> Trajectory {
     let (vs, m) = model(device, channels_last);
     let mut b = Shampoo::builder(&vs, config()).threads(1);
     if let Some(c) = comm {
