@@ -104,6 +104,9 @@ impl DistTimes {
 struct Fingerprint {
     world: usize,
     shapes: Vec<Vec<usize>>,
+    /// Each parameter's memory layout (`None`: row-major): gradients are
+    /// averaged element by element in memory order, so ranks must agree.
+    strides: Vec<Option<Vec<usize>>>,
     dtype: String,
     config: serde_json::Value,
     comm_dtype: String,
@@ -185,6 +188,7 @@ impl<B: Backend> DistributedShampoo<B> {
         let fp = Fingerprint {
             world,
             shapes: shapes.to_vec(),
+            strides: given.iter().map(memory_layout).collect(),
             dtype: dtype.name().into(),
             config: serde_json::to_value(&config)
                 .map_err(|e| Error::invalid(format!("config: {e}")))?,
@@ -685,6 +689,24 @@ fn copy<'a, B: Backend>(be: &B, src: B::View<'a>, dst: B::ViewMut<'a>) -> Result
     Ok(())
 }
 
+/// A parameter's layout as the ranks compare it: `None` for row-major,
+/// else its strides with those of size-1 dimensions (which address
+/// nothing) set to 0. Layouts the core refuses are kept as given (the
+/// core's error follows).
+fn memory_layout<S: ParamShape>(s: &S) -> Option<Vec<usize>> {
+    let strides = s.strides()?;
+    match shampoo_core::strided::Strided::new("", s.dims(), strides) {
+        Ok(None) => None,
+        Ok(Some(_)) | Err(_) => Some(
+            strides
+                .iter()
+                .zip(s.dims())
+                .map(|(&st, &d)| if d == 1 { 0 } else { st })
+                .collect(),
+        ),
+    }
+}
+
 /// Exchanges fingerprints; any difference is the same error on every rank.
 fn check_fingerprints(comm: &dyn Communicator, fp: &Fingerprint) -> Result<()> {
     let all = crate::agreement::all_gather_json(comm, fp)?;
@@ -716,6 +738,17 @@ fn diff(a: &Fingerprint, b: &Fingerprint, r: usize) -> String {
         return format!(
             "parameter {i} has shape {:?} on rank 0 and {:?} on rank {r}",
             a.shapes[i], b.shapes[i]
+        );
+    }
+    if let Some(i) = (0..a.strides.len()).find(|&i| a.strides.get(i) != b.strides.get(i)) {
+        let show = |s: Option<&Option<Vec<usize>>>| match s {
+            Some(Some(st)) => format!("strides {st:?}"),
+            _ => "row-major".to_string(),
+        };
+        return format!(
+            "parameter {i} is laid out {} on rank 0 and {} on rank {r} (gradients are averaged in memory order: give every rank the same layout)",
+            show(a.strides.get(i)),
+            show(b.strides.get(i))
         );
     }
     if a.dtype != b.dtype {
