@@ -16,11 +16,21 @@ typedef unsigned long long u64;
 
 // Where a block lives in its parameter: row-major strides of the merged
 // parameter tensor and the block's extent along each merged dimension.
+// Where a block's elements are in its parameter. Merged dimension k of the
+// block (size dims[k]) advances memory by strides[k], or, where its
+// original dimensions are not nested in memory (nsub[k] > 0: a merged
+// out x in of a channels-last weight), its index start[k] + local is split
+// into those nsub[k] dimensions (sizes and strides in sub_sizes and
+// sub_strides, merged dimension after merged dimension).
 struct Geometry {
     u64 order;
     u64 base;
     u64 dims[SHAMPOO_MAX_ORDER];
     u64 strides[SHAMPOO_MAX_ORDER];
+    u64 start[SHAMPOO_MAX_ORDER];
+    u64 nsub[SHAMPOO_MAX_ORDER];
+    u64 sub_sizes[SHAMPOO_MAX_ORDER];
+    u64 sub_strides[SHAMPOO_MAX_ORDER];
 };
 
 __device__ __forceinline__ float sh_sqrt(float x) { return sqrtf(x); }

@@ -6,10 +6,25 @@
 // Offset in the parameter of element `i` (row-major within the block).
 __device__ __forceinline__ u64 block_offset(const Geometry& g, u64 i) {
     u64 off = g.base;
+    u64 sub_end = 0;
+    for (u64 k = 0; k < g.order; ++k) {
+        sub_end += g.nsub[k];
+    }
     for (int k = (int)g.order - 1; k >= 0; --k) {
         u64 d = g.dims[k];
-        off += (i % d) * g.strides[k];
+        u64 local = i % d;
         i /= d;
+        if (g.nsub[k] == 0) {
+            off += local * g.strides[k];
+        } else {
+            u64 m = g.start[k] + local;
+            for (u64 s = sub_end; s > sub_end - g.nsub[k]; --s) {
+                u64 size = g.sub_sizes[s - 1];
+                off += (m % size) * g.sub_strides[s - 1];
+                m /= size;
+            }
+            sub_end -= g.nsub[k];
+        }
     }
     return off;
 }

@@ -243,6 +243,12 @@ if want train; then
         check train_step_adamw 1800 "$TRAIN" bench-step "${common[@]}" --optimizer adamw
         check train_step_shampoo 1800 "$TRAIN" bench-step "${common[@]}" --optimizer shampoo \
             --shampoo-config benches/configs/resnet50_train.json
+        # The same pair with channels-last weights and images (Shampoo reads
+        # and writes the weights in place through their strides).
+        check train_step_adamw_channels_last 1800 "$TRAIN" bench-step "${common[@]}" \
+            --channels-last --optimizer adamw
+        check train_step_shampoo_channels_last 1800 "$TRAIN" bench-step "${common[@]}" \
+            --channels-last --optimizer shampoo --shampoo-config benches/configs/resnet50_train.json
         # The training loop on a GPU (Fashion-MNIST CNN, Shampoo on CUDA
         # variables): the per-step finiteness check of the loss and gradients,
         # checkpoint checksums, resume, and the divergence stop (lr 1e6: exit 1

@@ -11,9 +11,15 @@
 //!    combination of chunks is a block, in row-major order of chunk indices.
 //!
 //! Merged dimensions are contiguous groups of the original (row-major)
-//! dimensions, so a parameter's memory is its merged tensor's memory and a
-//! block is a hyper-rectangle of it. A parameter with no elements has no
+//! dimensions, so a row-major parameter's memory is its merged tensor's
+//! memory and a block is a hyper-rectangle of it. A parameter stored in
+//! another order (channels-last) is blocked the same way, on its logical
+//! order; its blocks carry the map to memory ([`crate::strided`]). A parameter with no elements has no
 //! blocks: there is nothing to precondition.
+
+use std::sync::Arc;
+
+use crate::strided::Strided;
 
 /// Merges a parameter's dimensions (step 1 above).
 pub fn merge_dims(shape: &[usize], max_dim: usize) -> Vec<usize> {
@@ -64,9 +70,34 @@ pub struct BlockSpec {
     pub start: Vec<usize>,
     /// The block's shape (its order is the number of merged dimensions).
     pub dims: Vec<usize>,
+    /// Where the parameter's elements are in memory when not in row-major
+    /// order (a channels-last weight); `None` for row-major.
+    pub memory: Option<Arc<Strided>>,
 }
 
 impl BlockSpec {
+    /// Elements of the parameter's memory (one past the largest offset any
+    /// of its blocks touches).
+    pub fn param_numel(&self) -> usize {
+        self.merged.iter().product()
+    }
+
+    /// Like [`BlockSpec::for_each_run`], in the parameter's memory: calls
+    /// `f(memory_offset, block_offset, len, step)` for runs whose elements
+    /// are `step` apart in memory (1 for row-major parameters).
+    pub fn for_each_memory_run(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
+        match &self.memory {
+            None => self.for_each_run(|src, dst, len| f(src, dst, len, 1)),
+            Some(m) => self.for_each_run(|src, dst, len| {
+                let mut done = 0;
+                m.for_each_run(src, len, |off, n, step| {
+                    f(off, dst + done, n, step);
+                    done += n;
+                });
+            }),
+        }
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.dims.iter().product()
@@ -111,15 +142,17 @@ impl BlockSpec {
 
 /// Cuts one parameter into blocks (merge, then split).
 pub fn block_parameter(param: usize, shape: &[usize], max_dim: usize) -> Vec<BlockSpec> {
-    block_parameter_min_order(param, shape, max_dim, 1)
+    block_parameter_min_order(param, shape, max_dim, 1, None)
 }
 
-/// [`block_parameter`] with [`merge_dims_min_order`].
+/// [`block_parameter`] with [`merge_dims_min_order`], for a parameter
+/// stored as `memory` says (`None`: row-major).
 pub fn block_parameter_min_order(
     param: usize,
     shape: &[usize],
     max_dim: usize,
     min_order: usize,
+    memory: Option<Strided>,
 ) -> Vec<BlockSpec> {
     let merged = merge_dims_min_order(shape, max_dim, min_order);
     if merged.contains(&0) {
@@ -137,6 +170,7 @@ pub fn block_parameter_min_order(
                 .collect()
         })
         .collect();
+    let memory = memory.map(Arc::new);
     let total: usize = chunks.iter().map(Vec::len).product();
     let mut blocks = Vec::with_capacity(total);
     let mut idx = vec![0usize; merged.len()];
@@ -146,6 +180,7 @@ pub fn block_parameter_min_order(
             merged: merged.clone(),
             start: idx.iter().zip(&chunks).map(|(&i, c)| c[i].0).collect(),
             dims: idx.iter().zip(&chunks).map(|(&i, c)| c[i].1).collect(),
+            memory: memory.clone(),
         });
         for d in (0..merged.len()).rev() {
             idx[d] += 1;

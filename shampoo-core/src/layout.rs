@@ -8,6 +8,7 @@
 
 use crate::blocking::{BlockSpec, block_parameter_min_order};
 use crate::config::{Preconditioner, ShampooConfig};
+use crate::strided::{ParamShape, Strided};
 use crate::{Error, Result};
 
 /// One preconditioned dimension of a group's blocks.
@@ -80,8 +81,11 @@ pub struct Layout {
 impl Layout {
     /// Builds the layout of `shapes` under `config`, owning the blocks for
     /// which `owned(block_id)` is true.
-    pub fn new(
-        shapes: &[Vec<usize>],
+    /// Parameters given with strides ([`StridedShape`](crate::strided::StridedShape))
+    /// are blocked on their logical order; their blocks address memory
+    /// through the strides.
+    pub fn new<S: ParamShape>(
+        shapes: &[S],
         config: &ShampooConfig,
         owned: &dyn Fn(usize) -> bool,
     ) -> Result<Layout> {
@@ -95,13 +99,18 @@ impl Layout {
         let min_order = if spectral { 2 } else { 1 };
         let mut params = Vec::with_capacity(shapes.len());
         let mut blocks = Vec::new();
-        for (p, shape) in shapes.iter().enumerate() {
+        for (p, given) in shapes.iter().enumerate() {
+            let shape = given.dims();
+            let memory = match given.strides() {
+                Some(st) => Strided::new(&format!("parameter {p}"), shape, st)?,
+                None => None,
+            };
             let numel = shape
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| Error::shape(format!("parameter {p}: shape {shape:?} overflows")))?;
             let start = blocks.len();
-            let mine = block_parameter_min_order(p, shape, max, min_order);
+            let mine = block_parameter_min_order(p, shape, max, min_order, memory);
             if spectral && let Some(b) = mine.iter().find(|b| b.order() != 2) {
                 return Err(Error::config(format!(
                     "spectral_descent needs every block to be 2-D after merging, but parameter {p} of shape {shape:?} gives {}-D blocks ({:?}): use another preconditioner for it (a separate optimizer)",
@@ -111,7 +120,7 @@ impl Layout {
             }
             blocks.extend(mine);
             params.push(ParamInfo {
-                shape: shape.clone(),
+                shape: shape.to_vec(),
                 numel,
                 blocks: start..blocks.len(),
             });

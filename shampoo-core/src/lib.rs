@@ -38,6 +38,7 @@ mod matrix;
 pub mod memory;
 pub mod reference;
 pub mod schedule;
+pub mod strided;
 
 pub use algorithm::{BlockRootInverseStats, PhaseTimes, RootInverseCounters, Shampoo};
 pub use backend::cpu::CpuBackend;

@@ -8,12 +8,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use shampoo_core::backend::cuda::CudaBlockTable;
+use shampoo_core::backend::cuda::{CudaBlockTable, GEOMETRY_WORDS};
 use shampoo_core::backend::{
     Backend, DirectionSource, EigenRule, GatherJob, GraftKernel, Map, MomentumKernel, ReduceJob,
     Reduction, ScatterJob, TableEntry, WireFormat, WireJob, wire16_len,
 };
-use shampoo_core::blocking::block_parameter;
+use shampoo_core::blocking::block_parameter_min_order;
+use shampoo_core::strided::Strided;
 use shampoo_core::{CpuBackend, HostView, HostViewMut};
 
 const SHIM: &str = r#"#include <cmath>
@@ -724,15 +725,44 @@ fn step_maps_and_reductions_give_the_cpu_backends_bits() {
     assert_eq!(got, vec![1.0, 1.0, 1.0]);
 }
 
+/// Channels-last strides of `(o, i, h, w)`.
+fn channels_last([_, i, h, w]: [usize; 4]) -> Vec<usize> {
+    vec![i * h * w, 1, w * i, i]
+}
+
 #[test]
 fn gathers_and_scatters_give_the_cpu_backends_bits() {
     let Some((_, lib, _)) = host_kernels() else {
         return;
     };
+    let cases: [(Vec<usize>, Option<Vec<usize>>, usize); 5] = [
+        (vec![5, 6, 7], None, 4),
+        // Channels-last, merged (6, 4, 4): out x in is not nested in memory.
+        (vec![2, 3, 4, 4], Some(channels_last([2, 3, 4, 4])), 8),
+        // Channels-last, merged (6, 4, 9): the 3x3 window is nested.
+        (vec![6, 4, 3, 3], Some(channels_last([6, 4, 3, 3])), 12),
+        // Column-major, split into blocks.
+        (vec![6, 10], Some(vec![1, 6]), 4),
+        // Column-major, merged into one dimension.
+        (vec![6, 10], Some(vec![1, 6]), 64),
+    ];
+    for (shape, strides, max) in cases {
+        gather_and_scatter_match(lib, &shape, strides, max);
+    }
+}
+
+fn gather_and_scatter_match(
+    lib: &libloading::Library,
+    shape: &[usize],
+    strides: Option<Vec<usize>>,
+    max: usize,
+) {
+    let what = format!("{shape:?} strides {strides:?} max {max}");
     let cpu = CpuBackend::new(1).unwrap();
-    let shape = [5usize, 6, 7];
+    let memory = strides.map(|s| Strided::new("p", shape, &s).unwrap().unwrap());
+    let n: usize = shape.iter().product();
     let mut off = 0;
-    let entries: Vec<TableEntry> = block_parameter(0, &shape, 4)
+    let entries: Vec<TableEntry> = block_parameter_min_order(0, shape, max, 1, memory)
         .into_iter()
         .map(|block| {
             let e = TableEntry {
@@ -745,7 +775,7 @@ fn gathers_and_scatters_give_the_cpu_backends_bits() {
         .collect();
     let table = CudaBlockTable::new(entries.clone()).unwrap();
     let cpu_table = cpu.block_table(entries).unwrap();
-    let (p, w) = (values(20, 210), values(21, 210));
+    let (p, w) = (values(20, n), values(21, n));
     let mut want = vec![0.0; off];
     cpu.gather(&mut [GatherJob {
         table: &cpu_table,
@@ -756,8 +786,16 @@ fn gathers_and_scatters_give_the_cpu_backends_bits() {
     }])
     .unwrap();
     let mut got = vec![f64::NAN; off];
-    let gather = kernel!(lib, "gather_f64", fn(P, C, C, f64, [u64; 18], u64));
-    let scatter = kernel!(lib, "scatter_f64", fn(P, C, [u64; 18], u64, u64));
+    let gather = kernel!(
+        lib,
+        "gather_f64",
+        fn(P, C, C, f64, [u64; GEOMETRY_WORDS], u64)
+    );
+    let scatter = kernel!(
+        lib,
+        "scatter_f64",
+        fn(P, C, [u64; GEOMETRY_WORDS], u64, u64)
+    );
     for i in 0..table.len() {
         let (geo, numel, packed) = table.kernel_geometry(i);
         // SAFETY: the block's packed range is inside `got`; its elements
@@ -773,8 +811,8 @@ fn gathers_and_scatters_give_the_cpu_backends_bits() {
             )
         };
     }
-    assert_eq!(bits(&want), bits(&got), "gather");
-    let mut wdst = values(22, 210);
+    assert_eq!(bits(&want), bits(&got), "gather {what}");
+    let mut wdst = values(22, n);
     cpu.scatter(&mut [ScatterJob {
         table: &cpu_table,
         source: HostView::F64(&want),
@@ -782,7 +820,7 @@ fn gathers_and_scatters_give_the_cpu_backends_bits() {
         add: true,
     }])
     .unwrap();
-    let mut gdst = values(22, 210);
+    let mut gdst = values(22, n);
     for i in 0..table.len() {
         let (geo, numel, packed) = table.kernel_geometry(i);
         // SAFETY: as above.
@@ -796,7 +834,7 @@ fn gathers_and_scatters_give_the_cpu_backends_bits() {
             )
         };
     }
-    assert_eq!(bits(&wdst), bits(&gdst), "scatter");
+    assert_eq!(bits(&wdst), bits(&gdst), "scatter {what}");
 }
 
 #[test]

@@ -121,6 +121,46 @@ fn a_missing_library_is_named_with_every_place_looked_in() {
 }
 
 #[test]
+fn an_unversioned_library_cudarc_would_load_first_is_refused_by_path() {
+    // cudarc asks for libcublas.so (and other spellings) before
+    // libcublas.so.13; libcusolver.so.13 before CUDA 13's libcusolver.so.12.
+    let before = probe::names_tried_before("libcublas.so.13");
+    assert_eq!(before[0], "libcublas.so");
+    assert!(!before.contains(&"libcublas.so.13".to_string()));
+    assert!(
+        probe::names_tried_before("libcusolver.so.12").contains(&"libcusolver.so.13".to_string())
+    );
+
+    let ours = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let name = "libcublas.so.13";
+    std::fs::write(ours.path().join(name), b"").unwrap();
+    let found = Found::Dir(ours.path().to_path_buf());
+    let search = vec![other.path().to_path_buf(), ours.path().to_path_buf()];
+    // Nothing else on the loader's path: fine.
+    probe::check_not_shadowed(name, &found, &search).unwrap();
+    // Another toolkit's development link, earlier on the path: refused.
+    let stray = other.path().join("libcublas.so");
+    std::fs::write(&stray, b"").unwrap();
+    let err = probe::check_not_shadowed(name, &found, &search)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "backend unavailable: cudarc would load {} (it asks for libcublas.so before libcublas.so.13) instead of the CUDA 13 library {}; that file is probably another CUDA toolkit's. Take {} off LD_LIBRARY_PATH (or out of the loader's configuration) for this program",
+            stray.display(),
+            ours.path().join(name).display(),
+            other.path().display()
+        )
+    );
+    // A link to the probed library itself is the same file: fine.
+    std::fs::remove_file(&stray).unwrap();
+    std::os::unix::fs::symlink(ours.path().join(name), &stray).unwrap();
+    probe::check_not_shadowed(name, &found, &search).unwrap();
+}
+
+#[test]
 fn a_library_in_a_listed_directory_is_found_there() {
     if !nvrtc_available() {
         return;

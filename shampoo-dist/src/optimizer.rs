@@ -39,6 +39,7 @@ use shampoo_core::backend::{
     wire16_len,
 };
 use shampoo_core::layout::Layout;
+use shampoo_core::strided::ParamShape;
 use shampoo_core::{CpuBackend, DType, Shampoo, ShampooConfig};
 
 use crate::assign::{assign_blocks, block_costs};
@@ -103,6 +104,9 @@ impl DistTimes {
 struct Fingerprint {
     world: usize,
     shapes: Vec<Vec<usize>>,
+    /// Each parameter's memory layout (`None`: row-major): gradients are
+    /// averaged element by element in memory order, so ranks must agree.
+    strides: Vec<Option<Vec<usize>>>,
     dtype: String,
     config: serde_json::Value,
     comm_dtype: String,
@@ -157,14 +161,20 @@ impl<B: Backend> DistributedShampoo<B> {
     /// Collective: every rank must call it; ranks exchange a fingerprint of
     /// shapes, dtype, config and options, and any difference is the same
     /// [`Error::Fingerprint`] on every rank.
-    pub fn new(
+    ///
+    /// Parameters given with strides ([`StridedShape`](shampoo_core::strided::StridedShape): channels-last
+    /// weights) are read and written in place through them; only their
+    /// logical shapes need to agree across ranks.
+    pub fn new<S: ParamShape>(
         config: ShampooConfig,
-        shapes: &[Vec<usize>],
+        given: &[S],
         dtype: DType,
         backend: B,
         comm: impl IntoCollective<B>,
         opts: DistOptions,
     ) -> Result<Self> {
+        let shapes: Vec<Vec<usize>> = given.iter().map(|s| s.dims().to_vec()).collect();
+        let shapes = &shapes[..];
         let comm = comm.into_collective();
         config.validate()?;
         let world = comm.world_size();
@@ -178,6 +188,7 @@ impl<B: Backend> DistributedShampoo<B> {
         let fp = Fingerprint {
             world,
             shapes: shapes.to_vec(),
+            strides: given.iter().map(memory_layout).collect(),
             dtype: dtype.name().into(),
             config: serde_json::to_value(&config)
                 .map_err(|e| Error::invalid(format!("config: {e}")))?,
@@ -192,7 +203,7 @@ impl<B: Backend> DistributedShampoo<B> {
         let owner = assign_blocks(&costs, g);
         let local_rank = rank % g;
         let group_base = rank - local_rank;
-        let inner = Shampoo::with_owned_blocks(config, shapes, dtype, backend, &|id| {
+        let inner = Shampoo::with_owned_blocks(config, given, dtype, backend, &|id| {
             owner[id] == local_rank
         })?;
         let owned: Vec<usize> = (0..owner.len())
@@ -678,6 +689,24 @@ fn copy<'a, B: Backend>(be: &B, src: B::View<'a>, dst: B::ViewMut<'a>) -> Result
     Ok(())
 }
 
+/// A parameter's layout as the ranks compare it: `None` for row-major,
+/// else its strides with those of size-1 dimensions (which address
+/// nothing) set to 0. Layouts the core refuses are kept as given (the
+/// core's error follows).
+fn memory_layout<S: ParamShape>(s: &S) -> Option<Vec<usize>> {
+    let strides = s.strides()?;
+    match shampoo_core::strided::Strided::new("", s.dims(), strides) {
+        Ok(None) => None,
+        Ok(Some(_)) | Err(_) => Some(
+            strides
+                .iter()
+                .zip(s.dims())
+                .map(|(&st, &d)| if d == 1 { 0 } else { st })
+                .collect(),
+        ),
+    }
+}
+
 /// Exchanges fingerprints; any difference is the same error on every rank.
 fn check_fingerprints(comm: &dyn Communicator, fp: &Fingerprint) -> Result<()> {
     let all = crate::agreement::all_gather_json(comm, fp)?;
@@ -709,6 +738,17 @@ fn diff(a: &Fingerprint, b: &Fingerprint, r: usize) -> String {
         return format!(
             "parameter {i} has shape {:?} on rank 0 and {:?} on rank {r}",
             a.shapes[i], b.shapes[i]
+        );
+    }
+    if let Some(i) = (0..a.strides.len()).find(|&i| a.strides.get(i) != b.strides.get(i)) {
+        let show = |s: Option<&Option<Vec<usize>>>| match s {
+            Some(Some(st)) => format!("strides {st:?}"),
+            _ => "row-major".to_string(),
+        };
+        return format!(
+            "parameter {i} is laid out {} on rank 0 and {} on rank {r} (gradients are averaged in memory order: give every rank the same layout)",
+            show(a.strides.get(i)),
+            show(b.strides.get(i))
         );
     }
     if a.dtype != b.dtype {

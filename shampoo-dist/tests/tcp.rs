@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use shampoo_core::strided::StridedShape;
 use shampoo_core::{CpuBackend, DType};
 use shampoo_dist::{CommOptions, Communicator, DistOptions, DistributedShampoo, Error, in_process};
 
@@ -172,6 +173,38 @@ fn mismatched_shapes_are_the_same_fingerprint_error_on_every_rank() {
         .map(|e| e.to_string())
     });
     let expected = "optimizer fingerprint mismatch across ranks: rank 2 differs from rank 0: parameter 2 has shape [3, 5, 7] on rank 0 and [3, 5, 8] on rank 2";
+    for (r, e) in errs.iter().enumerate() {
+        assert_eq!(e.as_deref(), Some(expected), "rank {r}");
+    }
+}
+
+#[test]
+fn ranks_with_different_memory_layouts_are_the_same_fingerprint_error() {
+    // Gradients are averaged in memory order: a channels-last parameter on
+    // one rank and a row-major one on another would mix elements.
+    let opts = CommOptions {
+        timeout: Duration::from_secs(20),
+    };
+    let errs = per_tcp_rank(2, &opts, |c, rank| {
+        let dims = vec![4, 3, 2, 2];
+        let strides = if rank == 1 {
+            vec![12, 1, 6, 3]
+        } else {
+            shampoo_core::strided::row_major_strides(&dims)
+        };
+        let given = [StridedShape { dims, strides }];
+        DistributedShampoo::new(
+            config(),
+            &given,
+            DType::F32,
+            CpuBackend::new(1).unwrap(),
+            c.unwrap(),
+            DistOptions::default(),
+        )
+        .err()
+        .map(|e| e.to_string())
+    });
+    let expected = "optimizer fingerprint mismatch across ranks: rank 1 differs from rank 0: parameter 0 is laid out row-major on rank 0 and strides [12, 1, 6, 3] on rank 1 (gradients are averaged in memory order: give every rank the same layout)";
     for (r, e) in errs.iter().enumerate() {
         assert_eq!(e.as_deref(), Some(expected), "rank {r}");
     }

@@ -184,11 +184,11 @@ impl Shampoo {
         for mg in &manifest.groups {
             let mut segments = Vec::new();
             for ms in &mg.segments {
-                let device = check_segment(path, mg.group, ms, &current)?;
+                let (device, strides) = check_segment(path, mg.group, ms, &current)?;
                 let mut seg = new_segment(
                     self.config(mg.group),
                     ms.names.clone(),
-                    ms.shapes.clone(),
+                    (ms.shapes.clone(), strides),
                     (ms.dtype, device),
                     &self.engine_opts,
                     self.collectives.as_ref(),
@@ -212,13 +212,14 @@ impl Shampoo {
 
 /// Checks that the segment's variables are in the `VarStore`, in `group`,
 /// with the recorded shapes and dtype; returns the device they are on now
-/// (the state follows the variables: a checkpoint does not record devices).
+/// and their strides (the state follows the variables: a checkpoint holds
+/// blocks in logical order, and records neither devices nor layouts).
 fn check_segment(
     path: &Path,
     group: usize,
     ms: &ManifestSegment,
     current: &BTreeMap<usize, Vec<vars::Var>>,
-) -> Result<Device> {
+) -> Result<(Device, Vec<Vec<usize>>)> {
     if ms.names.is_empty() || ms.names.len() != ms.shapes.len() {
         return Err(Error::checkpoint(
             path,
@@ -231,6 +232,7 @@ fn check_segment(
         ));
     }
     let mut device = Device::Cpu;
+    let mut strides = Vec::with_capacity(ms.names.len());
     for (name, shape) in ms.names.iter().zip(&ms.shapes) {
         let found = current
             .iter()
@@ -261,10 +263,13 @@ fn check_segment(
                     ),
                 ));
             }
-            Some((_, v)) => device = v.device,
+            Some((_, v)) => {
+                device = v.device;
+                strides.push(v.strides.clone());
+            }
         }
     }
-    Ok(device)
+    Ok((device, strides))
 }
 
 /// Removes a stale `tmp` and creates it empty.

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use shampoo_core::backend::Backend;
+use shampoo_core::strided::StridedShape;
 use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, ShampooConfig};
 use shampoo_dist::{Collective, Collectives, DistOptions, DistTimes, DistributedShampoo};
 use tch::{Device, Tensor};
@@ -74,7 +75,7 @@ impl TensorBackend for CpuBackend {
     unsafe fn tensor_view_mut<'a>(t: &'a Tensor, dtype: DType) -> HostViewMut<'a> {
         let n = t.numel();
         let p = t.data_ptr();
-        // SAFETY: the caller guarantees a contiguous CPU tensor of `n`
+        // SAFETY: the caller guarantees a dense CPU tensor of `n`
         // elements of `dtype` that nothing else touches during 'a; libtorch
         // allocations are aligned for their element type and non-null for
         // n > 0 (empty tensors are never viewed: `read_groups` skips them).
@@ -133,7 +134,7 @@ mod cuda {
         }
 
         unsafe fn tensor_view_mut<'a>(t: &'a Tensor, dtype: DType) -> CudaViewMut<'a> {
-            // SAFETY: the caller guarantees a contiguous tensor of `dtype` on
+            // SAFETY: the caller guarantees a dense tensor of `dtype` on
             // this backend's device (libtorch uses the device's primary
             // context, as the backend does), alive and untouched by others
             // while the view and its queued work are in use.
@@ -297,7 +298,7 @@ impl<B: TensorBackend> Engine for DistributedShampoo<B> {
 /// (collective over `collectives`' ranks).
 pub(crate) fn build(
     config: &ShampooConfig,
-    shapes: &[Vec<usize>],
+    shapes: &[StridedShape],
     (dtype, device): (DType, Device),
     options: &EngineOptions,
     collectives: &Collectives,
@@ -305,7 +306,7 @@ pub(crate) fn build(
 ) -> Result<Box<dyn Engine>> {
     fn build<B: TensorBackend>(
         config: &ShampooConfig,
-        shapes: &[Vec<usize>],
+        shapes: &[StridedShape],
         (dtype, device): (DType, Device),
         options: &EngineOptions,
         collectives: &Collectives,

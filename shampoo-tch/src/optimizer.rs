@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shampoo_core::strided::StridedShape;
 use shampoo_core::{DType, HostView, HostViewMut, ShampooConfig};
 use shampoo_dist::{Collectives, Communicator, DistOptions, SingleProcess};
 use tch::nn::{VarStore, Variables};
@@ -40,6 +41,9 @@ pub struct StepTimings {
 pub(crate) struct Segment {
     pub names: Vec<String>,
     pub shapes: Vec<Vec<usize>>,
+    /// The variables' element strides (canonical, `vars::memory_strides`)
+    /// the engine reads and writes them through.
+    pub strides: Vec<Vec<usize>>,
     pub dtype: DType,
     pub device: Device,
     pub engine: Box<dyn Engine>,
@@ -561,13 +565,26 @@ impl Shampoo {
             let mut known: HashSet<&str> = HashSet::new();
             let mut stale = false;
             for seg in &group.segments {
-                for (name, shape) in seg.names.iter().zip(&seg.shapes) {
+                for ((name, shape), strides) in seg.names.iter().zip(&seg.shapes).zip(&seg.strides)
+                {
                     match by_name.get(name.as_str()) {
                         Some(v)
                             if v.shape == *shape
                                 && v.dtype == seg.dtype
                                 && v.device == seg.device =>
                         {
+                            if v.strides != *strides {
+                                // The state is kept in logical order and
+                                // would survive, but the engine addresses
+                                // the old layout: refuse rather than drop it.
+                                return Err(Error::variable(
+                                    &v.name,
+                                    format!(
+                                        "changed its memory layout (strides {:?}, were {strides:?}) since the optimizer was built; convert variables (channels-last or not) before building it, or save and load the optimizer around the change",
+                                        v.strides
+                                    ),
+                                ));
+                            }
                             known.insert(v.name.as_str());
                         }
                         _ => stale = true,
@@ -596,10 +613,11 @@ impl Shampoo {
                 }
                 let names = new.iter().map(|v| v.name.clone()).collect();
                 let shapes = new.iter().map(|v| v.shape.clone()).collect();
+                let strides = new.iter().map(|v| v.strides.clone()).collect();
                 let seg = new_segment(
                     &group.config,
                     names,
-                    shapes,
+                    (shapes, strides),
                     (new[0].dtype, new[0].device),
                     &self.engine_opts,
                     self.collectives.as_ref(),
@@ -764,7 +782,7 @@ impl Shampoo {
 pub(crate) fn new_segment(
     config: &ShampooConfig,
     names: Vec<String>,
-    shapes: Vec<Vec<usize>>,
+    (shapes, strides): (Vec<Vec<usize>>, Vec<Vec<usize>>),
     (dtype, device): (DType, Device),
     engine_opts: &EngineOptions,
     collectives: Option<&Collectives>,
@@ -784,9 +802,17 @@ pub(crate) fn new_segment(
         ),
         Some(c) => (c.clone(), opts.clone()),
     };
+    let given: Vec<StridedShape> = shapes
+        .iter()
+        .zip(&strides)
+        .map(|(d, s)| StridedShape {
+            dims: d.clone(),
+            strides: s.clone(),
+        })
+        .collect();
     let engine = engine::build(
         config,
-        &shapes,
+        &given,
         (dtype, device),
         engine_opts,
         &collectives,
@@ -795,6 +821,7 @@ pub(crate) fn new_segment(
     Ok(Segment {
         names,
         shapes,
+        strides,
         dtype,
         device,
         engine,

@@ -21,8 +21,26 @@ pub(crate) struct Var {
     pub name: String,
     pub tensor: Tensor,
     pub shape: Vec<usize>,
+    /// Element strides, canonical ([`memory_strides`]).
+    pub strides: Vec<usize>,
     pub dtype: DType,
     pub device: Device,
+}
+
+/// `t`'s element strides in a canonical form: those of a row-major
+/// tensor when it is one, its own otherwise (with 0 for dimensions of
+/// size 1, whose stride addresses nothing), so that two tensors laid out
+/// alike compare equal.
+pub(crate) fn memory_strides(t: &Tensor) -> Vec<usize> {
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    if t.is_contiguous() {
+        return shampoo_core::strided::row_major_strides(&shape);
+    }
+    t.stride()
+        .iter()
+        .zip(&shape)
+        .map(|(&s, &d)| if d == 1 { 0 } else { s as usize })
+        .collect()
 }
 
 /// The trainable variables of every group, each group sorted by name.
@@ -67,6 +85,7 @@ pub(crate) fn read_groups(vars: &Arc<Mutex<Variables>>) -> Result<BTreeMap<usize
             name,
             tensor: t.shallow_clone(),
             shape,
+            strides: memory_strides(t),
             dtype,
             device: t.device(),
         });
@@ -79,8 +98,9 @@ pub(crate) fn read_groups(vars: &Arc<Mutex<Variables>>) -> Result<BTreeMap<usize
 }
 
 /// Checks that `t` can be viewed in place as a backend's memory: on the
-/// CPU (or a CUDA device, with feature `cuda`), `f32` or `f64`, dense and
-/// contiguous. `what` prefixes the reason ("" for the variable, "its
+/// CPU (or a CUDA device, with feature `cuda`), `f32` or `f64`, dense, its
+/// elements in row-major order or any permutation of its dimensions
+/// (channels-last). `what` prefixes the reason ("" for the variable, "its
 /// gradient " for the gradient).
 pub(crate) fn check_tensor(name: &str, t: &Tensor, what: &str) -> Result<DType> {
     match t.device() {
@@ -118,10 +138,19 @@ pub(crate) fn check_tensor(name: &str, t: &Tensor, what: &str) -> Result<DType> 
         }
     };
     if !t.is_contiguous() {
-        return Err(Error::variable(
-            name,
-            format!("{what}is not contiguous (a view, or channels-last); create it contiguous"),
-        ));
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let strides: Vec<usize> = t.stride().iter().map(|&s| s.max(0) as usize).collect();
+        if t.stride().iter().any(|&s| s < 0)
+            || shampoo_core::strided::Strided::new(name, &shape, &strides).is_err()
+        {
+            return Err(Error::variable(
+                name,
+                format!(
+                    "{what}has strides {:?} for shape {shape:?}: its elements overlap or leave gaps (a view?); only dense layouts (contiguous, channels-last, any permutation of the dimensions) are supported; make it contiguous",
+                    t.stride()
+                ),
+            ));
+        }
     }
     Ok(dtype)
 }
@@ -160,10 +189,21 @@ pub(crate) fn gradient(var: &Var) -> Result<Option<Tensor>> {
             ),
         ));
     }
+    let strides = memory_strides(&g);
+    if strides != var.strides {
+        return Err(Error::variable(
+            &var.name,
+            format!(
+                "its gradient has strides {:?} but the variable has {:?}; the optimizer reads both in place, so they must be laid out alike (libtorch gives a channels-last variable a channels-last gradient unless the gradient was replaced)",
+                g.stride(),
+                var.tensor.stride()
+            ),
+        ));
+    }
     Ok(Some(g))
 }
 
-/// The address space (device) and byte range a contiguous tensor occupies.
+/// The address space (device) and byte range a dense tensor occupies.
 fn byte_range(t: &Tensor, dtype: DType) -> (i64, usize, usize) {
     let space = match t.device() {
         Device::Cpu => -1,

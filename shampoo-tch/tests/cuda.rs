@@ -249,3 +249,9 @@ fn bits_of_grads(vs: &VarStore) -> Vec<(String, Vec<u32>)> {
     v.sort();
     v
 }
+
+#[test]
+fn channels_last_cuda_weights_train_bit_for_bit_like_contiguous_ones() {
+    let Some(device) = gpu() else { return };
+    common::channels_last::same_trajectories(device);
+}

@@ -201,6 +201,29 @@ fn resume_is_exact_shampoo_with_preconditioning_before_and_after_the_restart() {
 }
 
 #[test]
+fn shampoo_trains_channels_last_weights_and_resumes_exactly() {
+    // `--channels-last` with Shampoo: the CNN's 4-d weights are read and
+    // written in place through their strides; resume rebuilds the engines
+    // for the loaded variables' layout.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("shampoo.json");
+    let text = PROTOCOL_SHAMPOO
+        .replace(
+            "\"precondition_frequency\": 20",
+            "\"precondition_frequency\": 2",
+        )
+        .replace(
+            "\"start_preconditioning_step\": 20",
+            "\"start_preconditioning_step\": 2",
+        );
+    std::fs::write(&conf, text).unwrap();
+    resume_is_exact_with(OptimizerKind::Shampoo, |c| {
+        c.shampoo_config = Some(conf.clone());
+        c.channels_last = true;
+    });
+}
+
+#[test]
 fn protocol_shampoo_config_has_the_issue_hyperparameters() {
     let parsed = ShampooConfig::from_json(PROTOCOL_SHAMPOO).unwrap();
     let expected = ShampooConfig {

@@ -40,6 +40,7 @@ use crate::config::{
 };
 use crate::layout::Layout;
 use crate::schedule::{AveragingScalars, StepScalars};
+use crate::strided::ParamShape;
 use crate::{DType, Error, Result};
 pub(crate) use averaging::Averaging;
 use state::GroupState;
@@ -89,9 +90,12 @@ pub struct Shampoo<B: Backend> {
 
 impl<B: Backend> Shampoo<B> {
     /// Builds an optimizer for parameters of the given shapes and dtype.
-    pub fn new(
+    /// A shape with strides ([`crate::strided::StridedShape`]: a
+    /// channels-last weight) is read and written in place through them;
+    /// its gradients must have the same strides.
+    pub fn new<S: ParamShape>(
         config: ShampooConfig,
-        shapes: &[Vec<usize>],
+        shapes: &[S],
         dtype: DType,
         backend: B,
     ) -> Result<Self> {
@@ -101,9 +105,9 @@ impl<B: Backend> Shampoo<B> {
     /// Builds an optimizer that computes directions only for the blocks for
     /// which `owned(block_id)` is true (a distributed rank's share). State is
     /// allocated for owned blocks only.
-    pub fn with_owned_blocks(
+    pub fn with_owned_blocks<S: ParamShape>(
         config: ShampooConfig,
-        shapes: &[Vec<usize>],
+        shapes: &[S],
         dtype: DType,
         backend: B,
         owned: &dyn Fn(usize) -> bool,

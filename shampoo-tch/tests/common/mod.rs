@@ -3,6 +3,8 @@
 //! `shampoo_core` run on those copies.
 #![allow(dead_code)]
 
+pub mod channels_last;
+
 use shampoo_core::{CpuBackend, DType, HostView, HostViewMut, ShampooConfig};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};

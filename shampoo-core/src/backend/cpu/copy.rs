@@ -5,14 +5,26 @@ use super::{CpuBackend, check_select, take_mut, typed, typed_mut};
 use crate::backend::{GatherJob, ScatterJob, TableEntry};
 use crate::{DType, Error, Float, HostView, Result};
 
-/// One block's contiguous runs.
+/// Elements `src, src + step, ..` of a parameter and `dst, dst + 1, ..` of
+/// its packed block, `len` of each.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    src: usize,
+    dst: usize,
+    len: usize,
+    step: usize,
+}
+
+/// One block's runs.
 #[derive(Debug, Clone)]
 struct Entry {
     param: usize,
     numel: usize,
     packed_offset: usize,
-    /// `(offset in the parameter, offset in the block, length)`.
-    runs: Vec<(usize, usize, usize)>,
+    /// `(offset in the parameter's memory, offset in the block, length,
+    /// memory step)`: the step is 1 for row-major parameters, the innermost
+    /// stride for strided ones (channels-last).
+    runs: Vec<Run>,
 }
 
 /// Precomputed block geometry. Construction checks that no two blocks
@@ -33,15 +45,27 @@ impl CpuBlockTable {
         let mut touched: Vec<(usize, usize, usize)> = Vec::new();
         for e in table {
             let mut runs = Vec::new();
-            e.block
-                .for_each_run(|src, dst, len| runs.push((src, dst, len)));
+            e.block.for_each_memory_run(|src, dst, len, step| {
+                runs.push(Run {
+                    src,
+                    dst,
+                    len,
+                    step,
+                })
+            });
             let p = e.block.param;
             if extent.len() <= p {
                 extent.resize(p + 1, 0);
             }
-            for &(src, _, len) in &runs {
+            // Overlap is checked on the logical order: a strided
+            // parameter's map to memory is one to one (checked when it
+            // was made), and its blocks may touch any of its elements.
+            e.block.for_each_run(|src, _, len| {
                 extent[p] = extent[p].max(src + len);
                 touched.push((p, src, len));
+            });
+            if e.block.memory.is_some() {
+                extent[p] = extent[p].max(e.block.param_numel());
             }
             entries.push(Entry {
                 param: p,
@@ -107,8 +131,24 @@ struct GatherTask<'a, T> {
 }
 
 fn gather_task<T: Float>(t: GatherTask<'_, T>) {
-    for &(src, dst, len) in &t.entry.runs {
+    for &Run {
+        src,
+        dst,
+        len,
+        step,
+    } in &t.entry.runs
+    {
         let out = &mut t.out[dst..dst + len];
+        if step != 1 {
+            for (j, o) in out.iter_mut().enumerate() {
+                let at = src + j * step;
+                *o = match t.add {
+                    None => t.src[at],
+                    Some((a, coef)) => t.src[at] + coef * a[at],
+                };
+            }
+            continue;
+        }
         let s = &t.src[src..src + len];
         match t.add {
             None => out.copy_from_slice(s),
@@ -206,13 +246,34 @@ struct ScatterTask<'a, T> {
 
 fn scatter_task<T: Float>(t: ScatterTask<'_, T>) {
     let packed = &t.src[t.entry.packed_offset..t.entry.packed_offset + t.entry.numel];
-    for &(dst, off, len) in &t.entry.runs {
+    for &Run {
+        src: dst,
+        dst: off,
+        len,
+        step,
+    } in &t.entry.runs
+    {
+        let s = &packed[off..off + len];
+        if step != 1 {
+            for (j, &x) in s.iter().enumerate() {
+                // SAFETY: as below, element by element: every offset of a
+                // strided run is within the parameter (its extent is the
+                // whole parameter) and no other entry touches it (the map
+                // to memory is one to one).
+                let o = unsafe { &mut *t.dst.0.add(dst + j * step) };
+                if t.add {
+                    *o += x;
+                } else {
+                    *o = x;
+                }
+            }
+            continue;
+        }
         // SAFETY: `dst + len` is within the parameter (checked against the
         // table's extent before the task was created), and the runs of
         // different entries never overlap (checked when the table was
         // built), so this task is the only one writing these elements.
         let out = unsafe { std::slice::from_raw_parts_mut(t.dst.0.add(dst), len) };
-        let s = &packed[off..off + len];
         if t.add {
             super::kernels::add(out, s);
         } else {

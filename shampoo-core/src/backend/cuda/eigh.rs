@@ -172,11 +172,11 @@ fn solve(
             if s == ssys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
                 return Ok(());
             }
-            tracing::debug!(
+            tracing::warn!(
                 ?s,
                 n,
                 batch,
-                "batched eigensolver refused; solving one by one"
+                "batched eigensolver refused; solving one by one (slower)"
             );
             // It may have written before refusing: start again from the
             // input.

@@ -46,7 +46,7 @@ use crate::backend::{
 use crate::{DType, Error, HostView, HostViewMut, Result};
 
 pub use kernels::{COMMON, KernelSource, SOURCES, compile_all, compile_options, compile_source};
-pub use ops::CudaBlockTable;
+pub use ops::{CudaBlockTable, GEOMETRY_WORDS};
 
 /// One device allocation of `len` elements of one dtype.
 pub struct CudaBuffer {
@@ -419,8 +419,12 @@ impl Backend for CudaBackend {
                     format!("{len} {dtype} elements ({bytes} bytes): {e}"),
                 )
             })?;
-            // SAFETY: `p` is a fresh allocation of `bytes` bytes.
-            unsafe { drv::memset_d8_sync(p, 0, bytes) }.map_err(|e| Error::backend("alloc", e))?;
+            // Zeroed on the backend's stream (not the legacy default
+            // stream), so that it is ordered with the work that uses it.
+            // SAFETY: `p` is a fresh allocation of `bytes` bytes; the
+            // stream belongs to this backend's context, current here.
+            unsafe { drv::memset_d8_async(p, 0, bytes, self.stream.0) }
+                .map_err(|e| Error::backend("alloc", e))?;
             p
         };
         Ok(CudaBuffer {

@@ -10,17 +10,77 @@ use crate::backend::{
 };
 use crate::{DType, Error, Result};
 
-/// Largest block order the kernels' `Geometry` holds.
+/// Largest block order the kernels' `Geometry` holds (and largest number
+/// of dimensions of a strided parameter, size-1 ones left out).
 const MAX_ORDER: usize = 8;
 
-/// One block: where it lives in its parameter (the kernels' `Geometry`:
-/// order, base offset, dims, strides) and where its packed copy lives.
+/// Words of the kernels' `Geometry`: order, base offset, then dims,
+/// strides, starts, sub-dimension counts, sub-dimension sizes and strides
+/// (`MAX_ORDER` each).
+pub const GEOMETRY_WORDS: usize = 2 + 6 * MAX_ORDER;
+
+/// One block: where it lives in its parameter (the kernels' `Geometry`)
+/// and where its packed copy lives.
 #[derive(Debug, Clone)]
 struct Entry {
     param: usize,
     numel: usize,
     packed_offset: usize,
-    geometry: [u64; 2 + 2 * MAX_ORDER],
+    geometry: [u64; GEOMETRY_WORDS],
+}
+
+/// The kernels' `Geometry` of block `b`.
+fn geometry(b: &crate::blocking::BlockSpec) -> Result<[u64; GEOMETRY_WORDS]> {
+    let k = b.dims.len();
+    let mut g = [0u64; GEOMETRY_WORDS];
+    let (dims, strides, start, nsub, sub_sizes, sub_strides) = (
+        2,
+        2 + MAX_ORDER,
+        2 + 2 * MAX_ORDER,
+        2 + 3 * MAX_ORDER,
+        2 + 4 * MAX_ORDER,
+        2 + 5 * MAX_ORDER,
+    );
+    g[0] = k as u64;
+    let mut base = 0usize;
+    let mut row_major = vec![1usize; k];
+    for i in (0..k - 1).rev() {
+        row_major[i] = row_major[i + 1] * b.merged[i + 1];
+    }
+    let (merged_strides, groups) = match &b.memory {
+        None => (row_major.iter().map(|&s| Some(s)).collect(), Vec::new()),
+        Some(m) => (m.merged_strides(&b.merged), m.merged_groups(&b.merged)),
+    };
+    let mut subs = 0;
+    for i in 0..k {
+        g[dims + i] = b.dims[i] as u64;
+        match merged_strides[i] {
+            Some(st) => {
+                g[strides + i] = st as u64;
+                base += b.start[i] * st;
+            }
+            None => {
+                let group = &groups[i];
+                if subs + group.len() > MAX_ORDER {
+                    return Err(Error::backend(
+                        "block_table",
+                        format!(
+                            "a strided parameter with more than {MAX_ORDER} dimensions (the CUDA kernels take up to {MAX_ORDER})"
+                        ),
+                    ));
+                }
+                g[start + i] = b.start[i] as u64;
+                g[nsub + i] = group.len() as u64;
+                for &(size, stride) in group {
+                    g[sub_sizes + subs] = size as u64;
+                    g[sub_strides + subs] = stride as u64;
+                    subs += 1;
+                }
+            }
+        }
+    }
+    g[1] = base as u64;
+    Ok(g)
 }
 
 /// Block geometry, checked once (no two blocks overlap, neither in their
@@ -53,26 +113,19 @@ impl CudaBlockTable {
                     format!("block of order {k} (the CUDA kernels take 1 to {MAX_ORDER})"),
                 ));
             }
-            let mut strides = vec![1usize; k];
-            for i in (0..k - 1).rev() {
-                strides[i] = strides[i + 1] * b.merged[i + 1];
-            }
-            let base: usize = b.start.iter().zip(&strides).map(|(s, st)| s * st).sum();
-            let mut geometry = [0u64; 2 + 2 * MAX_ORDER];
-            geometry[0] = k as u64;
-            geometry[1] = base as u64;
-            for i in 0..k {
-                geometry[2 + i] = b.dims[i] as u64;
-                geometry[2 + MAX_ORDER + i] = strides[i] as u64;
-            }
+            let geometry = geometry(b)?;
             let p = b.param;
             if extent.len() <= p {
                 extent.resize(p + 1, 0);
             }
+            // Overlap on the logical order, as the CPU table checks it.
             b.for_each_run(|src, _, len| {
                 extent[p] = extent[p].max(src + len);
                 touched.push((p, src, len));
             });
+            if b.memory.is_some() {
+                extent[p] = extent[p].max(b.param_numel());
+            }
             packed.push((e.packed_offset, b.numel()));
             entries.push(Entry {
                 param: p,
@@ -112,7 +165,7 @@ impl CudaBlockTable {
     /// offset, dims, strides), element count and packed offset. For tests
     /// that run the kernels on the host.
     #[doc(hidden)]
-    pub fn kernel_geometry(&self, i: usize) -> ([u64; 2 + 2 * MAX_ORDER], usize, usize) {
+    pub fn kernel_geometry(&self, i: usize) -> ([u64; GEOMETRY_WORDS], usize, usize) {
         let e = &self.entries[i];
         (e.geometry, e.numel, e.packed_offset)
     }
