@@ -50,7 +50,7 @@ impl<B: TensorBackend> Average for On<B> {
         let mut g: Vec<Option<B::ViewMut<'_>>> = grads
             .iter()
             .map(|t| {
-                // SAFETY: checked (device, dtype, contiguous), disjoint
+                // SAFETY: checked (device, dtype, dense layout), disjoint
                 // gradients that the caller keeps alive; each is viewed once,
                 // and libtorch does not run on them meanwhile.
                 t.map(|t| unsafe { B::tensor_view_mut(t, dtype) })
@@ -113,7 +113,7 @@ impl GradientAveraging {
 
     /// Averages every gradient of `vs` (collective). Variables are taken
     /// group by group, each sorted by name; the same checks as
-    /// [`crate::Shampoo::step`] apply (`f32`/`f64`, contiguous, disjoint).
+    /// [`crate::Shampoo::step`] apply (`f32`/`f64`, dense, disjoint).
     pub fn all_reduce(&mut self, vs: &VarStore) -> Result<()> {
         let _guard = tch::no_grad_guard();
         self.step += 1;

@@ -6,7 +6,8 @@
 //! [`shampoo_core::ShampooConfig`] per `VarStore` group.
 //!
 //! Parameters and gradients are updated in place through their data
-//! pointers: contiguous tensors of `f32` or `f64`, on the CPU or, with the
+//! pointers: dense tensors of `f32` or `f64` (row-major, channels-last or
+//! any other permutation of their dimensions), on the CPU or, with the
 //! crate's `cuda` feature, on a CUDA device (`shampoo_core`'s CUDA backend
 //! queues its work on libtorch's stream; nothing is copied between host and
 //! device). Without the feature, CUDA variables are refused with an

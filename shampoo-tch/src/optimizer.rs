@@ -70,7 +70,7 @@ pub(crate) struct Group {
 /// `nn::Optimizer`.
 ///
 /// Parameters and gradients are read and written in place through their
-/// data pointers (contiguous tensors of `f32` or `f64` on the CPU, or on a
+/// data pointers (dense tensors of `f32` or `f64` on the CPU, or on a
 /// CUDA device with feature `cuda`); nothing is copied, and on a GPU the
 /// work is queued on libtorch's stream (see [`ShampooBuilder::cuda_stream`]). The variables are read from the `VarStore` at every step, by
 /// name, so variables created after the optimizer are picked up. Each
@@ -437,7 +437,7 @@ impl Shampoo {
                 device_sums.push((g.device(), s));
                 continue;
             }
-            // SAFETY: checked CPU contiguous tensors, disjoint, held alive by
+            // SAFETY: checked CPU dense tensors, disjoint, held alive by
             // `grads`; only read here.
             match unsafe { vars::view(g, *d) } {
                 HostView::F32(s) => sum += s.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>(),
@@ -634,7 +634,7 @@ impl Shampoo {
     /// a gradient are skipped (their values and state stay as they are).
     ///
     /// Every trainable variable and gradient must be a tensor of `f32` or
-    /// `f64`, contiguous, on the CPU (or a CUDA device, with feature
+    /// `f64`, dense (row-major or channels-last), on the CPU (or a CUDA device, with feature
     /// `cuda`; all variables of a group on one device, each gradient on its
     /// variable's), not sharing memory with another one;
     /// otherwise this is an [`Error::Variable`] naming it, and nothing is
@@ -755,7 +755,7 @@ impl Shampoo {
             let gs = &grads[gid];
             for seg in &mut group.segments {
                 let idx: Vec<usize> = seg.names.iter().map(|n| index[n.as_str()]).collect();
-                // Checked (device, contiguous, dtype) and disjoint tensors,
+                // Checked (device, dense layout, dtype) and disjoint tensors,
                 // kept alive by `current` and `grads`.
                 let params: Vec<&Tensor> = idx.iter().map(|&i| &vars[i].tensor).collect();
                 let g: Vec<Option<&Tensor>> = idx.iter().map(|&i| gs[i].as_ref()).collect();
