@@ -66,6 +66,27 @@ pub fn row_major_strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
+/// `strides` of a tensor of `shape` in a canonical form, so that two
+/// tensors laid out alike compare equal: the row-major strides when they
+/// address the elements in row-major order, else the strides themselves
+/// with 0 for dimensions of size 1 (whose stride addresses nothing).
+pub fn canonical_strides(shape: &[usize], strides: &[usize]) -> Vec<usize> {
+    let row_major = row_major_strides(shape);
+    let is_row_major = strides.len() == shape.len()
+        && shape
+            .iter()
+            .zip(row_major.iter().zip(strides))
+            .all(|(&d, (x, y))| d == 1 || x == y);
+    if is_row_major {
+        return row_major;
+    }
+    strides
+        .iter()
+        .zip(shape)
+        .map(|(&s, &d)| if d == 1 { 0 } else { s })
+        .collect()
+}
+
 /// The map from a parameter's logical (row-major) index to its memory
 /// offset, for a dense permuted layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,14 +111,7 @@ impl Strided {
         if shape.contains(&0) {
             return Ok(None);
         }
-        let row_major = row_major_strides(shape);
-        let same = |a: &[usize]| {
-            shape
-                .iter()
-                .zip(a.iter().zip(strides))
-                .all(|(&d, (x, y))| d == 1 || x == y)
-        };
-        if same(&row_major) {
+        if canonical_strides(shape, strides) == row_major_strides(shape) {
             return Ok(None);
         }
         // Dense and non-overlapping: sorted by stride (size-1 dimensions
@@ -179,20 +193,8 @@ impl Strided {
     /// dimension by dimension).
     pub fn merged_strides(&self, merged: &[usize]) -> Vec<Option<usize>> {
         self.merged_groups(merged)
-            .into_iter()
-            .map(|g| {
-                let mut stride = None;
-                let mut expect = None;
-                for &(d, s) in g.iter().rev() {
-                    match expect {
-                        None => stride = Some(s),
-                        Some(e) if e == s => {}
-                        Some(_) => return None,
-                    }
-                    expect = Some(s * d);
-                }
-                stride.or(Some(1))
-            })
+            .iter()
+            .map(|g| nested_stride(g))
             .collect()
     }
 
@@ -224,6 +226,23 @@ impl Strided {
         }
         groups
     }
+}
+
+/// The one stride of a merged dimension made of `group` (its original
+/// dimensions' sizes and strides), when they are nested in memory as in a
+/// row-major tensor; `None` when they are not.
+pub fn nested_stride(group: &[(usize, usize)]) -> Option<usize> {
+    let mut stride = None;
+    let mut expect = None;
+    for &(d, s) in group.iter().rev() {
+        match expect {
+            None => stride = Some(s),
+            Some(e) if e == s => {}
+            Some(_) => return None,
+        }
+        expect = Some(s * d);
+    }
+    stride.or(Some(1))
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ use shampoo_core::backend::{
     wire16_len,
 };
 use shampoo_core::layout::Layout;
-use shampoo_core::strided::ParamShape;
+use shampoo_core::strided::{ParamShape, canonical_strides, row_major_strides};
 use shampoo_core::{CpuBackend, DType, Shampoo, ShampooConfig};
 
 use crate::assign::{assign_blocks, block_costs};
@@ -690,21 +690,13 @@ fn copy<'a, B: Backend>(be: &B, src: B::View<'a>, dst: B::ViewMut<'a>) -> Result
 }
 
 /// A parameter's layout as the ranks compare it: `None` for row-major,
-/// else its strides with those of size-1 dimensions (which address
-/// nothing) set to 0. Layouts the core refuses are kept as given (the
-/// core's error follows).
+/// else its canonical strides.
 fn memory_layout<S: ParamShape>(s: &S) -> Option<Vec<usize>> {
-    let strides = s.strides()?;
-    match shampoo_core::strided::Strided::new("", s.dims(), strides) {
-        Ok(None) => None,
-        Ok(Some(_)) | Err(_) => Some(
-            strides
-                .iter()
-                .zip(s.dims())
-                .map(|(&st, &d)| if d == 1 { 0 } else { st })
-                .collect(),
-        ),
+    if s.dims().contains(&0) {
+        return None;
     }
+    let strides = canonical_strides(s.dims(), s.strides()?);
+    (strides != row_major_strides(s.dims())).then_some(strides)
 }
 
 /// Exchanges fingerprints; any difference is the same error on every rank.

@@ -27,20 +27,13 @@ pub(crate) struct Var {
     pub device: Device,
 }
 
-/// `t`'s element strides in a canonical form: those of a row-major
-/// tensor when it is one, its own otherwise (with 0 for dimensions of
-/// size 1, whose stride addresses nothing), so that two tensors laid out
-/// alike compare equal.
+/// `t`'s element strides in the core's canonical form
+/// ([`shampoo_core::strided::canonical_strides`]), so that two tensors laid
+/// out alike compare equal.
 pub(crate) fn memory_strides(t: &Tensor) -> Vec<usize> {
     let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-    if t.is_contiguous() {
-        return shampoo_core::strided::row_major_strides(&shape);
-    }
-    t.stride()
-        .iter()
-        .zip(&shape)
-        .map(|(&s, &d)| if d == 1 { 0 } else { s as usize })
-        .collect()
+    let strides: Vec<usize> = t.stride().iter().map(|&s| s.max(0) as usize).collect();
+    shampoo_core::strided::canonical_strides(&shape, &strides)
 }
 
 /// The trainable variables of every group, each group sorted by name.

@@ -38,7 +38,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::blocking::BlockSpec;
-use crate::{DType, HostView, HostViewMut, Result};
+use crate::{DType, Error, HostView, HostViewMut, Result};
 
 /// Which blocks (matrices) of a batch a job touches: `None` = all.
 pub type Selection<'a> = Option<&'a [u32]>;
@@ -58,6 +58,49 @@ pub struct TableEntry {
     /// Offset of the packed block (in the group buffer for gathers, in the
     /// directions buffer for scatters).
     pub packed_offset: usize,
+}
+
+/// Checks a block table's geometry, the same for every backend: no two
+/// blocks overlap, neither in a parameter nor in their packed ranges. The
+/// parameter check runs on the logical order (a strided parameter's map to
+/// memory is one to one, checked when it was made). Returns, per parameter
+/// index, one past the largest element of its memory any block touches
+/// (a strided parameter's blocks may touch any of its elements).
+pub fn check_table(table: &[TableEntry]) -> Result<Vec<usize>> {
+    const OP: &str = "block_table";
+    let mut extent: Vec<usize> = Vec::new();
+    let mut touched: Vec<(usize, usize, usize)> = Vec::new();
+    let mut packed: Vec<(usize, usize)> = Vec::with_capacity(table.len());
+    for e in table {
+        let b = &e.block;
+        let p = b.param;
+        if extent.len() <= p {
+            extent.resize(p + 1, 0);
+        }
+        b.for_each_run(|src, _, len| {
+            extent[p] = extent[p].max(src + len);
+            touched.push((p, src, len));
+        });
+        if b.memory.is_some() {
+            extent[p] = extent[p].max(b.param_numel());
+        }
+        packed.push((e.packed_offset, b.numel()));
+    }
+    touched.sort_unstable();
+    for w in touched.windows(2) {
+        let ((p0, s0, l0), (p1, s1, _)) = (w[0], w[1]);
+        if p0 == p1 && s0 + l0 > s1 {
+            return Err(Error::backend(
+                OP,
+                format!("blocks overlap in parameter {p0}"),
+            ));
+        }
+    }
+    packed.sort_unstable();
+    if packed.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+        return Err(Error::backend(OP, "packed blocks overlap"));
+    }
+    Ok(extent)
 }
 
 /// Read-only view operations every backend view type provides.

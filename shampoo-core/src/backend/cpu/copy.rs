@@ -2,7 +2,7 @@
 //! directions back.
 
 use super::{CpuBackend, check_select, take_mut, typed, typed_mut};
-use crate::backend::{GatherJob, ScatterJob, TableEntry};
+use crate::backend::{GatherJob, ScatterJob, TableEntry, check_table};
 use crate::{DType, Error, Float, HostView, Result};
 
 /// Elements `src, src + step, ..` of a parameter and `dst, dst + 1, ..` of
@@ -40,58 +40,29 @@ pub struct CpuBlockTable {
 
 impl CpuBlockTable {
     pub(super) fn new(table: Vec<TableEntry>) -> Result<Self> {
-        let mut entries = Vec::with_capacity(table.len());
-        let mut extent: Vec<usize> = Vec::new();
-        let mut touched: Vec<(usize, usize, usize)> = Vec::new();
-        for e in table {
-            let mut runs = Vec::new();
-            e.block.for_each_memory_run(|src, dst, len, step| {
-                runs.push(Run {
-                    src,
-                    dst,
-                    len,
-                    step,
-                })
-            });
-            let p = e.block.param;
-            if extent.len() <= p {
-                extent.resize(p + 1, 0);
-            }
-            // Overlap is checked on the logical order: a strided
-            // parameter's map to memory is one to one (checked when it
-            // was made), and its blocks may touch any of its elements.
-            e.block.for_each_run(|src, _, len| {
-                extent[p] = extent[p].max(src + len);
-                touched.push((p, src, len));
-            });
-            if e.block.memory.is_some() {
-                extent[p] = extent[p].max(e.block.param_numel());
-            }
-            entries.push(Entry {
-                param: p,
-                numel: e.block.numel(),
-                packed_offset: e.packed_offset,
-                runs,
-            });
-        }
-        touched.sort_unstable();
-        for w in touched.windows(2) {
-            let ((p0, s0, l0), (p1, s1, _)) = (w[0], w[1]);
-            if p0 == p1 && s0 + l0 > s1 {
-                return Err(Error::backend(
-                    "block_table",
-                    format!("blocks overlap in parameter {p0}"),
-                ));
-            }
-        }
+        let extent = check_table(&table)?;
+        let entries: Vec<Entry> = table
+            .into_iter()
+            .map(|e| {
+                let mut runs = Vec::new();
+                e.block.for_each_memory_run(|src, dst, len, step| {
+                    runs.push(Run {
+                        src,
+                        dst,
+                        len,
+                        step,
+                    })
+                });
+                Entry {
+                    param: e.block.param,
+                    numel: e.block.numel(),
+                    packed_offset: e.packed_offset,
+                    runs,
+                }
+            })
+            .collect();
         let mut packed_order: Vec<usize> = (0..entries.len()).collect();
         packed_order.sort_by_key(|&i| entries[i].packed_offset);
-        for w in packed_order.windows(2) {
-            let (a, b) = (&entries[w[0]], &entries[w[1]]);
-            if a.packed_offset + a.numel > b.packed_offset {
-                return Err(Error::backend("block_table", "packed blocks overlap"));
-            }
-        }
         Ok(CpuBlockTable {
             entries,
             packed_order,

@@ -6,8 +6,9 @@ use super::{CudaBackend, CudaView, at, complement, runs, same_dtype};
 use crate::backend::cpu::{check_len, check_select};
 use crate::backend::{
     DirectionSource, EigenRule, GatherJob, GraftKernel, Map, ReduceJob, Reduction, ScatterJob,
-    TableEntry, ViewMutOps, ViewOps,
+    TableEntry, ViewMutOps, ViewOps, check_table,
 };
+use crate::strided::nested_stride;
 use crate::{DType, Error, Result};
 
 /// Largest block order the kernels' `Geometry` holds (and largest number
@@ -47,20 +48,15 @@ fn geometry(b: &crate::blocking::BlockSpec) -> Result<[u64; GEOMETRY_WORDS]> {
     for i in (0..k - 1).rev() {
         row_major[i] = row_major[i + 1] * b.merged[i + 1];
     }
-    let (merged_strides, groups) = match &b.memory {
-        None => (row_major.iter().map(|&s| Some(s)).collect(), Vec::new()),
-        Some(m) => (m.merged_strides(&b.merged), m.merged_groups(&b.merged)),
-    };
+    let groups = b.memory.as_ref().map(|m| m.merged_groups(&b.merged));
     let mut subs = 0;
     for i in 0..k {
         g[dims + i] = b.dims[i] as u64;
-        match merged_strides[i] {
-            Some(st) => {
-                g[strides + i] = st as u64;
-                base += b.start[i] * st;
-            }
-            None => {
-                let group = &groups[i];
+        // Row-major, or strided and nested: one stride. Strided and not
+        // nested: split into the original dimensions.
+        let group = groups.as_ref().map(|gs| gs[i].as_slice());
+        match group {
+            Some(group) if nested_stride(group).is_none() => {
                 if subs + group.len() > MAX_ORDER {
                     return Err(Error::backend(
                         "block_table",
@@ -76,6 +72,11 @@ fn geometry(b: &crate::blocking::BlockSpec) -> Result<[u64; GEOMETRY_WORDS]> {
                     g[sub_strides + subs] = stride as u64;
                     subs += 1;
                 }
+            }
+            _ => {
+                let st = group.and_then(nested_stride).unwrap_or(row_major[i]);
+                g[strides + i] = st as u64;
+                base += b.start[i] * st;
             }
         }
     }
@@ -101,10 +102,7 @@ impl CudaBlockTable {
     pub fn new(table: Vec<TableEntry>) -> Result<Self> {
         const OP: &str = "block_table";
         let mut entries = Vec::with_capacity(table.len());
-        let mut extent: Vec<usize> = Vec::new();
-        let mut touched: Vec<(usize, usize, usize)> = Vec::new();
-        let mut packed: Vec<(usize, usize)> = Vec::new();
-        for e in table {
+        for e in &table {
             let b = &e.block;
             let k = b.dims.len();
             if k == 0 || k > MAX_ORDER || b.merged.len() != k || b.start.len() != k {
@@ -113,41 +111,14 @@ impl CudaBlockTable {
                     format!("block of order {k} (the CUDA kernels take 1 to {MAX_ORDER})"),
                 ));
             }
-            let geometry = geometry(b)?;
-            let p = b.param;
-            if extent.len() <= p {
-                extent.resize(p + 1, 0);
-            }
-            // Overlap on the logical order, as the CPU table checks it.
-            b.for_each_run(|src, _, len| {
-                extent[p] = extent[p].max(src + len);
-                touched.push((p, src, len));
-            });
-            if b.memory.is_some() {
-                extent[p] = extent[p].max(b.param_numel());
-            }
-            packed.push((e.packed_offset, b.numel()));
             entries.push(Entry {
-                param: p,
+                param: b.param,
                 numel: b.numel(),
                 packed_offset: e.packed_offset,
-                geometry,
+                geometry: geometry(b)?,
             });
         }
-        touched.sort_unstable();
-        for w in touched.windows(2) {
-            let ((p0, s0, l0), (p1, s1, _)) = (w[0], w[1]);
-            if p0 == p1 && s0 + l0 > s1 {
-                return Err(Error::backend(
-                    OP,
-                    format!("blocks overlap in parameter {p0}"),
-                ));
-            }
-        }
-        packed.sort_unstable();
-        if packed.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
-            return Err(Error::backend(OP, "packed blocks overlap"));
-        }
+        let extent = check_table(&table)?;
         Ok(CudaBlockTable { entries, extent })
     }
 
