@@ -975,3 +975,47 @@ pub enum Map<'a, B: Backend> {
         select: Selection<'a>,
     },
 }
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+    use crate::blocking::block_parameter;
+
+    fn entries(shape: &[usize], max: usize) -> Vec<TableEntry> {
+        let mut off = 0;
+        block_parameter(0, shape, max)
+            .into_iter()
+            .map(|block| {
+                let e = TableEntry {
+                    packed_offset: off,
+                    block,
+                };
+                off += e.block.numel();
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_table_gives_each_parameter_its_extent_and_refuses_overlaps() {
+        let table = entries(&[5, 6], 4);
+        assert_eq!(check_table(&table).unwrap(), vec![30]);
+        // A block listed twice overlaps in its parameter.
+        let mut twice = table.clone();
+        twice.push(TableEntry {
+            packed_offset: 30,
+            block: table[0].block.clone(),
+        });
+        assert_eq!(
+            check_table(&twice).unwrap_err().to_string(),
+            "backend error in block_table: blocks overlap in parameter 0"
+        );
+        // Two blocks packed into the same place.
+        let mut packed = table.clone();
+        packed[1].packed_offset = 0;
+        assert_eq!(
+            check_table(&packed).unwrap_err().to_string(),
+            "backend error in block_table: packed blocks overlap"
+        );
+    }
+}
