@@ -29,30 +29,68 @@ __device__ __forceinline__ u64 block_offset(const Geometry& g, u64 i) {
     return off;
 }
 
-// out[i] = src[block(i)] (+ coef * add[block(i)])
+// One block's copy between its parameter and its packed place (the
+// backend's `move_words`): gather reads the parameter (plus coef * add),
+// scatter writes it (or adds to it when accumulate is set).
+struct Move {
+    u64 packed;
+    u64 param;
+    u64 add;
+    double coef;
+    u64 numel;
+    u64 accumulate;
+    Geometry g;
+};
+
+// Every move of a call in one launch: the whole grid strides over each
+// block in turn (the record is the same for every thread, so its reads are
+// broadcast).
 template <typename T>
-__device__ void gather(T* out, const T* src, const T* add, double coef, Geometry g, u64 numel) {
-    T c = (T)coef;
-    GRID_LOOP(i, numel) {
-        u64 o = block_offset(g, i);
-        T x = src[o];
-        if (add != 0) {
-            x = x + c * add[o];
+__device__ void gather(const Move* moves, u64 count) {
+    for (u64 r = 0; r < count; ++r) {
+        const Move& m = moves[r];
+        T* out = (T*)m.packed;
+        const T* src = (const T*)m.param;
+        const T* add = (const T*)m.add;
+        T c = (T)m.coef;
+        GRID_LOOP(i, m.numel) {
+            u64 o = block_offset(m.g, i);
+            T x = src[o];
+            if (add != 0) {
+                x = x + c * add[o];
+            }
+            out[i] = x;
         }
-        out[i] = x;
     }
 }
 
-// dst[block(i)] (+)= src[i]
 template <typename T>
-__device__ void scatter(T* dst, const T* src, Geometry g, u64 numel, u64 accumulate) {
-    GRID_LOOP(i, numel) {
-        u64 o = block_offset(g, i);
-        if (accumulate) {
-            dst[o] += src[i];
-        } else {
-            dst[o] = src[i];
+__device__ void scatter(const Move* moves, u64 count) {
+    for (u64 r = 0; r < count; ++r) {
+        const Move& m = moves[r];
+        T* dst = (T*)m.param;
+        const T* src = (const T*)m.packed;
+        GRID_LOOP(i, m.numel) {
+            u64 o = block_offset(m.g, i);
+            if (m.accumulate) {
+                dst[o] += src[i];
+            } else {
+                dst[o] = src[i];
+            }
         }
+    }
+}
+
+// Batched swap of the first two axes: in is count tensors (a, d, b), out
+// the same tensors as (d, a, b) (a mode moved to the front for one GEMM).
+template <typename T>
+__device__ void swap_axes(const T* in, T* out, u64 a, u64 d, u64 b, u64 count) {
+    u64 numel = a * d * b;
+    GRID_LOOP(i, numel * count) {
+        u64 t = i / numel, e = i % numel;
+        u64 q = e % b, rest = e / b, j = rest % a, k = rest / a;
+        // out[t][k][j][q] = in[t][j][k][q]
+        out[i] = in[t * numel + (j * d + k) * b + q];
     }
 }
 
@@ -170,13 +208,15 @@ __device__ void add_ridge(T* x, const T* values, double rel, double abs, u64 n, 
 }
 
 #define INSTANTIATE(T, S)                                                                        \
-    extern "C" __global__ void gather_##S(T* out, const T* src, const T* add, double coef,       \
-                                          Geometry g, u64 numel) {                               \
-        gather<T>(out, src, add, coef, g, numel);                                                \
+    extern "C" __global__ void gather_##S(const Move* moves, u64 count) {                        \
+        gather<T>(moves, count);                                                                 \
     }                                                                                            \
-    extern "C" __global__ void scatter_##S(T* dst, const T* src, Geometry g, u64 numel,          \
-                                           u64 accumulate) {                                     \
-        scatter<T>(dst, src, g, numel, accumulate);                                              \
+    extern "C" __global__ void scatter_##S(const Move* moves, u64 count) {                       \
+        scatter<T>(moves, count);                                                                \
+    }                                                                                            \
+    extern "C" __global__ void swap_axes_##S(const T* in, T* out, u64 a, u64 d, u64 b,          \
+                                             u64 count) {                                        \
+        swap_axes<T>(in, out, a, d, b, count);                                                   \
     }                                                                                            \
     extern "C" __global__ void copy_##S(T* dst, const T* src, u64 n) { cast<T, T>(dst, src, n); } \
     extern "C" __global__ void fill_##S(T* dst, double value, u64 n) { fill<T>(dst, value, n); } \

@@ -135,11 +135,15 @@ __device__ void all_finite(const T* x, T* out, u64 numel, u64 n, u64 lower, u64 
 // Per vector, with m = min(values): if m < eps then v = (v + (-m)) + eps;
 // then v = v^(-exponent).
 //
-// `rule` (the backend's EigenRule): 0 shifts by eps - min when min < eps
-// (damping before the decomposition); 1 always adds -min(min, 0), then eps
-// (damping after); 2 is the pseudo-inverse: values at or below
+// `rule` (the backend's EigenRule): RULE_SHIFT_BELOW (0) shifts by eps - min when min < eps
+// (damping before the decomposition); RULE_SHIFT_NONNEGATIVE (1) always adds
+// -min(min, 0), then eps (damping after); RULE_PSEUDO_INVERSE (2) is the pseudo-inverse: values at or below
 // max(rtol * max(max, 0), atol) become 0 (rtol < 0: n times the machine
 // epsilon).
+#define RULE_SHIFT_BELOW 0
+#define RULE_SHIFT_NONNEGATIVE 1
+#define RULE_PSEUDO_INVERSE 2
+
 template <typename T>
 __device__ void eigen_power(T* values, u64 n, u64 count, u64 rule, double eps, double atol,
                             double rtol, double exponent) {
@@ -180,13 +184,13 @@ __device__ void eigen_power(T* values, u64 n, u64 count, u64 rule, double eps, d
         T cutoff = c > a ? c : a;
         for (u64 k = threadIdx.x; k < n; k += REDUCE_THREADS) {
             T y = vb[k];
-            if (rule == 2) {
+            if (rule == RULE_PSEUDO_INVERSE) {
                 vb[k] = y <= cutoff ? (T)0.0 : sh_pow(y, e);
                 continue;
             }
-            if (rule == 0 && mn < epsT) {
+            if (rule == RULE_SHIFT_BELOW && mn < epsT) {
                 y = (y + (-mn)) + epsT;
-            } else if (rule == 1) {
+            } else if (rule == RULE_SHIFT_NONNEGATIVE) {
                 if (mn < (T)0.0) {
                     y += -mn;
                 }
@@ -199,12 +203,16 @@ __device__ void eigen_power(T* values, u64 n, u64 count, u64 rule, double eps, d
 }
 
 // Per matrix, one thread each (sums in the CPU backend's order): kind 0 the
-// trace, 1 the largest row sum of absolute values (NaN if any row's is).
+// trace (STAT_TRACE), 1 the largest row sum of absolute values
+// (STAT_MAX_ROW_ABS_SUM; NaN if any row's is).
+#define STAT_TRACE 0
+#define STAT_MAX_ROW_ABS_SUM 1
+
 template <typename T>
 __device__ void matrix_stat(const T* x, T* out, u64 kind, u64 n, u64 count) {
     GRID_LOOP(b, count) {
         const T* m = x + b * n * n;
-        if (kind == 0) {
+        if (kind == STAT_TRACE) {
             T s = (T)0.0;
             for (u64 k = 0; k < n; k++) {
                 s += m[k * n + k];

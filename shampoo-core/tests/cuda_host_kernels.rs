@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use shampoo_core::backend::cuda::{CudaBlockTable, GEOMETRY_WORDS};
+use shampoo_core::backend::cuda::{CudaBlockTable, MOVE_WORDS, move_words};
 use shampoo_core::backend::{
     Backend, DirectionSource, EigenRule, GatherJob, GraftKernel, Map, MomentumKernel, ReduceJob,
     Reduction, ScatterJob, TableEntry, WireFormat, WireJob, wire16_len,
@@ -786,31 +786,34 @@ fn gather_and_scatter_match(
     }])
     .unwrap();
     let mut got = vec![f64::NAN; off];
-    let gather = kernel!(
-        lib,
-        "gather_f64",
-        fn(P, C, C, f64, [u64; GEOMETRY_WORDS], u64)
+    let gather = kernel!(lib, "gather_f64", fn(*const u64, u64));
+    let scatter = kernel!(lib, "scatter_f64", fn(*const u64, u64));
+    // Every block's record in one table and one call, as the backend does.
+    let records = |packed: u64, param: u64, add: Option<(u64, f64)>, accumulate: bool| {
+        let mut words = Vec::new();
+        for i in 0..table.len() {
+            let (geo, numel, off) = table.kernel_geometry(i);
+            words.extend(move_words(
+                packed + 8 * off as u64,
+                param,
+                add,
+                numel,
+                accumulate,
+                &geo,
+            ));
+        }
+        assert_eq!(words.len(), table.len() * MOVE_WORDS);
+        words
+    };
+    let moves = records(
+        got.as_mut_ptr() as u64,
+        p.as_ptr() as u64,
+        Some((w.as_ptr() as u64, 0.3)),
+        false,
     );
-    let scatter = kernel!(
-        lib,
-        "scatter_f64",
-        fn(P, C, [u64; GEOMETRY_WORDS], u64, u64)
-    );
-    for i in 0..table.len() {
-        let (geo, numel, packed) = table.kernel_geometry(i);
-        // SAFETY: the block's packed range is inside `got`; its elements
-        // inside the parameter (checked by the table).
-        unsafe {
-            gather(
-                got[packed..].as_mut_ptr(),
-                p.as_ptr(),
-                w.as_ptr(),
-                0.3,
-                geo,
-                numel as u64,
-            )
-        };
-    }
+    // SAFETY: every record's packed range is inside `got`, its elements
+    // inside the parameter (checked by the table).
+    unsafe { gather(moves.as_ptr(), table.len() as u64) };
     assert_eq!(bits(&want), bits(&got), "gather {what}");
     let mut wdst = values(22, n);
     cpu.scatter(&mut [ScatterJob {
@@ -821,20 +824,46 @@ fn gather_and_scatter_match(
     }])
     .unwrap();
     let mut gdst = values(22, n);
-    for i in 0..table.len() {
-        let (geo, numel, packed) = table.kernel_geometry(i);
-        // SAFETY: as above.
-        unsafe {
-            scatter(
-                gdst.as_mut_ptr(),
-                got[packed..].as_ptr(),
-                geo,
-                numel as u64,
-                1,
-            )
-        };
-    }
+    let moves = records(got.as_ptr() as u64, gdst.as_mut_ptr() as u64, None, true);
+    // SAFETY: as above.
+    unsafe { scatter(moves.as_ptr(), table.len() as u64) };
     assert_eq!(bits(&wdst), bits(&gdst), "scatter {what}");
+}
+
+#[test]
+fn swap_axes_moves_a_middle_mode_to_the_front() {
+    let Some((_, lib, _)) = host_kernels() else {
+        return;
+    };
+    let swap = kernel!(lib, "swap_axes_f64", fn(C, P, u64, u64, u64, u64));
+    let (a, d, b, count) = (3usize, 4usize, 5usize, 2usize);
+    let numel = a * d * b;
+    let x = values(30, count * numel);
+    let mut got = vec![f64::NAN; count * numel];
+    // SAFETY: both buffers hold `count` tensors of `numel` elements.
+    unsafe {
+        swap(
+            x.as_ptr(),
+            got.as_mut_ptr(),
+            a as u64,
+            d as u64,
+            b as u64,
+            count as u64,
+        )
+    };
+    for t in 0..count {
+        for j in 0..a {
+            for k in 0..d {
+                for q in 0..b {
+                    assert_eq!(
+                        got[t * numel + (k * a + j) * b + q].to_bits(),
+                        x[t * numel + (j * d + k) * b + q].to_bits(),
+                        "tensor {t} ({j}, {k}, {q})"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -322,6 +322,7 @@ impl<B: Backend> Shampoo<B> {
             self.compute_directions(&views, &grads)?;
         }
         let t = Instant::now();
+        self.backend.phase("apply");
         let source = self.backend.view(&self.directions);
         apply_packed(&self.backend, &self.local_apply, params, source)?;
         self.finish_phase(t, |p, d| p.update += d)?;
@@ -360,6 +361,7 @@ impl<B: Backend> Shampoo<B> {
         let t = Instant::now();
         {
             let _s = tracing::debug_span!("statistics").entered();
+            self.backend.phase("statistics");
             statistics::gather(self, params, grads)?;
             statistics::update_factors(self)?;
         }
@@ -368,6 +370,7 @@ impl<B: Backend> Shampoo<B> {
         if sc.root_inverse {
             let t = Instant::now();
             let _s = tracing::debug_span!("root_inverse").entered();
+            self.backend.phase("root_inverse");
             root_inverse::compute(self, &sc)?;
             drop(_s);
             self.finish_phase(t, |p, d| p.root_inverse += d)?;
@@ -376,6 +379,7 @@ impl<B: Backend> Shampoo<B> {
         let t = Instant::now();
         {
             let _s = tracing::debug_span!("precondition").entered();
+            self.backend.phase("precondition");
             direction::gradient_statistics(self, &sc)?;
             direction::precondition(self, &sc)?;
         }
@@ -384,6 +388,7 @@ impl<B: Backend> Shampoo<B> {
         let t = Instant::now();
         {
             let _s = tracing::debug_span!("update").entered();
+            self.backend.phase("update");
             direction::finish(self, &sc)?;
         }
         self.finish_phase(t, |p, d| p.update += d)?;
@@ -407,6 +412,7 @@ impl<B: Backend> Shampoo<B> {
             )));
         }
         let t = Instant::now();
+        self.backend.phase("apply");
         apply_packed(&self.backend, tables, params, source)?;
         self.finish_phase(t, |p, d| p.update += d)
     }

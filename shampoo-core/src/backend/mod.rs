@@ -168,6 +168,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn download(&self, src: Self::View<'_>, dst: HostViewMut<'_>) -> Result<()>;
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<()>;
+    /// The algorithm enters phase `name` of a step (`statistics`,
+    /// `root_inverse`, `precondition`, `update`): a hint for backends that
+    /// report per phase (the CUDA planner); nothing by default.
+    fn phase(&self, _name: &'static str) {}
     /// Prepares block geometry for gathers and scatters.
     fn block_table(&self, entries: Vec<TableEntry>) -> Result<Self::BlockTable>;
 

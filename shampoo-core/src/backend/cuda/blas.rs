@@ -1,6 +1,16 @@
 //! cuBLAS: statistics (`mode_gram`), preconditioning (`mode_product`) and
-//! the Newton iteration's products (`matmul`), as strided-batched GEMMs
-//! over runs of same-shape blocks.
+//! the Newton iteration's products (`matmul`), one batched GEMM per run of
+//! same-shape blocks and mode:
+//!
+//! - a first or last mode is a plain strided-batched GEMM;
+//! - a middle mode's statistics move the mode to the front first (one
+//!   `swap_axes` launch into scratch), then one GEMM contracts everything
+//!   else;
+//! - a middle mode's product multiplies every slab of every block by its
+//!   block's matrix: one pointer-array batched GEMM, its pointer arrays
+//!   uploaded once and reused (every address is fixed after construction);
+//! - the statistics' EMA `beta F + alpha C` is the GEMM's own `beta` (one
+//!   rounding where the CPU backend rounds twice).
 //!
 //! cuBLAS is column-major; the backend's matrices are row-major. A
 //! row-major `r x c` matrix is the column-major `c x r` matrix of its
@@ -12,8 +22,8 @@ use cudarc::cublas::sys as bsys;
 use cudarc::cusolver::sys as ssys;
 use cudarc::driver::sys as dsys;
 
-use super::kernels::{Args, grid_for, launch};
-use super::{CudaBackend, at, runs, same_dtype};
+use super::kernels::{Args, Kernel, grid_for};
+use super::{CudaBackend, at, plan, runs, same_dtype};
 use crate::backend::cpu::{check_len, check_select};
 use crate::backend::{GramJob, MatmulJob, ModeProductJob, ViewMutOps, ViewOps};
 use crate::{DType, Error, Result};
@@ -25,6 +35,8 @@ pub(super) struct Libs {
     pub(super) params: ssys::cusolverDnParams_t,
     /// Scratch of the eigensolver, grown on demand.
     pub(super) scratch: super::eigh::Scratch,
+    /// Scratch of the statistics' mode moves, grown on demand.
+    pub(super) moved: super::eigh::DeviceScratch,
 }
 
 // SAFETY: the handles are only used while the backend's mutex is held, so
@@ -57,6 +69,7 @@ impl Libs {
             solver,
             params,
             scratch: super::eigh::Scratch::default(),
+            moved: super::eigh::DeviceScratch::default(),
         })
     }
 }
@@ -93,12 +106,16 @@ fn int(op: &'static str, x: usize) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::backend(op, format!("dimension {x} exceeds cuBLAS's int")))
 }
 
-/// One strided-batched GEMM, column-major:
+/// One batched GEMM, column-major:
 /// `C_i = alpha op(A_i) op(B_i) + beta C_i`, `i < batch`. Operands are
 /// `(address, leading dimension, stride between matrices)`, the last two in
-/// elements.
+/// elements; with `pointers`, each operand's address is instead that of a
+/// device array of `batch` addresses (a pointer-array batched GEMM).
 #[derive(Debug, Clone)]
 struct Gemm {
+    /// The pointer arrays of a pointer-array GEMM (A's, B's, C's), on the
+    /// host; the addresses below are then ignored until they are uploaded.
+    pointers: Option<Box<[Vec<u64>; 3]>>,
     ta: bool,
     tb: bool,
     m: usize,
@@ -132,66 +149,137 @@ fn set_math(h: bsys::cublasHandle_t, dt: DType, tf32: bool) -> Result<()> {
     })
 }
 
-fn gemm(h: bsys::cublasHandle_t, dt: DType, g: &Gemm) -> Result<()> {
-    const OP: &str = "gemm";
-    if g.batch == 0 || g.m == 0 || g.n == 0 {
-        return Ok(());
-    }
-    let (m, n, k) = (int(OP, g.m)?, int(OP, g.n)?, int(OP, g.k)?);
-    let (lda, ldb, ldc) = (int(OP, g.a.1)?, int(OP, g.b.1)?, int(OP, g.c.1)?);
-    let batch = int(OP, g.batch)?;
-    let (sa, sb, sc) = (g.a.2 as i64, g.b.2 as i64, g.c.2 as i64);
-    // SAFETY: the callers checked every operand's length against the
-    // extents the GEMM reads and writes (count x matrix size), and the
-    // pointers are device addresses of this context.
-    let s = unsafe {
-        match dt {
-            DType::F32 => {
-                let (al, be) = (g.alpha as f32, g.beta as f32);
-                bsys::cublasSgemmStridedBatched(
+impl CudaBackend {
+    /// Queues one batched GEMM (TF32 tensor cores allowed for float32 when
+    /// `tf32`).
+    fn gemm(&self, dt: DType, tf32: bool, g: &Gemm) -> Result<()> {
+        const OP: &str = "gemm";
+        if g.batch == 0 || g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let flops = 2.0 * (g.m * g.n * g.k * g.batch) as f64;
+        if let (super::Exec::Plan(r), Some(arrays)) = (&self.exec, g.pointers.as_deref()) {
+            r.table(arrays.concat());
+        }
+        if self.planned(plan::Call::Gemm, flops) {
+            return Ok(());
+        }
+        let mut g = g.clone();
+        if let Some(arrays) = g.pointers.as_deref() {
+            let words: Vec<u64> = arrays.concat();
+            let base = self.device_table(words)?;
+            let step = 8 * g.batch as u64;
+            g.a.0 = base;
+            g.b.0 = base + step;
+            g.c.0 = base + 2 * step;
+        }
+        let libs = self.libs()?;
+        let h = libs.blas;
+        set_math(h, dt, tf32)?;
+        let (m, n, k) = (int(OP, g.m)?, int(OP, g.n)?, int(OP, g.k)?);
+        let (lda, ldb, ldc) = (int(OP, g.a.1)?, int(OP, g.b.1)?, int(OP, g.c.1)?);
+        let batch = int(OP, g.batch)?;
+        let (sa, sb, sc) = (g.a.2 as i64, g.b.2 as i64, g.c.2 as i64);
+        let (ta, tb) = (op(g.ta), op(g.tb));
+        // SAFETY: the callers checked every operand's length against the
+        // extents the GEMM reads and writes (count x matrix size), the
+        // pointer arrays hold `batch` such addresses, and every address is
+        // device memory of this context.
+        let s = unsafe {
+            match (dt, g.pointers.is_some()) {
+                (DType::F32, false) => {
+                    let (al, be) = (g.alpha as f32, g.beta as f32);
+                    bsys::cublasSgemmStridedBatched(
+                        h,
+                        ta,
+                        tb,
+                        m,
+                        n,
+                        k,
+                        &al,
+                        g.a.0 as *const f32,
+                        lda,
+                        sa,
+                        g.b.0 as *const f32,
+                        ldb,
+                        sb,
+                        &be,
+                        g.c.0 as *mut f32,
+                        ldc,
+                        sc,
+                        batch,
+                    )
+                }
+                (DType::F64, false) => bsys::cublasDgemmStridedBatched(
                     h,
-                    op(g.ta),
-                    op(g.tb),
+                    ta,
+                    tb,
                     m,
                     n,
                     k,
-                    &al,
-                    g.a.0 as *const f32,
+                    &g.alpha,
+                    g.a.0 as *const f64,
                     lda,
                     sa,
-                    g.b.0 as *const f32,
+                    g.b.0 as *const f64,
                     ldb,
                     sb,
-                    &be,
-                    g.c.0 as *mut f32,
+                    &g.beta,
+                    g.c.0 as *mut f64,
                     ldc,
                     sc,
                     batch,
-                )
+                ),
+                (DType::F32, true) => {
+                    let (al, be) = (g.alpha as f32, g.beta as f32);
+                    bsys::cublasSgemmBatched(
+                        h,
+                        ta,
+                        tb,
+                        m,
+                        n,
+                        k,
+                        &al,
+                        g.a.0 as *const *const f32,
+                        lda,
+                        g.b.0 as *const *const f32,
+                        ldb,
+                        &be,
+                        g.c.0 as *const *mut f32,
+                        ldc,
+                        batch,
+                    )
+                }
+                (DType::F64, true) => bsys::cublasDgemmBatched(
+                    h,
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    &g.alpha,
+                    g.a.0 as *const *const f64,
+                    lda,
+                    g.b.0 as *const *const f64,
+                    ldb,
+                    &g.beta,
+                    g.c.0 as *const *mut f64,
+                    ldc,
+                    batch,
+                ),
             }
-            DType::F64 => bsys::cublasDgemmStridedBatched(
-                h,
-                op(g.ta),
-                op(g.tb),
-                m,
-                n,
-                k,
-                &g.alpha,
-                g.a.0 as *const f64,
-                lda,
-                sa,
-                g.b.0 as *const f64,
-                ldb,
-                sb,
-                &g.beta,
-                g.c.0 as *mut f64,
-                ldc,
-                sc,
-                batch,
-            ),
+        };
+        blas_ok(OP, s)
+    }
+
+    /// Device scratch of at least `bytes` bytes for the statistics' mode
+    /// moves (grown on demand; a planner's is a fresh fake address).
+    fn moved_scratch(&self, bytes: usize) -> Result<u64> {
+        match &self.exec {
+            super::Exec::Plan(r) => Ok(r.alloc(bytes)),
+            super::Exec::Device(_) => self.libs()?.moved.ensure(bytes),
         }
-    };
-    blas_ok("gemm", s)
+    }
 }
 
 /// `(A, d, B)` of a shape along `mode`.
@@ -207,29 +295,42 @@ fn split_dims(op: &'static str, dims: &[usize], mode: usize) -> Result<(usize, u
     Ok((a, dims[mode], b))
 }
 
-fn elementwise(be: &CudaBackend, name: &str, dt: DType, n: usize, args: &mut Args) -> Result<()> {
-    let f = be.kernel(name, dt)?;
-    launch(f, grid_for(n), be.stream.0, args, name)
+/// One queued operation of a statistics or product plan.
+#[derive(Debug, Clone)]
+enum Step {
+    /// `swap_axes`: `batch` tensors `(a, d, b)` at `input` rewritten as
+    /// `(d, a, b)` at `out` (addresses in bytes, element size `size`).
+    SwapAxes {
+        input: u64,
+        out: u64,
+        a: usize,
+        d: usize,
+        b: usize,
+        batch: usize,
+    },
+    Gemm(Gemm),
 }
 
-/// The GEMMs of `mode_gram` for a run of `batch` tensors of shape
-/// `(a, d, b)` (see [`split_dims`]) at `input`, accumulating into the
-/// factors at `out`; `size` is the element size in bytes.
+/// `mode_gram` for a run of `batch` tensors of shape `(a, d, b)` (see
+/// [`split_dims`]) at `input`: `out <- beta out + alpha gram` in one GEMM,
+/// after moving a middle mode to the front into `scratch` (`batch` tensors'
+/// room). `size` is the element size in bytes.
 #[allow(clippy::too_many_arguments)]
 fn gram_plan(
     (a, d, b): (usize, usize, usize),
     alpha: f64,
-    first_beta: f64,
+    beta: f64,
     input: u64,
     out: u64,
-    size: usize,
+    scratch: u64,
     batch: usize,
-) -> Vec<Gemm> {
+) -> Vec<Step> {
     let numel = a * d * b;
     if b == 1 {
         // The block is a row-major A x d matrix, i.e. the column-major
         // d x A matrix X = T^T (ld d). Gram = X X^T.
-        return vec![Gemm {
+        return vec![Step::Gemm(Gemm {
+            pointers: None,
             ta: false,
             tb: true,
             m: d,
@@ -238,34 +339,46 @@ fn gram_plan(
             alpha,
             a: (input, d, numel),
             b: (input, d, numel),
-            beta: first_beta,
+            beta,
             c: (out, d, d * d),
             batch,
-        }];
+        })];
     }
-    // Slab i is a row-major d x B matrix S_i, i.e. the column-major B x d
-    // matrix Y = S_i^T (ld B). Gram += S_i S_i^T = Y^T Y, over the A slabs.
-    (0..a)
-        .map(|i| {
-            let slab = input + (i * d * b * size) as u64;
-            Gemm {
-                ta: true,
-                tb: false,
-                m: d,
-                n: d,
-                k: b,
-                alpha,
-                a: (slab, b, numel),
-                b: (slab, b, numel),
-                beta: if i == 0 { first_beta } else { 1.0 },
-                c: (out, d, d * d),
-                batch,
-            }
-        })
-        .collect()
+    let mut steps = Vec::new();
+    let mut src = input;
+    if a > 1 {
+        // A middle mode: (a, d, b) -> (d, a, b), the mode in front.
+        steps.push(Step::SwapAxes {
+            input,
+            out: scratch,
+            a,
+            d,
+            b,
+            batch,
+        });
+        src = scratch;
+    }
+    // The block is now a row-major d x K matrix S (K = a b), i.e. the
+    // column-major K x d matrix Y = S^T (ld K). Gram = S S^T = Y^T Y.
+    let k = a * b;
+    steps.push(Step::Gemm(Gemm {
+        pointers: None,
+        ta: true,
+        tb: false,
+        m: d,
+        n: d,
+        k,
+        alpha,
+        a: (src, k, numel),
+        b: (src, k, numel),
+        beta,
+        c: (out, d, d * d),
+        batch,
+    }));
+    steps
 }
 
-/// The GEMMs of `mode_product` for a run of `batch` tensors of shape
+/// The GEMM of `mode_product` for a run of `batch` tensors of shape
 /// `(a, d, b)` at `input`, matrices at `mats`, results at `out`.
 #[allow(clippy::too_many_arguments)]
 fn product_plan(
@@ -276,13 +389,14 @@ fn product_plan(
     out: u64,
     size: usize,
     batch: usize,
-) -> Vec<Gemm> {
+) -> Gemm {
     let numel = a * d * b;
     // The row-major matrix M read column-major is Mc = M^T.
     if b == 1 {
         // Row-major A x d blocks: out = in M^T (or in M). Column-major,
         // with X = in^T (d x A, ld d): out^T = M X = Mc^T X (or Mc X).
-        return vec![Gemm {
+        return Gemm {
+            pointers: None,
             ta: !transpose,
             tb: false,
             m: d,
@@ -294,28 +408,39 @@ fn product_plan(
             beta: 0.0,
             c: (out, d, numel),
             batch,
-        }];
+        };
     }
     // Slab i, row-major d x B: out_i = M S_i. Column-major, Y = S_i^T
     // (B x d, ld B): out_i^T = Y M^T = Y Mc (or Y M = Y Mc^T).
-    (0..a)
-        .map(|i| {
-            let off = (i * d * b * size) as u64;
-            Gemm {
-                ta: false,
-                tb: transpose,
-                m: b,
-                n: d,
-                k: d,
-                alpha: 1.0,
-                a: (input + off, b, numel),
-                b: (mats, d, d * d),
-                beta: 0.0,
-                c: (out + off, b, numel),
-                batch,
+    let slab = |t: usize, i: usize| ((t * numel + i * d * b) * size) as u64;
+    let mut g = Gemm {
+        pointers: None,
+        ta: false,
+        tb: transpose,
+        m: b,
+        n: d,
+        k: d,
+        alpha: 1.0,
+        a: (input, b, numel),
+        b: (mats, d, d * d),
+        beta: 0.0,
+        c: (out, b, numel),
+        batch,
+    };
+    if a > 1 {
+        // A middle mode: every slab of every block, one pointer-array GEMM.
+        let mut arrays = [Vec::new(), Vec::new(), Vec::new()];
+        for t in 0..batch {
+            for i in 0..a {
+                arrays[0].push(input + slab(t, i));
+                arrays[1].push(mats + ((t * d * d) * size) as u64);
+                arrays[2].push(out + slab(t, i));
             }
-        })
-        .collect()
+        }
+        g.pointers = Some(Box::new(arrays));
+        g.batch = batch * a;
+    }
+    g
 }
 
 /// The GEMM of `matmul` for a run of `batch` products of `n x n` matrices.
@@ -335,6 +460,7 @@ fn matmul_plan(
     batch: usize,
 ) -> Gemm {
     Gemm {
+        pointers: None,
         ta: trans_b,
         tb: trans_a,
         m: n,
@@ -359,34 +485,46 @@ pub(super) fn mode_gram(be: &CudaBackend, jobs: &mut [GramJob<'_, CudaBackend>])
         same_dtype(OP, dt, &[("input", job.input.dtype())])?;
         check_len(OP, "input", job.input.len(), job.count, numel)?;
         check_len(OP, "output", job.out.len(), job.count, d * d)?;
-        let libs = be.libs();
-        set_math(libs.blas, dt, job.tf32)?;
         for (s, l) in runs(job.select, job.count) {
             let input = at(job.input.ptr, dt, s * numel);
             let out = at(job.out.ptr, dt, s * d * d);
-            if job.beta != 0.0 && job.beta != 1.0 {
-                // F *= beta, rounded, before accumulating (two roundings).
-                elementwise(
-                    be,
-                    "scale",
-                    dt,
-                    l * d * d,
-                    Args::new().u(out).f(job.beta).u((l * d * d) as u64),
-                )?;
-            }
-            let first_beta = if job.beta == 0.0 { 0.0 } else { 1.0 };
-            for g in gram_plan((a, d, b), job.alpha, first_beta, input, out, dt.size(), l) {
-                gemm(libs.blas, dt, &g)?;
+            let scratch = if a > 1 && b > 1 {
+                be.moved_scratch(l * numel * dt.size())?
+            } else {
+                0
+            };
+            for step in gram_plan((a, d, b), job.alpha, job.beta, input, out, scratch, l) {
+                match step {
+                    Step::SwapAxes {
+                        input,
+                        out,
+                        a,
+                        d,
+                        b,
+                        batch,
+                    } => be.launch(
+                        Kernel::SwapAxes,
+                        dt,
+                        grid_for(batch * a * d * b),
+                        Args::new()
+                            .u(input)
+                            .u(out)
+                            .u(a as u64)
+                            .u(d as u64)
+                            .u(b as u64)
+                            .u(batch as u64),
+                    )?,
+                    Step::Gemm(g) => be.gemm(dt, job.tf32, &g)?,
+                }
             }
             // The product is symmetric up to rounding, so the column-major
             // result read row-major is the Gram matrix; its lower triangle
             // is the defined part. Mirror it when the full matrix is wanted.
             if job.full {
-                elementwise(
-                    be,
-                    "symmetrize",
+                be.launch(
+                    Kernel::Symmetrize,
                     dt,
-                    l * d * d,
+                    grid_for(l * d * d),
                     Args::new().u(out).u(d as u64).u(l as u64),
                 )?;
             }
@@ -416,15 +554,12 @@ pub(super) fn mode_product(
         check_len(OP, "input", job.input.len(), job.count, numel)?;
         check_len(OP, "matrices", job.matrices.len(), job.count, d * d)?;
         check_len(OP, "output", job.out.len(), job.count, numel)?;
-        let libs = be.libs();
-        set_math(libs.blas, dt, job.tf32)?;
         for (s, l) in runs(job.select, job.count) {
             let input = at(job.input.ptr, dt, s * numel);
             let mats = at(job.matrices.ptr, dt, s * d * d);
             let out = at(job.out.ptr, dt, s * numel);
-            for g in product_plan((a, d, b), job.transpose, input, mats, out, dt.size(), l) {
-                gemm(libs.blas, dt, &g)?;
-            }
+            let g = product_plan((a, d, b), job.transpose, input, mats, out, dt.size(), l);
+            be.gemm(dt, job.tf32, &g)?;
         }
     }
     Ok(())
@@ -440,8 +575,6 @@ pub(super) fn matmul(be: &CudaBackend, jobs: &mut [MatmulJob<'_, CudaBackend>]) 
         check_len(OP, "a", job.a.len(), job.count, nn)?;
         check_len(OP, "b", job.b.len(), job.count, nn)?;
         check_len(OP, "c", job.c.len(), job.count, nn)?;
-        let libs = be.libs();
-        set_math(libs.blas, dt, job.tf32)?;
         for (s, l) in runs(job.select, job.count) {
             let g = matmul_plan(
                 n,
@@ -454,7 +587,7 @@ pub(super) fn matmul(be: &CudaBackend, jobs: &mut [MatmulJob<'_, CudaBackend>]) 
                 at(job.c.ptr, dt, s * nn),
                 l,
             );
-            gemm(libs.blas, dt, &g)?;
+            be.gemm(dt, job.tf32, &g)?;
         }
     }
     Ok(())
@@ -479,14 +612,27 @@ mod tests {
         ((addr >> 40) as usize, (addr & ((1 << 40) - 1)) as usize)
     }
 
+    /// Scratch of the statistics' mode moves.
+    const SCRATCH: u64 = 3 << 40;
+
     /// `C_t = alpha op(A_t) op(B_t) + beta C_t`, column-major, as cuBLAS
-    /// defines it (`beta = 0` ignores C's old values).
-    fn host_gemm(g: &Gemm, mem: &mut [Vec<f64>; 3]) {
-        let ((ia, oa), (ib, ob), (ic, oc)) = (decode(g.a.0), decode(g.b.0), decode(g.c.0));
-        let (a, b) = (mem[ia].clone(), mem[ib].clone());
-        let c = &mut mem[ic];
+    /// defines it (`beta = 0` ignores C's old values); a pointer-array GEMM
+    /// reads each product's operands from its arrays.
+    fn host_gemm(g: &Gemm, mem: &mut [Vec<f64>; 4]) {
+        let operand = |which: usize, t: usize| -> (usize, usize) {
+            match g.pointers.as_deref() {
+                Some(arrays) => decode(arrays[which][t]),
+                None => {
+                    let (addr, _, stride) = [g.a, g.b, g.c][which];
+                    let (i, o) = decode(addr);
+                    (i, o + t * stride)
+                }
+            }
+        };
         for t in 0..g.batch {
-            let (ba, bb, bc) = (oa + t * g.a.2, ob + t * g.b.2, oc + t * g.c.2);
+            let ((ia, ba), (ib, bb), (ic, bc)) = (operand(0, t), operand(1, t), operand(2, t));
+            let (a, b) = (mem[ia].clone(), mem[ib].clone());
+            let c = &mut mem[ic];
             // op(A)[i, l] and op(B)[l, j] of column-major storage.
             let ea = |i: usize, l: usize| a[ba + if g.ta { l + i * g.a.1 } else { i + l * g.a.1 }];
             let eb = |l: usize, j: usize| b[bb + if g.tb { j + l * g.b.1 } else { l + j * g.b.1 }];
@@ -499,6 +645,36 @@ mod tests {
                     } else {
                         g.alpha * s + g.beta * c[idx]
                     };
+                }
+            }
+        }
+    }
+
+    /// The `swap_axes` kernel's definition (kernels/copy.cu).
+    fn host_swap(step: &Step, mem: &mut [Vec<f64>; 4]) {
+        let Step::SwapAxes {
+            input,
+            out,
+            a,
+            d,
+            b,
+            batch,
+        } = *step
+        else {
+            unreachable!()
+        };
+        let ((ii, io), (oi, oo)) = (decode(input), decode(out));
+        let numel = a * d * b;
+        let src = mem[ii].clone();
+        let dst = &mut mem[oi];
+        dst.resize(oo + batch * numel, f64::NAN);
+        for t in 0..batch {
+            for j in 0..a {
+                for k in 0..d {
+                    for q in 0..b {
+                        dst[oo + t * numel + (k * a + j) * b + q] =
+                            src[io + t * numel + (j * d + k) * b + q];
+                    }
                 }
             }
         }
@@ -547,15 +723,19 @@ mod tests {
                         select: None,
                     }])
                     .unwrap();
-                    let scaled: Vec<f64> = if beta != 0.0 && beta != 1.0 {
-                        f0.iter().map(|v| v * beta).collect()
-                    } else {
-                        f0.clone()
-                    };
-                    let mut mem = [x, Vec::new(), scaled];
-                    let first = if beta == 0.0 { 0.0 } else { 1.0 };
-                    for g in gram_plan((a, d, b), 0.25, first, X, OUT, 1, count) {
-                        host_gemm(&g, &mut mem);
+                    let mut mem = [x, Vec::new(), f0, Vec::new()];
+                    let steps = gram_plan((a, d, b), 0.25, beta, X, OUT, SCRATCH, count);
+                    let moves = steps
+                        .iter()
+                        .filter(|s| matches!(s, Step::SwapAxes { .. }))
+                        .count();
+                    assert_eq!(moves, usize::from(a > 1 && b > 1), "{dims:?} mode {mode}");
+                    assert_eq!(steps.len(), moves + 1, "one GEMM per mode");
+                    for step in &steps {
+                        match step {
+                            Step::Gemm(g) => host_gemm(g, &mut mem),
+                            swap => host_swap(swap, &mut mem),
+                        }
                     }
                     // Only the row-major lower triangle is defined.
                     let lower = |v: &[f64]| -> Vec<f64> {
@@ -598,10 +778,11 @@ mod tests {
                         select: None,
                     }])
                     .unwrap();
-                    let mut mem = [x, m, vec![f64::NAN; count * numel]];
-                    for g in product_plan((a, d, b), transpose, X, M, OUT, 1, count) {
-                        host_gemm(&g, &mut mem);
-                    }
+                    let mut mem = [x, m, vec![f64::NAN; count * numel], Vec::new()];
+                    host_gemm(
+                        &product_plan((a, d, b), transpose, X, M, OUT, 1, count),
+                        &mut mem,
+                    );
                     assert_close(
                         &format!("product {dims:?} mode {mode} transpose {transpose}"),
                         &want,
@@ -638,7 +819,7 @@ mod tests {
                     select: None,
                 }])
                 .unwrap();
-                let mut mem = [a, b, c0];
+                let mut mem = [a, b, c0, Vec::new()];
                 host_gemm(
                     &matmul_plan(n, ta, tb, -0.75, accumulate, X, M, OUT, count),
                     &mut mem,

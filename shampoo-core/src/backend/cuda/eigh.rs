@@ -13,9 +13,14 @@
 //! that waits for the device (it runs in amortized steps only).
 //!
 //! `cusolverDnXsyevBatched` solves a whole run of matrices in one call when
-//! the library has it (CUDA 12.6.2 and later) and accepts the size; else
-//! (or when it returns an error status) each matrix is solved with
+//! the library has it (CUDA 12.6.2 and later) and accepts the size: a run is
+//! split into chunks of fewer than 2^31 matrix elements (the library's
+//! 32-bit index limit on `lda * n * batch`); else (or when it returns an
+//! error status, logged at warn level) each matrix is solved with
 //! `cusolverDnXsyevd`.
+//!
+//! On a planner ([`super::CudaBackend::planner`]) the calls of a run are
+//! recorded as the batched path would issue them and every status is `Ok`.
 
 use std::ffi::c_void;
 
@@ -23,8 +28,8 @@ use cudarc::cusolver::sys as ssys;
 use cudarc::driver::result as drv;
 
 use super::blas::solver_ok;
-use super::kernels::{Args, grid_for, grid_matrices, launch};
-use super::{CudaBackend, Stream, at, runs};
+use super::kernels::{Args, Kernel, grid_for, grid_matrices};
+use super::{CudaBackend, at, plan, runs};
 use crate::backend::cpu::{check_len, check_select};
 use crate::backend::{EighJob, EighStatus, ViewMutOps};
 use crate::{DType, Error, Result};
@@ -41,7 +46,7 @@ pub(super) struct DeviceScratch {
 impl DeviceScratch {
     /// At least `bytes` bytes (reallocating, which waits for the device,
     /// only when the request is larger than any before).
-    fn ensure(&mut self, bytes: usize) -> Result<u64> {
+    pub(super) fn ensure(&mut self, bytes: usize) -> Result<u64> {
         if bytes > self.bytes {
             if self.ptr != 0 {
                 // SAFETY: allocated below, freed once; cuMemFree waits for
@@ -105,7 +110,7 @@ const UPLO: ssys::cublasFillMode_t = ssys::cublasFillMode_t::CUBLAS_FILL_MODE_UP
 /// in one batched call when possible, else one by one.
 #[allow(clippy::too_many_arguments)]
 fn solve(
-    stream: Stream,
+    be: &CudaBackend,
     scratch: &mut Scratch,
     solver: ssys::cusolverDnHandle_t,
     params: ssys::cusolverDnParams_t,
@@ -119,6 +124,29 @@ fn solve(
 ) -> Result<()> {
     let t = data_type(dt);
     let ni = n as i64;
+    /// Matrix elements per batched call (the 32-bit index limit).
+    const CHUNK_ELEMENTS: usize = i32::MAX as usize;
+    let chunk = (CHUNK_ELEMENTS / (n * n).max(1)).max(1);
+    if batch > chunk {
+        for first in (0..batch).step_by(chunk) {
+            let len = chunk.min(batch - first);
+            let (o, ov) = (first * n * n, first * n);
+            solve(
+                be,
+                scratch,
+                solver,
+                params,
+                dt,
+                n,
+                len,
+                at(a, dt, o),
+                at(w, dt, ov),
+                info + 4 * first as u64,
+                at(backup, dt, o),
+            )?;
+        }
+        return Ok(());
+    }
     if batch > 1 && has_batched() {
         let (mut dev, mut host) = (0usize, 0usize);
         // SAFETY: a size query on valid handles; no memory is touched.
@@ -180,7 +208,7 @@ fn solve(
             );
             // It may have written before refusing: start again from the
             // input.
-            copy_bytes(stream, a, backup, batch * n * n * dt.size())?;
+            be.copy_device(a, backup, batch * n * n * dt.size())?;
         }
     }
     let (mut dev, mut host) = (0usize, 0usize);
@@ -234,24 +262,49 @@ fn solve(
     Ok(())
 }
 
-fn copy_bytes(stream: Stream, dst: u64, src: u64, bytes: usize) -> Result<()> {
-    // SAFETY: both ranges are device memory of at least `bytes` bytes.
-    unsafe { drv::memcpy_dtod_async(dst, src, bytes, stream.0) }.map_err(|e| Error::backend(OP, e))
-}
-
-fn cast(be: &CudaBackend, name: &str, dst: u64, src: u64, n: usize) -> Result<()> {
-    let f = be.kernels.get(name)?;
-    launch(
-        f,
+fn cast(be: &CudaBackend, kernel: Kernel, dst: u64, src: u64, n: usize) -> Result<()> {
+    be.launch(
+        kernel,
+        DType::F32,
         grid_for(n),
-        be.stream.0,
         Args::new().u(dst).u(src).u(n as u64),
-        name,
     )
 }
 
+/// What [`eigh`] issues for a run of `l` matrices, recorded on a planner:
+/// the finiteness check, the input copy, the batched solver (chunked), the
+/// two read-backs and the wait; every status `Ok`.
+fn plan_eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> Result<()> {
+    for job in jobs.iter_mut() {
+        check_select(OP, job.select, job.count)?;
+        check_len(OP, "status", job.status.len(), job.count, 1)?;
+        for (s, l) in runs(job.select, job.count) {
+            be.launch(
+                Kernel::AllFinite,
+                job.a.dtype(),
+                grid_matrices(l),
+                &mut Args::new(),
+            )?;
+            be.copy_device(0, 0, 1)?;
+            let chunk = (i32::MAX as usize / (job.n * job.n).max(1)).max(1);
+            for _ in (0..l).step_by(chunk) {
+                be.planned(plan::Call::Solver("cusolverDnXsyevBatched"), 0.0);
+            }
+            be.planned(plan::Call::Download, 0.0);
+            be.planned(plan::Call::Download, 0.0);
+            be.planned(plan::Call::HostWait, 0.0);
+            job.status[s..s + l].fill(EighStatus::Ok);
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> Result<()> {
-    let mut guard = be.libs();
+    if be.is_planner() {
+        return plan_eigh(be, jobs);
+    }
+    let stream = be.device()?.stream.0;
+    let mut guard = be.libs()?;
     let libs = &mut *guard;
     let (solver, params) = (libs.solver, libs.params);
     let scratch = &mut libs.scratch;
@@ -275,10 +328,10 @@ pub(super) fn eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> R
             let info = scratch.info.ensure(l * 4)?;
             // Finite check of the lower triangles, and a copy of the input
             // (restored into failed matrices, source of the float64 retry).
-            launch(
-                be.kernel("all_finite", dt)?,
+            be.launch(
+                Kernel::AllFinite,
+                dt,
                 grid_matrices(l),
-                be.stream.0,
                 Args::new()
                     .u(a)
                     .u(flags)
@@ -286,20 +339,17 @@ pub(super) fn eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> R
                     .u(n as u64)
                     .u(1)
                     .u(l as u64),
-                "all_finite",
             )?;
-            copy_bytes(be.stream, backup, a, l * nn * sz)?;
-            solve(
-                be.stream, scratch, solver, params, dt, n, l, a, w, info, backup,
-            )?;
+            be.copy_device(backup, a, l * nn * sz)?;
+            solve(be, scratch, solver, params, dt, n, l, a, w, info, backup)?;
             let mut infos = vec![0i32; l];
             let mut finite = vec![0u8; l * sz];
             // SAFETY: `info` holds `l` ints and `flags` `l` elements; the
             // stream is synchronised before the host buffers are read.
             unsafe {
-                drv::memcpy_dtoh_async(&mut infos, info, be.stream.0)
-                    .and_then(|_| drv::memcpy_dtoh_async(&mut finite, flags, be.stream.0))
-                    .and_then(|_| drv::stream::synchronize(be.stream.0))
+                drv::memcpy_dtoh_async(&mut infos, info, stream)
+                    .and_then(|_| drv::memcpy_dtoh_async(&mut finite, flags, stream))
+                    .and_then(|_| drv::stream::synchronize(stream))
             }
             .map_err(|e| Error::backend(OP, e))?;
             let is_finite = |j: usize| match dt {
@@ -315,12 +365,12 @@ pub(super) fn eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> R
                 let (aj, bj) = (at(a, dt, j * nn), at(backup, dt, j * nn));
                 if !is_finite(j) {
                     *st = EighStatus::Failed;
-                    copy_bytes(be.stream, aj, bj, nn * sz)?;
+                    be.copy_device(aj, bj, nn * sz)?;
                 } else if info_j == 0 {
                     *st = EighStatus::Ok;
                 } else if dt == DType::F64 {
                     *st = EighStatus::Failed;
-                    copy_bytes(be.stream, aj, bj, nn * sz)?;
+                    be.copy_device(aj, bj, nn * sz)?;
                 } else {
                     *st = retry_f64(be, scratch, solver, params, n, aj, at(w, dt, j * n), bj)?;
                 }
@@ -350,9 +400,9 @@ fn retry_f64(
     // float64 matrix, float64 values, one info.
     let base = scratch.retry.ensure(8 * (nn + n) + 8)?;
     let (a64, w64, info) = (base, base + 8 * nn as u64, base + 8 * (nn + n) as u64);
-    cast(be, "cast_f32_f64", a64, src, nn)?;
+    cast(be, Kernel::CastF32F64, a64, src, nn)?;
     solve(
-        be.stream,
+        be,
         scratch,
         solver,
         params,
@@ -365,18 +415,18 @@ fn retry_f64(
         a64,
     )?;
     let mut ok = [0i32; 1];
+    let stream = be.device()?.stream.0;
     // SAFETY: `info` is one int of the retry scratch; synchronised below.
     unsafe {
-        drv::memcpy_dtoh_async(&mut ok, info, be.stream.0)
-            .and_then(|_| drv::stream::synchronize(be.stream.0))
+        drv::memcpy_dtoh_async(&mut ok, info, stream).and_then(|_| drv::stream::synchronize(stream))
     }
     .map_err(|e| Error::backend(OP, e))?;
     if ok[0] == 0 {
-        cast(be, "cast_f64_f32", a, a64, nn)?;
-        cast(be, "cast_f64_f32", w, w64, n)?;
+        cast(be, Kernel::CastF64F32, a, a64, nn)?;
+        cast(be, Kernel::CastF64F32, w, w64, n)?;
         Ok(EighStatus::RetriedF64)
     } else {
-        copy_bytes(be.stream, a, src, nn * 4)?;
+        be.copy_device(a, src, nn * 4)?;
         Ok(EighStatus::Failed)
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result as drv, sys as dsys};
 use cudarc::nvrtc::{CompileError, CompileOptions};
 
-use crate::{Error, Result};
+use crate::{DType, Error, Result};
 
 /// Header prepended to every source (NVRTC has no include path here).
 pub const COMMON: &str = include_str!("../../../../kernels/common.cuh");
@@ -27,62 +27,29 @@ pub struct KernelSource {
     pub untyped: &'static [&'static str],
 }
 
-/// Every file of `kernels/` (a test checks that none is missing).
-pub const SOURCES: [KernelSource; 4] = [
-    KernelSource {
-        file: "copy.cu",
-        source: include_str!("../../../../kernels/copy.cu"),
-        typed: &[
-            "gather",
-            "scatter",
-            "copy",
-            "fill",
-            "scale",
-            "symmetrize",
-            "root_input",
-            "scale_rows",
-            "newton_init",
-            "newton_coefficient",
-            "trace_scale",
-            "add_ridge",
-        ],
-        untyped: &["cast_f32_f64", "cast_f64_f32"],
-    },
-    KernelSource {
-        file: "map.cu",
-        source: include_str!("../../../../kernels/map.cu"),
-        typed: &[
-            "gradient_statistics",
-            "direction",
-            "eigenvalue_update",
-            "eigenvalue_scale",
-            "sign_map",
-            "axpby",
-            "scale_blocks",
-            "iterate_average",
-            "interpolate",
-        ],
-        untyped: &[],
-    },
-    KernelSource {
-        file: "reduce.cu",
-        source: include_str!("../../../../kernels/reduce.cu"),
-        typed: &[
-            "sum_squares",
-            "max_abs_dev_identity",
-            "all_finite",
-            "eigen_power",
-            "matrix_stat",
-        ],
-        untyped: &[],
-    },
-    KernelSource {
-        file: "wire.cu",
-        source: include_str!("../../../../kernels/wire.cu"),
-        typed: &["pack16", "unpack16"],
-        untyped: &[],
-    },
-];
+// `Kernel` (the typed ids of every entry point), `SOURCES` (every file of
+// `kernels/` with its entry points) and `kernel_defines` (the sources'
+// integer `#define`s), generated from `kernels/` by `build.rs`.
+include!(concat!(env!("OUT_DIR"), "/kernel_ids.rs"));
+
+impl Kernel {
+    /// The entry point's name for `dtype` (`name_f32`/`name_f64` for a typed
+    /// kernel; the name itself otherwise).
+    pub fn entry_point(self, dtype: DType) -> String {
+        if self.is_typed() {
+            format!("{}_{}", self.base_name(), dtype_suffix(dtype))
+        } else {
+            self.base_name().to_string()
+        }
+    }
+}
+
+fn dtype_suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+    }
+}
 
 impl KernelSource {
     /// Every entry point of the file, with type suffixes.
@@ -156,9 +123,10 @@ pub fn compile_all(arch: &str) -> Result<CompiledKernels> {
     Ok(out)
 }
 
-/// The kernels loaded into one context: entry-point name to function.
+/// The kernels loaded into one context: two slots per [`Kernel`] (its
+/// `f32` and `f64` entry points; an untyped kernel uses the first).
 pub(super) struct Loaded {
-    functions: HashMap<String, dsys::CUfunction>,
+    functions: Vec<dsys::CUfunction>,
     modules: Vec<dsys::CUmodule>,
 }
 
@@ -166,14 +134,18 @@ pub(super) struct Loaded {
 // thread that has their context current (the backend binds it before every
 // use); the driver API is thread-safe.
 unsafe impl Send for Loaded {}
-// SAFETY: as above; the map is never mutated after construction.
+// SAFETY: as above; the table is never mutated after construction.
 unsafe impl Sync for Loaded {}
+
+fn slot(k: Kernel, dtype: DType) -> usize {
+    2 * k as usize + usize::from(k.is_typed() && dtype == DType::F64)
+}
 
 impl Loaded {
     /// Loads the PTX of every source into the current context.
     pub(super) fn load(arch: &str) -> Result<Self> {
         let ptx = compile_all(arch)?;
-        let mut functions = HashMap::new();
+        let mut functions = vec![std::ptr::null_mut(); 2 * Kernel::ALL.len()];
         let mut modules = Vec::new();
         for (src, (_, code)) in SOURCES.iter().zip(ptx.iter()) {
             let image = CString::new(code.as_str())
@@ -183,24 +155,34 @@ impl Loaded {
             let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }
                 .map_err(|e| Error::backend("load kernels", format!("{}: {e}", src.file)))?;
             modules.push(module);
-            for name in src.entry_points() {
+        }
+        for k in Kernel::ALL {
+            let dtypes: &[DType] = if k.is_typed() {
+                &[DType::F32, DType::F64]
+            } else {
+                &[DType::F32]
+            };
+            for &dt in dtypes {
+                let name = k.entry_point(dt);
                 let cname = CString::new(name.clone()).expect("kernel names have no NUL");
-                // SAFETY: `module` was just loaded and is alive.
-                let f = unsafe { drv::module::get_function(module, cname) }.map_err(|e| {
-                    Error::backend("load kernels", format!("{}: {name}: {e}", src.file))
-                })?;
-                functions.insert(name, f);
+                // SAFETY: the module was loaded above and is alive.
+                let f = unsafe { drv::module::get_function(modules[k.source()], cname) }.map_err(
+                    |e| {
+                        Error::backend(
+                            "load kernels",
+                            format!("{}: {name}: {e}", SOURCES[k.source()].file),
+                        )
+                    },
+                )?;
+                functions[slot(k, dt)] = f;
             }
         }
         Ok(Loaded { functions, modules })
     }
 
-    /// The function `name`.
-    pub(super) fn get(&self, name: &str) -> Result<dsys::CUfunction> {
-        self.functions
-            .get(name)
-            .copied()
-            .ok_or_else(|| Error::backend("launch", format!("no kernel named {name}")))
+    /// The function of `k` for `dtype`.
+    pub(super) fn get(&self, k: Kernel, dtype: DType) -> dsys::CUfunction {
+        self.functions[slot(k, dtype)]
     }
 }
 
@@ -255,11 +237,6 @@ impl Args {
         self.push_words(&[v.to_bits()])
     }
 
-    /// A plain-old-data struct passed by value (a whole number of words).
-    pub(super) fn words(&mut self, w: &[u64]) -> &mut Self {
-        self.push_words(w)
-    }
-
     /// Pointers to the arguments, for `cuLaunchKernel`.
     fn params(&mut self) -> [*mut c_void; 32] {
         let mut p = [std::ptr::null_mut(); 32];
@@ -277,16 +254,13 @@ impl Args {
 pub(super) const THREADS: u32 = 256;
 
 /// Launches `f` on `stream` with `grid` blocks of [`THREADS`].
-pub(super) fn launch(
+pub(super) fn launch_raw(
     f: dsys::CUfunction,
     grid: u32,
     stream: dsys::CUstream,
     args: &mut Args,
-    what: &str,
+    what: Kernel,
 ) -> Result<()> {
-    if grid == 0 {
-        return Ok(());
-    }
     let mut params = args.params();
     // SAFETY: `f` is a loaded kernel whose parameter list matches what the
     // caller pushed (each launch site mirrors its kernel's signature), the
@@ -303,7 +277,7 @@ pub(super) fn launch(
             &mut params[..args.count],
         )
     }
-    .map_err(|e| Error::backend("launch", format!("{what}: {e}")))
+    .map_err(|e| Error::backend("launch", format!("{}: {e}", what.base_name())))
 }
 
 /// Blocks for an elementwise kernel over `n` elements (grid-stride loops

@@ -30,7 +30,9 @@ mod blas;
 mod eigh;
 mod kernels;
 mod ops;
+pub mod plan;
 pub mod probe;
+mod tables;
 mod wire;
 
 use std::ffi::c_void;
@@ -44,16 +46,20 @@ use crate::backend::{
     QrJob, ReduceJob, ScatterJob, Selection, TableEntry, ViewMutOps, ViewOps, WireJob,
 };
 use crate::{DType, Error, HostView, HostViewMut, Result};
+use kernels::Args;
 
-pub use kernels::{COMMON, KernelSource, SOURCES, compile_all, compile_options, compile_source};
-pub use ops::{CudaBlockTable, GEOMETRY_WORDS};
+pub use kernels::{
+    COMMON, Kernel, KernelSource, SOURCES, compile_all, compile_options, compile_source,
+};
+pub use ops::{CudaBlockTable, GEOMETRY_WORDS, MOVE_WORDS, move_words};
 
 /// One device allocation of `len` elements of one dtype.
 pub struct CudaBuffer {
     ptr: u64,
     len: usize,
     dtype: DType,
-    ctx: Arc<CudaContext>,
+    /// The context that owns the allocation (none for a planner's).
+    ctx: Option<Arc<CudaContext>>,
 }
 
 impl std::fmt::Debug for CudaBuffer {
@@ -87,7 +93,10 @@ impl CudaBuffer {
 
 impl Drop for CudaBuffer {
     fn drop(&mut self) {
-        if self.ptr != 0 && self.ctx.bind_to_thread().is_ok() {
+        if self.ptr != 0
+            && let Some(ctx) = &self.ctx
+            && ctx.bind_to_thread().is_ok()
+        {
             // SAFETY: the allocation was made by `alloc` and is freed once;
             // cuMemFree waits for work still using it.
             let _ = unsafe { drv::free_sync(self.ptr) };
@@ -212,19 +221,25 @@ unsafe impl Send for Stream {}
 // SAFETY: as above.
 unsafe impl Sync for Stream {}
 
-/// The CUDA backend (one device, one stream).
-pub struct CudaBackend {
-    // Dropped in this order: the library handles and the kernels while the
-    // context (last) is still alive.
+/// What a backend's calls reach: a device, or a recorder of what they
+/// would issue ([`plan`]).
+enum Exec {
+    Device(Device),
+    Plan(plan::Recorder),
+}
+
+/// One device's handles.
+struct Device {
+    // Dropped in this order: the library handles, the cached tables and
+    // the kernels while the context (last) is still alive.
     libs: Mutex<blas::Libs>,
+    tables: Mutex<tables::Cache>,
     kernels: kernels::Loaded,
     stream: Stream,
-    device: String,
-    arch: String,
     ctx: Arc<CudaContext>,
 }
 
-impl Drop for CudaBackend {
+impl Drop for Device {
     fn drop(&mut self) {
         // Handles and modules are destroyed with the context current, after
         // the work queued with them.
@@ -233,6 +248,13 @@ impl Drop for CudaBackend {
             let _ = unsafe { drv::stream::synchronize(self.stream.0) };
         }
     }
+}
+
+/// The CUDA backend (one device, one stream), or its planner.
+pub struct CudaBackend {
+    exec: Exec,
+    device: String,
+    arch: String,
 }
 
 impl CudaBackend {
@@ -254,6 +276,31 @@ impl CudaBackend {
     /// null for the legacy default stream) and outlive the backend.
     pub unsafe fn with_stream(ordinal: usize, stream: *mut c_void) -> Result<Self> {
         Self::init(ordinal, stream as dsys::CUstream)
+    }
+
+    /// A backend that needs no GPU and no CUDA library: it runs the
+    /// backend's code and records every launch, library call, copy and
+    /// host wait it would issue ([`CudaBackend::take_plan`]) instead of
+    /// issuing it. Its buffers hold no data.
+    pub fn planner() -> Self {
+        CudaBackend {
+            exec: Exec::Plan(plan::Recorder::new()),
+            device: "planner (no device)".into(),
+            arch: "none".into(),
+        }
+    }
+
+    /// Whether this is a [`CudaBackend::planner`].
+    pub fn is_planner(&self) -> bool {
+        matches!(self.exec, Exec::Plan(_))
+    }
+
+    /// The calls recorded since the last call (empty on a device).
+    pub fn take_plan(&self) -> Vec<plan::Launch> {
+        match &self.exec {
+            Exec::Plan(r) => r.take(),
+            Exec::Device(_) => Vec::new(),
+        }
     }
 
     fn init(ordinal: usize, stream: dsys::CUstream) -> Result<Self> {
@@ -280,10 +327,13 @@ impl CudaBackend {
         let libs = blas::Libs::new(stream)?;
         tracing::info!(device = %device, arch = %arch, "CUDA backend ready");
         Ok(CudaBackend {
-            ctx,
-            stream: Stream(stream),
-            kernels,
-            libs: Mutex::new(libs),
+            exec: Exec::Device(Device {
+                ctx,
+                stream: Stream(stream),
+                kernels,
+                tables: Mutex::new(tables::Cache::default()),
+                libs: Mutex::new(libs),
+            }),
             device,
             arch,
         })
@@ -299,14 +349,21 @@ impl CudaBackend {
         &self.device
     }
 
-    /// The stream all work is queued on (null: the legacy default stream).
+    /// The stream all work is queued on (null: the legacy default stream,
+    /// or a planner).
     pub fn stream(&self) -> *mut c_void {
-        self.stream.0 as *mut c_void
+        match &self.exec {
+            Exec::Device(d) => d.stream.0 as *mut c_void,
+            Exec::Plan(_) => std::ptr::null_mut(),
+        }
     }
 
-    /// The device's ordinal (in this process's view).
+    /// The device's ordinal (in this process's view; 0 for a planner).
     pub fn ordinal(&self) -> usize {
-        self.ctx.ordinal()
+        match &self.exec {
+            Exec::Device(d) => d.ctx.ordinal(),
+            Exec::Plan(_) => 0,
+        }
     }
 
     /// Makes the backend's context (the device's primary context) current
@@ -318,27 +375,84 @@ impl CudaBackend {
 
     /// Free and total memory of the device, in bytes (`cuMemGetInfo`).
     pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.device()?;
         self.bind()?;
         drv::mem_get_info().map_err(|e| Error::backend("memory info", e))
     }
 
     fn bind(&self) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| Error::backend("bind context", e))
+        match &self.exec {
+            Exec::Device(d) => d
+                .ctx
+                .bind_to_thread()
+                .map_err(|e| Error::backend("bind context", e)),
+            Exec::Plan(_) => Ok(()),
+        }
     }
 
-    /// The kernel `name` for `dtype` (`name_f32` / `name_f64`).
-    fn kernel(&self, name: &str, dtype: DType) -> Result<dsys::CUfunction> {
-        let suffix = match dtype {
-            DType::F32 => "f32",
-            DType::F64 => "f64",
-        };
-        self.kernels.get(&format!("{name}_{suffix}"))
+    /// The device, or the error of an operation a planner cannot run.
+    fn device(&self) -> Result<&Device> {
+        match &self.exec {
+            Exec::Device(d) => Ok(d),
+            Exec::Plan(_) => Err(Error::backend(
+                "cuda",
+                "a planner has no device (this operation needs one)",
+            )),
+        }
     }
 
-    fn libs(&self) -> std::sync::MutexGuard<'_, blas::Libs> {
-        self.libs.lock().unwrap_or_else(|e| e.into_inner())
+    /// Records `call` on a planner (true), or says the call is to be made
+    /// (false).
+    fn planned(&self, call: plan::Call, flops: f64) -> bool {
+        match &self.exec {
+            Exec::Plan(r) => {
+                r.record(call, flops);
+                true
+            }
+            Exec::Device(_) => false,
+        }
+    }
+
+    /// Launches kernel `k` (its `dtype` entry point) with `grid` blocks of
+    /// [`kernels::THREADS`] threads on the backend's stream.
+    fn launch(&self, k: Kernel, dtype: DType, grid: u32, args: &mut Args) -> Result<()> {
+        if grid == 0 || self.planned(plan::Call::Kernel(k), 0.0) {
+            return Ok(());
+        }
+        let d = self.device()?;
+        kernels::launch_raw(d.kernels.get(k, dtype), grid, d.stream.0, args, k)
+    }
+
+    /// `bytes` bytes from `src` to `dst`, both device memory, on the stream.
+    fn copy_device(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 || self.planned(plan::Call::DeviceCopy, 0.0) {
+            return Ok(());
+        }
+        let d = self.device()?;
+        // SAFETY: the callers pass device ranges of at least `bytes` bytes.
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, d.stream.0) }
+            .map_err(|e| Error::backend("copy", e))
+    }
+
+    fn libs(&self) -> Result<std::sync::MutexGuard<'_, blas::Libs>> {
+        Ok(self
+            .device()?
+            .libs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The device address of `words`, uploaded once and kept (see
+    /// [`tables`]).
+    fn device_table(&self, words: Vec<u64>) -> Result<u64> {
+        match &self.exec {
+            Exec::Plan(r) => Ok(r.table(words)),
+            Exec::Device(d) => d
+                .tables
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(words, d.stream.0),
+        }
     }
 }
 
@@ -407,8 +521,19 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, dtype: DType, len: usize) -> Result<CudaBuffer> {
-        self.bind()?;
         let bytes = len * dtype.size();
+        let d = match &self.exec {
+            Exec::Plan(r) => {
+                return Ok(CudaBuffer {
+                    ptr: if bytes == 0 { 0 } else { r.alloc(bytes) },
+                    len,
+                    dtype,
+                    ctx: None,
+                });
+            }
+            Exec::Device(d) => d,
+        };
+        self.bind()?;
         let ptr = if bytes == 0 {
             0
         } else {
@@ -423,7 +548,7 @@ impl Backend for CudaBackend {
             // stream), so that it is ordered with the work that uses it.
             // SAFETY: `p` is a fresh allocation of `bytes` bytes; the
             // stream belongs to this backend's context, current here.
-            unsafe { drv::memset_d8_async(p, 0, bytes, self.stream.0) }
+            unsafe { drv::memset_d8_async(p, 0, bytes, d.stream.0) }
                 .map_err(|e| Error::backend("alloc", e))?;
             p
         };
@@ -431,7 +556,7 @@ impl Backend for CudaBackend {
             ptr,
             len,
             dtype,
-            ctx: self.ctx.clone(),
+            ctx: Some(d.ctx.clone()),
         })
     }
 
@@ -491,13 +616,17 @@ impl Backend for CudaBackend {
         if dst.len == 0 {
             return Ok(());
         }
+        if self.planned(plan::Call::Upload, 0.0) {
+            return self.synchronize();
+        }
+        let stream = self.device()?.stream.0;
         self.bind()?;
         // SAFETY: `dst` holds `len` elements of the same dtype (checked);
         // the stream is synchronised before the host memory can go away.
         unsafe {
             match src {
-                HostView::F32(s) => drv::memcpy_htod_async(dst.ptr, s, self.stream.0),
-                HostView::F64(s) => drv::memcpy_htod_async(dst.ptr, s, self.stream.0),
+                HostView::F32(s) => drv::memcpy_htod_async(dst.ptr, s, stream),
+                HostView::F64(s) => drv::memcpy_htod_async(dst.ptr, s, stream),
             }
         }
         .map_err(|e| Error::backend("upload", e))?;
@@ -520,13 +649,22 @@ impl Backend for CudaBackend {
         if src.len == 0 {
             return Ok(());
         }
+        if self.planned(plan::Call::Download, 0.0) {
+            // A planner reads back ones: flags say "finite", counts "one".
+            match dst {
+                HostViewMut::F32(d) => d.fill(1.0),
+                HostViewMut::F64(d) => d.fill(1.0),
+            }
+            return self.synchronize();
+        }
+        let stream = self.device()?.stream.0;
         self.bind()?;
         // SAFETY: as in `upload`; the stream is synchronised before `dst`
         // is handed back.
         unsafe {
             match dst {
-                HostViewMut::F32(d) => drv::memcpy_dtoh_async(d, src.ptr, self.stream.0),
-                HostViewMut::F64(d) => drv::memcpy_dtoh_async(d, src.ptr, self.stream.0),
+                HostViewMut::F32(d) => drv::memcpy_dtoh_async(d, src.ptr, stream),
+                HostViewMut::F64(d) => drv::memcpy_dtoh_async(d, src.ptr, stream),
             }
         }
         .map_err(|e| Error::backend("download", e))?;
@@ -534,10 +672,19 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        if self.planned(plan::Call::HostWait, 0.0) {
+            return Ok(());
+        }
+        let stream = self.device()?.stream.0;
         self.bind()?;
         // SAFETY: the stream is valid for the backend's life.
-        unsafe { drv::stream::synchronize(self.stream.0) }
-            .map_err(|e| Error::backend("synchronize", e))
+        unsafe { drv::stream::synchronize(stream) }.map_err(|e| Error::backend("synchronize", e))
+    }
+
+    fn phase(&self, name: &'static str) {
+        if let Exec::Plan(r) = &self.exec {
+            r.set_phase(name);
+        }
     }
 
     fn block_table(&self, entries: Vec<TableEntry>) -> Result<CudaBlockTable> {

@@ -1,7 +1,7 @@
 //! Gathers, scatters, the fused maps and the reductions: argument checks on
 //! the host, one kernel launch per run of selected blocks.
 
-use super::kernels::{Args, grid_for, grid_matrices, launch};
+use super::kernels::{Args, Kernel, grid_for, grid_matrices, kernel_defines as defs};
 use super::{CudaBackend, CudaView, at, complement, runs, same_dtype};
 use crate::backend::cpu::{check_len, check_select};
 use crate::backend::{
@@ -150,13 +150,67 @@ fn param_view<'s>(sources: &[Option<CudaView<'s>>], p: usize, what: &str) -> Res
         .ok_or_else(|| Error::backend("gather", format!("{what} of parameter {p} is missing")))
 }
 
+/// Words of one block's record in a gather or scatter launch (the
+/// kernels' `Move`): packed address, parameter address, added tensor's
+/// address (0: none), coefficient, element count, accumulate flag, then the
+/// block's `Geometry`.
+pub const MOVE_WORDS: usize = 6 + GEOMETRY_WORDS;
+
+/// The kernels' `Move` record of one block.
+#[doc(hidden)]
+pub fn move_words(
+    packed: u64,
+    param: u64,
+    add: Option<(u64, f64)>,
+    numel: usize,
+    accumulate: bool,
+    geometry: &[u64; GEOMETRY_WORDS],
+) -> [u64; MOVE_WORDS] {
+    let mut w = [0u64; MOVE_WORDS];
+    let (add, coef) = add.unwrap_or((0, 0.0));
+    w[..6].copy_from_slice(&[
+        packed,
+        param,
+        add,
+        coef.to_bits(),
+        numel as u64,
+        u64::from(accumulate),
+    ]);
+    w[6..].copy_from_slice(geometry);
+    w
+}
+
+/// One launch of `kernel` over every record of `records` (of one dtype),
+/// its table uploaded once ([`CudaBackend::device_table`]).
+fn launch_moves(
+    be: &CudaBackend,
+    kernel: Kernel,
+    dt: DType,
+    records: Vec<u64>,
+    largest: usize,
+) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let count = records.len() / MOVE_WORDS;
+    let table = be.device_table(records)?;
+    be.launch(
+        kernel,
+        dt,
+        grid_for(largest),
+        Args::new().u(table).u(count as u64),
+    )
+}
+
+/// Every job's selected blocks in one launch (per dtype).
 pub(super) fn gather(be: &CudaBackend, jobs: &mut [GatherJob<'_, '_, CudaBackend>]) -> Result<()> {
     const OP: &str = "gather";
+    let mut records: [(Vec<u64>, usize); 2] = Default::default();
     for job in jobs.iter_mut() {
         let table = job.table;
         check_select(OP, job.select, table.entries.len())?;
         let dt = job.out.dtype();
-        let f = be.kernel("gather", dt)?;
+        let (words, largest) = &mut records[usize::from(dt == DType::F64)];
         for (first, len) in runs(job.select, table.entries.len()) {
             for e in &table.entries[first..first + len] {
                 if e.packed_offset + e.numel > job.out.len() {
@@ -170,38 +224,39 @@ pub(super) fn gather(be: &CudaBackend, jobs: &mut [GatherJob<'_, '_, CudaBackend
                         format!("parameter {} is too short", e.param),
                     ));
                 }
-                let (add, coef) = match job.add {
+                let add = match job.add {
                     Some((tensors, coef)) => {
                         let a = param_view(tensors, e.param, "added tensor")?;
                         same_dtype(OP, dt, &[("added tensor", a.dtype())])?;
                         if a.len() < table.extent[e.param] {
                             return Err(Error::backend(OP, "added tensor is too short"));
                         }
-                        (a.ptr, coef)
+                        Some((a.ptr, coef))
                     }
-                    None => (0, 0.0),
+                    None => None,
                 };
-                launch(
-                    f,
-                    grid_for(e.numel),
-                    be.stream.0,
-                    Args::new()
-                        .u(at(job.out.ptr, dt, e.packed_offset))
-                        .u(src.ptr)
-                        .u(add)
-                        .f(coef)
-                        .words(&e.geometry)
-                        .u(e.numel as u64),
-                    OP,
-                )?;
+                words.extend(move_words(
+                    at(job.out.ptr, dt, e.packed_offset),
+                    src.ptr,
+                    add,
+                    e.numel,
+                    false,
+                    &e.geometry,
+                ));
+                *largest = (*largest).max(e.numel);
             }
         }
+    }
+    for (dt, (words, largest)) in [DType::F32, DType::F64].into_iter().zip(records) {
+        launch_moves(be, Kernel::Gather, dt, words, largest)?;
     }
     Ok(())
 }
 
+/// Every job's blocks in one launch (per dtype).
 pub(super) fn scatter(be: &CudaBackend, jobs: &mut [ScatterJob<'_, CudaBackend>]) -> Result<()> {
     const OP: &str = "scatter";
+    let mut records: [(Vec<u64>, usize); 2] = Default::default();
     for job in jobs.iter_mut() {
         let table = job.table;
         let dt = job.source.dtype();
@@ -219,21 +274,21 @@ pub(super) fn scatter(be: &CudaBackend, jobs: &mut [ScatterJob<'_, CudaBackend>]
                 "packed directions shorter than the table",
             ));
         }
-        let f = be.kernel("scatter", dt)?;
+        let (words, largest) = &mut records[usize::from(dt == DType::F64)];
         for e in &table.entries {
-            launch(
-                f,
-                grid_for(e.numel),
-                be.stream.0,
-                Args::new()
-                    .u(job.dst.ptr)
-                    .u(at(job.source.ptr, dt, e.packed_offset))
-                    .words(&e.geometry)
-                    .u(e.numel as u64)
-                    .u(job.add as u64),
-                OP,
-            )?;
+            words.extend(move_words(
+                at(job.source.ptr, dt, e.packed_offset),
+                job.dst.ptr,
+                None,
+                e.numel,
+                job.add,
+                &e.geometry,
+            ));
+            *largest = (*largest).max(e.numel);
         }
+    }
+    for (dt, (words, largest)) in [DType::F32, DType::F64].into_iter().zip(records) {
+        launch_moves(be, Kernel::Scatter, dt, words, largest)?;
     }
     Ok(())
 }
@@ -244,15 +299,15 @@ const MAP: &str = "map";
 fn graft_code(g: GraftKernel) -> (u64, f64, f64, f64, f64) {
     // (kind, beta2, weight of g^2, eps, bias-correction divisor)
     match g {
-        GraftKernel::None => (0, 0.0, 0.0, 0.0, 1.0),
-        GraftKernel::Sgd => (1, 0.0, 0.0, 0.0, 1.0),
-        GraftKernel::Adagrad { eps } => (2, 0.0, 0.0, eps, 1.0),
+        GraftKernel::None => (defs::GRAFT_NONE, 0.0, 0.0, 0.0, 1.0),
+        GraftKernel::Sgd => (defs::GRAFT_SGD, 0.0, 0.0, 0.0, 1.0),
+        GraftKernel::Adagrad { eps } => (defs::GRAFT_ADAGRAD, 0.0, 0.0, eps, 1.0),
         GraftKernel::Ema {
             beta2,
             weight,
             eps,
             bc,
-        } => (3, beta2, weight, eps, bc),
+        } => (defs::GRAFT_EMA, beta2, weight, eps, bc),
     }
 }
 
@@ -271,7 +326,7 @@ fn not_yet(op: &'static str, what: &str) -> Error {
 #[allow(clippy::too_many_arguments)]
 fn per_run(
     be: &CudaBackend,
-    name: &str,
+    kernel: Kernel,
     dt: DType,
     select: crate::backend::Selection<'_>,
     count: usize,
@@ -279,7 +334,6 @@ fn per_run(
     matrices: bool,
     mut args: impl FnMut(usize, usize, &mut Args),
 ) -> Result<()> {
-    let f = be.kernel(name, dt)?;
     for (first, len) in runs(select, count) {
         let mut a = Args::new();
         args(first, len, &mut a);
@@ -289,7 +343,7 @@ fn per_run(
             grid_for(len * per)
         };
         if per > 0 {
-            launch(f, grid, be.stream.0, &mut a, name)?;
+            be.launch(kernel, dt, grid, &mut a)?;
         }
     }
     Ok(())
@@ -315,7 +369,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (f, o, d, e) = (factors.ptr, out.ptr, *divisor, *eps);
             per_run(
                 be,
-                "root_input",
+                Kernel::RootInput,
                 dt,
                 *select,
                 count,
@@ -346,21 +400,34 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let e = if *half { *exponent / 2.0 } else { *exponent };
             // (rule code, eps, atol, rtol; rtol < 0: n machine epsilons)
             let (code, eps, atol, rtol) = match *rule {
-                EigenRule::ShiftBelow { eps } => (0u64, eps, 0.0, 0.0),
-                EigenRule::ShiftNonnegative { eps } => (1, eps, 0.0, 0.0),
-                EigenRule::PseudoInverse { atol, rtol } => (2, 0.0, atol, rtol.unwrap_or(-1.0)),
+                EigenRule::ShiftBelow { eps } => (defs::RULE_SHIFT_BELOW, eps, 0.0, 0.0),
+                EigenRule::ShiftNonnegative { eps } => {
+                    (defs::RULE_SHIFT_NONNEGATIVE, eps, 0.0, 0.0)
+                }
+                EigenRule::PseudoInverse { atol, rtol } => {
+                    (defs::RULE_PSEUDO_INVERSE, 0.0, atol, rtol.unwrap_or(-1.0))
+                }
             };
             let v = values.ptr;
-            per_run(be, "eigen_power", dt, *select, count, n, true, |s, l, a| {
-                a.u(at(v, dt, s * n))
-                    .u(n as u64)
-                    .u(l as u64)
-                    .u(code)
-                    .f(eps)
-                    .f(atol)
-                    .f(rtol)
-                    .f(e);
-            })
+            per_run(
+                be,
+                Kernel::EigenPower,
+                dt,
+                *select,
+                count,
+                n,
+                true,
+                |s, l, a| {
+                    a.u(at(v, dt, s * n))
+                        .u(n as u64)
+                        .u(l as u64)
+                        .u(code)
+                        .f(eps)
+                        .f(atol)
+                        .f(rtol)
+                        .f(e);
+                },
+            )
         }
         Map::ScaleRows {
             x,
@@ -377,7 +444,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (xp, dp) = (x.ptr, d.ptr);
             per_run(
                 be,
-                "scale_rows",
+                Kernel::ScaleRows,
                 dt,
                 *select,
                 count,
@@ -403,7 +470,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let xp = x.ptr;
             per_run(
                 be,
-                "symmetrize",
+                Kernel::Symmetrize,
                 dt,
                 *select,
                 count,
@@ -426,21 +493,20 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             check_len(MAP, "dst", dst.len(), count, numel)?;
             check_len(MAP, "src", src.len(), count, numel)?;
             let (sd, dd) = (src.dtype(), dst.dtype());
-            let f = match (sd, dd) {
-                (DType::F32, DType::F64) => be.kernels.get("cast_f32_f64")?,
-                (DType::F64, DType::F32) => be.kernels.get("cast_f64_f32")?,
-                _ => be.kernel("copy", dd)?,
+            let (kernel, kdt) = match (sd, dd) {
+                (DType::F32, DType::F64) => (Kernel::CastF32F64, dd),
+                (DType::F64, DType::F32) => (Kernel::CastF64F32, dd),
+                _ => (Kernel::Copy, dd),
             };
             for (s, l) in runs(*select, count) {
-                launch(
-                    f,
+                be.launch(
+                    kernel,
+                    kdt,
                     grid_for(l * numel),
-                    be.stream.0,
                     Args::new()
                         .u(at(dst.ptr, dd, s * numel))
                         .u(at(src.ptr, sd, s * numel))
                         .u((l * numel) as u64),
-                    "copy",
                 )?;
             }
             Ok(())
@@ -456,9 +522,18 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             check_select(MAP, *select, count)?;
             check_len(MAP, "dst", dst.len(), count, numel)?;
             let (dp, v) = (dst.ptr, *value);
-            per_run(be, "fill", dt, *select, count, numel, false, |s, l, a| {
-                a.u(at(dp, dt, s * numel)).f(v).u((l * numel) as u64);
-            })
+            per_run(
+                be,
+                Kernel::Fill,
+                dt,
+                *select,
+                count,
+                numel,
+                false,
+                |s, l, a| {
+                    a.u(at(dp, dt, s * numel)).f(v).u((l * numel) as u64);
+                },
+            )
         }
         Map::NewtonInit {
             a,
@@ -489,7 +564,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (num, sc, inv) = (*numerator, *scale, 1.0 / *p as f64);
             per_run(
                 be,
-                "newton_init",
+                Kernel::NewtonInit,
                 dt,
                 *select,
                 count,
@@ -527,7 +602,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (mp, op) = (m.ptr, out.ptr);
             per_run(
                 be,
-                "newton_coefficient",
+                Kernel::NewtonCoefficient,
                 dt,
                 *select,
                 count,
@@ -583,7 +658,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let off = |p: u64, s: usize| if p == 0 { 0 } else { at(p, dt, s * numel) };
             per_run(
                 be,
-                "gradient_statistics",
+                Kernel::GradientStatistics,
                 dt,
                 *select,
                 count,
@@ -613,7 +688,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 let np = norms.ptr;
                 per_run(
                     be,
-                    "sum_squares",
+                    Kernel::SumSquares,
                     dt,
                     *select,
                     count,
@@ -689,9 +764,9 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 return Err(Error::backend(MAP, "grafting norms missing"));
             }
             let src_code = match source {
-                DirectionSource::Graft => 0u64,
-                DirectionSource::GraftedShampoo => 1,
-                DirectionSource::Shampoo => 2,
+                DirectionSource::Graft => defs::SOURCE_GRAFT,
+                DirectionSource::GraftedShampoo => defs::SOURCE_GRAFTED_SHAMPOO,
+                DirectionSource::Shampoo => defs::SOURCE_SHAMPOO,
             };
             let (kind, _, _, eps, bc) = graft_code(*graft);
             let kind = if v.is_some() { kind } else { 0 };
@@ -706,15 +781,14 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (gp, op, neg_lr) = (gf.ptr, out.ptr, -*lr);
             let off = |p: u64, s: usize| if p == 0 { 0 } else { at(p, dt, s * numel) };
             let sel = runs(*select, count);
-            let f = be.kernel("direction", dt)?;
             for &(s, l) in &sel {
                 if numel == 0 {
                     break;
                 }
-                launch(
-                    f,
+                be.launch(
+                    Kernel::Direction,
+                    dt,
                     grid_for(l * numel),
-                    be.stream.0,
                     Args::new()
                         .u(src_code)
                         .u(off(gp, s))
@@ -736,18 +810,15 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                         .u(off(op, s))
                         .u(numel as u64)
                         .u(l as u64),
-                    "direction",
                 )?;
             }
             // Blocks outside the selection get -0.0 and keep their state.
-            let fill = be.kernel("fill", dt)?;
             for (s, l) in complement(&sel, count) {
-                launch(
-                    fill,
+                be.launch(
+                    Kernel::Fill,
+                    dt,
                     grid_for(l * numel),
-                    be.stream.0,
                     Args::new().u(off(op, s)).f(-0.0).u((l * numel) as u64),
-                    "direction",
                 )?;
             }
             Ok(())
@@ -769,7 +840,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (rp, dp, b2, w) = (r.ptr, d.ptr, *beta2, *weight);
             per_run(
                 be,
-                "eigenvalue_update",
+                Kernel::EigenvalueUpdate,
                 dt,
                 *select,
                 count,
@@ -802,7 +873,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (rp, dp, b, e, x) = (r.ptr, d.ptr, *bc2, *eps, *exponent);
             per_run(
                 be,
-                "eigenvalue_scale",
+                Kernel::EigenvalueScale,
                 dt,
                 *select,
                 count,
@@ -835,7 +906,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (xp, tp, e, p) = (x.ptr, traces.ptr, *eps, *exponent);
             per_run(
                 be,
-                "trace_scale",
+                Kernel::TraceScale,
                 dt,
                 *select,
                 count,
@@ -866,14 +937,23 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             check_len(MAP, "x", x.len(), count, n * n)?;
             check_len(MAP, "values", values.len(), count, 1)?;
             let (xp, vp, r, ab) = (x.ptr, values.ptr, *rel, *abs);
-            per_run(be, "add_ridge", dt, *select, count, n, false, |s, l, a| {
-                a.u(at(xp, dt, s * n * n))
-                    .u(at(vp, dt, s))
-                    .f(r)
-                    .f(ab)
-                    .u(n as u64)
-                    .u(l as u64);
-            })
+            per_run(
+                be,
+                Kernel::AddRidge,
+                dt,
+                *select,
+                count,
+                n,
+                false,
+                |s, l, a| {
+                    a.u(at(xp, dt, s * n * n))
+                        .u(at(vp, dt, s))
+                        .f(r)
+                        .f(ab)
+                        .u(n as u64)
+                        .u(l as u64);
+                },
+            )
         }
         Map::Eigenpairs { .. } => Err(not_yet(
             MAP,
@@ -897,7 +977,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (sp, dp, np, f) = (src.ptr, dst.ptr, norms.ptr, *floor);
             per_run(
                 be,
-                "scale_blocks",
+                Kernel::ScaleBlocks,
                 dt,
                 *select,
                 count,
@@ -929,7 +1009,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (xp, sp) = (x.ptr, scales.ptr);
             per_run(
                 be,
-                "scale_blocks",
+                Kernel::ScaleBlocks,
                 dt,
                 *select,
                 count,
@@ -963,7 +1043,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (xp, yp, ca, cb) = (x.ptr, y.ptr, *a, *b);
             per_run(
                 be,
-                "axpby",
+                Kernel::Axpby,
                 dt,
                 *select,
                 count,
@@ -993,7 +1073,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (sp, dp) = (src.ptr, dst.ptr);
             per_run(
                 be,
-                "sign_map",
+                Kernel::SignMap,
                 dt,
                 *select,
                 count,
@@ -1027,7 +1107,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (sh, has) = (shrink.unwrap_or(1.0), u64::from(shrink.is_some()));
             per_run(
                 be,
-                "iterate_average",
+                Kernel::IterateAverage,
                 dt,
                 *select,
                 count,
@@ -1063,7 +1143,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (zp, wp, op, c) = (z.ptr, w.ptr, out.ptr, *coef);
             per_run(
                 be,
-                "interpolate",
+                Kernel::Interpolate,
                 dt,
                 *select,
                 count,
@@ -1102,7 +1182,7 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
                 let root = (job.kind == Reduction::FrobeniusNorm) as u64;
                 per_run(
                     be,
-                    "sum_squares",
+                    Kernel::SumSquares,
                     dt,
                     job.select,
                     count,
@@ -1131,7 +1211,7 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
                 }
                 per_run(
                     be,
-                    "max_abs_dev_identity",
+                    Kernel::MaxAbsDevIdentity,
                     dt,
                     job.select,
                     count,
@@ -1153,11 +1233,15 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
                         format!("{numel} elements are not a square matrix"),
                     ));
                 }
-                let kind = u64::from(job.kind == Reduction::MaxRowAbsSum);
+                let kind = if job.kind == Reduction::MaxRowAbsSum {
+                    defs::STAT_MAX_ROW_ABS_SUM
+                } else {
+                    defs::STAT_TRACE
+                };
                 // One thread per matrix: sums in the CPU backend's order.
                 per_run(
                     be,
-                    "matrix_stat",
+                    Kernel::MatrixStat,
                     dt,
                     job.select,
                     count,
@@ -1181,7 +1265,7 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
             Reduction::AllFinite => {
                 per_run(
                     be,
-                    "all_finite",
+                    Kernel::AllFinite,
                     dt,
                     job.select,
                     count,

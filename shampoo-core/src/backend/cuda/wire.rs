@@ -2,7 +2,7 @@
 //! `kernels/wire.cu` per job, the CPU backend's algorithm on bit patterns.
 
 use super::CudaBackend;
-use super::kernels::{Args, grid_for, launch};
+use super::kernels::{Args, Kernel, grid_for, kernel_defines as defs};
 use crate::Result;
 use crate::backend::cpu::wire::check_wire;
 use crate::backend::{ViewMutOps, ViewOps, WireFormat, WireJob};
@@ -10,8 +10,8 @@ use crate::backend::{ViewMutOps, ViewOps, WireFormat, WireJob};
 /// The kernels' code of a format (`WIRE_BF16`, `WIRE_F16`).
 fn code(f: WireFormat) -> u64 {
     match f {
-        WireFormat::Bf16 => 0,
-        WireFormat::F16 => 1,
+        WireFormat::Bf16 => defs::WIRE_BF16,
+        WireFormat::F16 => defs::WIRE_F16,
     }
 }
 
@@ -23,32 +23,30 @@ pub(super) fn wire(be: &CudaBackend, jobs: &mut [WireJob<'_, CudaBackend>]) -> R
                 check_wire(dt, wire.dtype(), wire.len(), src.len())?;
                 // Every 16-bit slot of the wire view: the values, then zeros.
                 let slots = wire.len() * dt.size() / 2;
-                launch(
-                    be.kernel("pack16", dt)?,
+                be.launch(
+                    Kernel::Pack16,
+                    dt,
                     grid_for(slots),
-                    be.stream.0,
                     Args::new()
                         .u(src.ptr)
                         .u(wire.ptr)
                         .u(src.len() as u64)
                         .u(slots as u64)
                         .u(code(*format)),
-                    "pack16",
                 )?;
             }
             WireJob::Unpack { wire, dst, format } => {
                 let dt = dst.dtype();
                 check_wire(dt, wire.dtype(), wire.len(), dst.len())?;
-                launch(
-                    be.kernel("unpack16", dt)?,
+                be.launch(
+                    Kernel::Unpack16,
+                    dt,
                     grid_for(dst.len()),
-                    be.stream.0,
                     Args::new()
                         .u(wire.ptr)
                         .u(dst.ptr)
                         .u(dst.len() as u64)
                         .u(code(*format)),
-                    "unpack16",
                 )?;
             }
         }
