@@ -125,6 +125,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Count what a CUDA step would issue (kernel launches, library calls,
+    /// copies, host waits), per phase, without a GPU: the optimizer runs on
+    /// the CUDA backend's planner. Ends with the line `launches per step
+    /// without root inverse: N (G shape groups)`.
+    Plan {
+        /// Shape set name (cpu_small, resnet18, resnet50, gpt2_small).
+        #[arg(long)]
+        shapes: String,
+        /// Shape sets file (default: the one built into this binary).
+        #[arg(long)]
+        shapes_file: Option<PathBuf>,
+        /// Shampoo config (JSON, the reference schema; default:
+        /// benches/configs/resnet50_train.json, built in: Adam grafting,
+        /// max_preconditioner_dim 1024, root inverses every 100 steps).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Parameter dtype.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the CPU and CUDA backends side by side on random problems of
     /// every shape class and report the largest difference of a step
     /// (bounds and their justification: docs/cuda-backend.md).
@@ -360,6 +383,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     over.join(", ")
                 );
                 Ok(ExitCode::from(1))
+            }
+        }
+        Command::Plan {
+            shapes: set,
+            shapes_file,
+            config,
+            dtype,
+            json,
+        } => {
+            let tensors = shapes::load(&set, shapes_file.as_deref())?;
+            let config = match &config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    ShampooConfig::from_json(&text)
+                        .with_context(|| format!("config {}", path.display()))?
+                }
+                None => ShampooConfig::from_json(include_str!("../configs/resnet50_train.json"))?,
+            };
+            #[cfg(feature = "cuda")]
+            {
+                let report = shampoo_bench::plan::run(&set, &tensors, &config, dtype)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", shampoo_bench::plan::render(&report));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = (tensors, config, dtype, json);
+                Err(cuda_unavailable())
             }
         }
         Command::Selfcheck {

@@ -1,0 +1,166 @@
+//! What a CUDA step issues, counted without a GPU: the optimizer runs on a
+//! [`CudaBackend::planner`], which executes the CUDA backend's own code and
+//! records every kernel launch, library call, copy and host wait instead of
+//! issuing it. Reported per phase for the first step with a root inverse
+//! and for the steady step without one that follows it.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use serde::Serialize;
+use shampoo_core::backend::Backend;
+use shampoo_core::backend::cuda::plan::{Call, Launch};
+use shampoo_core::{CudaBackend, DType, Shampoo, ShampooConfig};
+
+use crate::shapes::Tensor;
+
+/// The launches of one step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepPlan {
+    /// Whether the step computed root inverses.
+    pub root_inverse: bool,
+    /// Per phase, in order: `(phase, [(call, count)])`.
+    pub phases: Vec<(String, Vec<(String, usize)>)>,
+    /// Kernel launches, library calls and copies.
+    pub launches: usize,
+    /// Times the host waits for the device.
+    pub host_waits: usize,
+    /// Floating-point operations of the step's GEMMs.
+    pub gemm_flops: f64,
+}
+
+/// A shape set's plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanReport {
+    /// Shape set.
+    pub set: String,
+    /// Parameters.
+    pub tensors: usize,
+    /// Blocks.
+    pub blocks: usize,
+    /// Groups of same-shape blocks.
+    pub groups: usize,
+    /// The first step with root inverses.
+    pub root_inverse_step: StepPlan,
+    /// The step without root inverse after it (steady state).
+    pub step: StepPlan,
+}
+
+fn summarize(calls: &[Launch], root_inverse: bool) -> StepPlan {
+    let mut phases: Vec<(String, BTreeMap<String, usize>)> = Vec::new();
+    for c in calls {
+        if phases.last().is_none_or(|(p, _)| p != c.phase) {
+            phases.push((c.phase.to_string(), BTreeMap::new()));
+        }
+        let (_, m) = phases.last_mut().expect("pushed above");
+        *m.entry(c.call.name()).or_default() += 1;
+    }
+    StepPlan {
+        root_inverse,
+        phases: phases
+            .into_iter()
+            .map(|(p, m)| (p, m.into_iter().collect()))
+            .collect(),
+        launches: calls.iter().filter(|c| c.call.is_launch()).count(),
+        host_waits: calls.iter().filter(|c| c.call == Call::HostWait).count(),
+        gemm_flops: calls.iter().map(|c| c.flops).sum(),
+    }
+}
+
+/// Plans `tensors` under `config` in `dtype`: steps a planner until it has
+/// seen a root-inverse step and the steady step without one after it.
+pub fn run(
+    set: &str,
+    tensors: &[Tensor],
+    config: &ShampooConfig,
+    dtype: DType,
+) -> Result<PlanReport> {
+    if config.precondition_frequency == 1 {
+        anyhow::bail!(
+            "the config computes root inverses on every step (precondition_frequency 1): no step without one to plan"
+        );
+    }
+    let shapes: Vec<Vec<usize>> = tensors.iter().map(|t| t.shape.clone()).collect();
+    let mut opt = Shampoo::new(config.clone(), &shapes, dtype, CudaBackend::planner())?;
+    let be = opt.backend();
+    let numels: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+    let mut params = numels
+        .iter()
+        .map(|&n| be.alloc(dtype, n))
+        .collect::<shampoo_core::Result<Vec<_>>>()?;
+    let grads = numels
+        .iter()
+        .map(|&n| be.alloc(dtype, n))
+        .collect::<shampoo_core::Result<Vec<_>>>()?;
+    be.take_plan();
+    let mut root_step = None;
+    // Enough steps for any start and frequency a config can name within
+    // reason; a config that never preconditions is reported as such.
+    let limit = 10_000;
+    for _ in 0..limit {
+        let root = opt.next_step_has_root_inverse();
+        {
+            let b = opt.backend();
+            let g: Vec<_> = grads.iter().map(|g| Some(b.view(g))).collect();
+            let mut p: Vec<_> = params.iter_mut().map(|p| b.view_mut(p)).collect();
+            opt.step(&mut p, &g)?;
+        }
+        let calls = opt.backend().take_plan();
+        match (&root_step, root) {
+            (None, true) => root_step = Some(summarize(&calls, true)),
+            (Some(_), false) => {
+                let layout = opt.layout();
+                return Ok(PlanReport {
+                    set: set.to_string(),
+                    tensors: tensors.len(),
+                    blocks: layout.blocks.len(),
+                    groups: layout.groups.len(),
+                    root_inverse_step: root_step.expect("matched Some"),
+                    step: summarize(&calls, false),
+                });
+            }
+            _ => {}
+        }
+    }
+    anyhow::bail!(
+        "no root-inverse step followed by a step without one in {limit} steps (does the config precondition?)"
+    )
+}
+
+fn render_step(out: &mut String, title: &str, s: &StepPlan) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "{title}");
+    for (phase, calls) in &s.phases {
+        let n: usize = calls.iter().map(|c| c.1).sum();
+        let _ = writeln!(out, "  {phase} ({n})");
+        for (name, count) in calls {
+            let _ = writeln!(out, "    {count:>6}  {name}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  total: {} launches, {} host waits, {:.2} GFLOP in GEMMs",
+        s.launches,
+        s.host_waits,
+        s.gemm_flops / 1e9
+    );
+}
+
+/// The report as text, ending with the budget line.
+pub fn render(r: &PlanReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "CUDA plan of {}: {} tensors, {} blocks in {} shape groups",
+        r.set, r.tensors, r.blocks, r.groups
+    );
+    render_step(&mut out, "step with root inverse:", &r.root_inverse_step);
+    render_step(&mut out, "step without root inverse:", &r.step);
+    let _ = writeln!(
+        out,
+        "launches per step without root inverse: {} ({} shape groups)",
+        r.step.launches, r.groups
+    );
+    out
+}

@@ -1,0 +1,116 @@
+//! The launch budget of a CUDA step, counted on the CUDA backend's planner
+//! (its own code, with every launch recorded instead of issued; no GPU):
+//! a step without root inverse issues at most 8 kernel launches and library
+//! calls per shape group, no copy and no host wait.
+#![cfg(feature = "cuda")]
+
+use std::process::Command;
+
+use shampoo_bench::{plan, shapes};
+use shampoo_core::ShampooConfig;
+
+/// Launches and library calls per shape group per step without root
+/// inverse (docs/cuda-backend.md).
+const BUDGET_PER_GROUP: usize = 8;
+
+fn config() -> ShampooConfig {
+    ShampooConfig::from_json(include_str!("../configs/resnet50_train.json")).unwrap()
+}
+
+fn calls(step: &plan::StepPlan, name: &str) -> usize {
+    step.phases
+        .iter()
+        .flat_map(|(_, calls)| calls)
+        .filter(|(n, _)| n == name)
+        .map(|(_, c)| c)
+        .sum()
+}
+
+#[test]
+fn a_steady_step_issues_at_most_eight_launches_per_shape_group() {
+    for set in ["resnet50", "gpt2_small"] {
+        let tensors = shapes::load(set, None).unwrap();
+        let r = plan::run(set, &tensors, &config(), shampoo_core::DType::F32).unwrap();
+        let s = &r.step;
+        assert!(!s.root_inverse && r.root_inverse_step.root_inverse);
+        assert!(
+            s.launches <= BUDGET_PER_GROUP * r.groups,
+            "{set}: {} launches for {} shape groups:\n{}",
+            s.launches,
+            r.groups,
+            plan::render(&r)
+        );
+        // Gathers and scatters: one launch each for the whole step, their
+        // block records uploaded before (not in the steady step).
+        assert_eq!(calls(s, "kernel gather"), 1, "{set}");
+        assert_eq!(calls(s, "kernel scatter"), 1, "{set}");
+        assert_eq!(calls(s, "copy host to device"), 0, "{set}");
+        assert_eq!(s.host_waits, 0, "{set}: the steady step waits for the host");
+        assert!(s.gemm_flops > 0.0);
+    }
+}
+
+#[test]
+fn every_factor_is_one_gemm_for_statistics_and_one_for_preconditioning() {
+    let tensors = shapes::load("resnet50", None).unwrap();
+    let r = plan::run("resnet50", &tensors, &config(), shampoo_core::DType::F32).unwrap();
+    let factors: usize = {
+        let shapes: Vec<Vec<usize>> = tensors.iter().map(|t| t.shape.clone()).collect();
+        let layout = shampoo_core::layout::Layout::new(&shapes, &config(), &|_| true).unwrap();
+        layout.groups.iter().map(|g| g.factors.len()).sum()
+    };
+    let phase = |name: &str| -> usize {
+        r.step
+            .phases
+            .iter()
+            .filter(|(p, _)| p == name)
+            .flat_map(|(_, c)| c)
+            .filter(|(n, _)| n == "cublas gemm (batched)")
+            .map(|(_, c)| c)
+            .sum()
+    };
+    assert_eq!(phase("statistics"), factors);
+    assert_eq!(phase("precondition"), factors);
+}
+
+#[test]
+fn the_plan_command_ends_with_the_budget_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shampoo-bench"))
+        .args(["plan", "--shapes", "gpt2_small"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = text.lines().last().unwrap();
+    let tensors = shapes::load("gpt2_small", None).unwrap();
+    let r = plan::run("gpt2_small", &tensors, &config(), shampoo_core::DType::F32).unwrap();
+    assert_eq!(
+        last,
+        format!(
+            "launches per step without root inverse: {} ({} shape groups)",
+            r.step.launches, r.groups
+        )
+    );
+}
+
+#[test]
+fn a_config_that_never_steps_without_a_root_inverse_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("every_step.json");
+    std::fs::write(&conf, r#"{"lr": 0.01, "precondition_frequency": 1}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shampoo-bench"))
+        .args(["plan", "--shapes", "cpu_small", "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err,
+        "shampoo-bench: error: the config computes root inverses on every step (precondition_frequency 1): no step without one to plan\n"
+    );
+}
