@@ -65,7 +65,8 @@ pub(super) fn check<B: Backend>(
                 let unconverged = residual.map(|tol| {
                     let finite = f.host_flags[count + s] != 0.0;
                     let r = f.host_flags[2 * count + s];
-                    (!finite || !(r <= tol)).then_some(r)
+                    // A NaN residual fails too.
+                    (!finite || r.is_nan() || r > tol).then_some(r)
                 });
                 if let Some(Some(r)) = unconverged {
                     f.status[s] = EighStatus::Failed;
