@@ -454,6 +454,19 @@ pub enum RootInverse {
         #[serde(default = "default_order")]
         order: u32,
     },
+    /// Coupled inverse Newton iteration (integer roots only) with a fixed
+    /// iteration count and no host read-back inside the loop: every block
+    /// of a group runs the same batched matrix products. A block whose
+    /// final `max |M - I|` exceeds `tolerance` (or whose root is not
+    /// finite) keeps its previous root and counts a failure.
+    BatchedNewton {
+        /// Newton steps, always all of them.
+        #[serde(default = "default_batched_iters")]
+        iterations: u32,
+        /// Largest accepted final residual `max |M - I|`.
+        #[serde(default = "default_batched_tol")]
+        tolerance: f64,
+    },
 }
 
 impl Default for RootInverse {
@@ -470,6 +483,20 @@ fn default_newton_iters() -> u32 {
 }
 fn default_newton_tol() -> f64 {
     1e-6
+}
+/// Default [`RootInverse::BatchedNewton`] iteration count: enough for a
+/// condition number of about `1e8` (see `docs/tuning.md`).
+pub const DEFAULT_BATCHED_NEWTON_ITERATIONS: u32 = 30;
+/// Default [`RootInverse::BatchedNewton`] residual tolerance.
+pub const DEFAULT_BATCHED_NEWTON_TOLERANCE: f64 = 1e-3;
+/// Largest [`RootInverse::BatchedNewton`] iteration count accepted (a
+/// typo guard: 30 steps already cover a condition number of `1e8`).
+pub const MAX_BATCHED_NEWTON_ITERATIONS: u32 = 1000;
+fn default_batched_iters() -> u32 {
+    DEFAULT_BATCHED_NEWTON_ITERATIONS
+}
+fn default_batched_tol() -> f64 {
+    DEFAULT_BATCHED_NEWTON_TOLERANCE
 }
 fn default_higher_order_tol() -> f64 {
     1e-8
@@ -1208,6 +1235,21 @@ fn validate_root_inverse(r: &RootInverse) -> Result<()> {
                 )));
             }
         }
+        RootInverse::BatchedNewton {
+            iterations,
+            tolerance,
+        } => {
+            if !(1..=MAX_BATCHED_NEWTON_ITERATIONS).contains(&iterations) {
+                return Err(Error::config(format!(
+                    "batched_newton.iterations must be in 1..={MAX_BATCHED_NEWTON_ITERATIONS}, got {iterations}"
+                )));
+            }
+            if !tolerance.is_finite() || tolerance <= 0.0 {
+                return Err(Error::config(format!(
+                    "batched_newton.tolerance must be finite and > 0 (the largest accepted max |M - I|), got {tolerance:?}"
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -1255,7 +1297,11 @@ fn validate_overrides(
     overrides: &BTreeMap<String, ExponentOverride>,
     root: Option<&RootInverse>,
 ) -> Result<()> {
-    let newton = matches!(root, Some(RootInverse::CoupledNewton { .. }));
+    let newton = match root {
+        Some(RootInverse::CoupledNewton { .. }) => Some("coupled_newton"),
+        Some(RootInverse::BatchedNewton { .. }) => Some("batched_newton"),
+        _ => None,
+    };
     let higher = matches!(root, Some(RootInverse::CoupledHigherOrder { .. }));
     for (order_key, ov) in overrides {
         let order = parse_order("inverse_exponent_override", order_key, 1)?;
@@ -1265,9 +1311,12 @@ fn validate_overrides(
                     "inverse_exponent_override {what} must be finite and >= 0, got {e:?}"
                 )));
             }
-            if newton && e != 0.0 && !is_integer_root(e) {
+            if let Some(method) = newton
+                && e != 0.0
+                && !is_integer_root(e)
+            {
                 return Err(Error::config(format!(
-                    "inverse_exponent_override {what} = {e}: coupled_newton needs 1/exponent to be an integer"
+                    "inverse_exponent_override {what} = {e}: {method} needs 1/exponent to be an integer"
                 )));
             }
             if higher && e != 0.0 && root_fraction(e).is_none() {

@@ -7,7 +7,7 @@
 //! [`check_allocation`] first to refuse such a configuration with the size
 //! and the block responsible, instead of failing in the allocator.
 
-use crate::algorithm::state::scratch_roles;
+use crate::algorithm::state::{FLAG_SECTIONS, scratch_roles};
 use crate::config::{Amortized, Orthogonalization, Preconditioner, ShampooConfig, WeightDecayType};
 use crate::layout::Layout;
 use crate::{DType, Error, Result};
@@ -37,7 +37,8 @@ pub fn allocation_bytes(layout: &Layout, config: &ShampooConfig, dtype: DType) -
             let mats = count * n * n;
             // stats, work, scratch roles (factor dtype); root (parameter
             // dtype); values and flags.
-            total += mats * (f * (2 + roles) + p) + count * n * f + 2 * count * f;
+            total +=
+                mats * (f * (2 + roles) + p) + count * n * f + FLAG_SECTIONS as u128 * count * f;
             if eigenpairs {
                 // kept eigenvectors, eigenvalues and their powers
                 total += mats * f + 2 * count * n * f;
@@ -198,6 +199,7 @@ mod tests {
             r#""momentum": {"momentum": 0.9}, "betas": [0.0, 0.999], "factor_dtype": "f64""#,
             r#""preconditioner": {"type": "eigenvalue_corrected"}"#,
             r#""preconditioner": {"type": "root_inv", "root_inverse": {"method": "coupled_newton"}}"#,
+            r#""preconditioner": {"type": "root_inv", "root_inverse": {"method": "batched_newton"}}"#,
             r#""start_preconditioning_step": "never""#,
             r#""preconditioner": {"type": "eigenvalue_corrected", "eigendecomposition": {"method": "qr"}}"#,
             r#""preconditioner": {"type": "root_inv", "root_inverse": {"method": "coupled_higher_order", "rel_epsilon": 1e-3, "abs_epsilon": 1e-9}}"#,

@@ -123,6 +123,17 @@ fn resume_is_bitwise_coupled_newton() {
     resume_case(cfg, DType::F64);
 }
 
+#[test]
+fn resume_is_bitwise_batched_newton() {
+    let cfg = config(
+        r#"{"betas": [0.0, 1.0], "epsilon": 1e-4, "max_preconditioner_dim": 8, "precondition_frequency": 2,
+            "preconditioner": {"type": "root_inv", "root_inverse": {"method": "batched_newton"}},
+            "grafting": {"type": "rmsprop"}}"#,
+    );
+    resume_case(cfg.clone(), DType::F64);
+    resume_case(cfg, DType::F32);
+}
+
 fn saved(shapes: &[Vec<usize>], cfg: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("opt.safetensors");

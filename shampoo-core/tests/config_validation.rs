@@ -81,6 +81,30 @@ fn each_invalid_value_is_named() {
             "coupled_newton.tolerance must be finite and >= 0, got -1.0",
         ),
         (
+            r#"{"preconditioner": {"type": "root_inv", "root_inverse": {"method": "batched_newton", "iterations": 0}}}"#,
+            "batched_newton.iterations must be in 1..=1000, got 0",
+        ),
+        (
+            r#"{"preconditioner": {"type": "root_inv", "root_inverse": {"method": "batched_newton", "iterations": 1001}}}"#,
+            "batched_newton.iterations must be in 1..=1000, got 1001",
+        ),
+        (
+            r#"{"preconditioner": {"type": "root_inv", "root_inverse": {"method": "batched_newton", "tolerance": 0}}}"#,
+            "batched_newton.tolerance must be finite and > 0 (the largest accepted max |M - I|), got 0.0",
+        ),
+        (
+            r#"{"preconditioner": {"type": "kl_shampoo", "variant": "root_inv", "root_inverse": {"method": "batched_newton", "tolerance": -1e-3}}}"#,
+            "batched_newton.tolerance must be finite and > 0 (the largest accepted max |M - I|), got -0.001",
+        ),
+        (
+            r#"{"preconditioner": {"type": "root_inv", "root_inverse": {"method": "batched_newton", "max_iterations": 10}}}"#,
+            "unknown field `max_iterations`",
+        ),
+        (
+            r#"{"preconditioner": {"type": "root_inv", "root_inverse": {"method": "batched_newton"}, "inverse_exponent_override": {"2": 0.3}}}"#,
+            "inverse_exponent_override [2] = 0.3: batched_newton needs 1/exponent to be an integer",
+        ),
+        (
             r#"{"preconditioner": {"type": "root_inv", "inverse_exponent_override": {"0": 0.5}}}"#,
             "inverse_exponent_override key \"0\" must be a block order",
         ),

@@ -685,6 +685,9 @@ fn whole_runs_match_the_cpu_backend_in_float64() {
             "epsilon": 1e-4, "grafting": {"type": "adagrad", "epsilon": 1e-8},
             "preconditioner": {"type": "root_inv", "root_inverse": {"method": "coupled_newton"}}}"#,
         r#"{"lr": 0.01, "max_preconditioner_dim": 8, "precondition_frequency": 2, "start_preconditioning_step": 10,
+            "epsilon": 1e-4, "grafting": {"type": "adagrad", "epsilon": 1e-8},
+            "preconditioner": {"type": "root_inv", "root_inverse": {"method": "batched_newton"}}}"#,
+        r#"{"lr": 0.01, "max_preconditioner_dim": 8, "precondition_frequency": 2, "start_preconditioning_step": 10,
             "grafting": {"type": "rmsprop", "beta2": 0.99, "epsilon": 1e-8},
             "preconditioner": {"type": "eigenvalue_corrected"}}"#,
     ] {

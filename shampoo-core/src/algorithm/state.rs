@@ -39,7 +39,9 @@ pub(crate) struct FactorState<B: Backend> {
     pub square: [usize; 2],
     /// Eigenvalues, or Frobenius norms for Newton (factor dtype), `count * n`.
     pub values: B::Buffer,
-    /// Finiteness flags: `[input; result]`, `2 * count` (factor dtype).
+    /// Per-block flags: `[input finite; result finite; residual]`,
+    /// `FLAG_SECTIONS * count` (factor dtype); the iterations also use the
+    /// second and third sections for their per-block errors and scalars.
     pub flags: B::Buffer,
     /// Consecutive root-inverse failures per block.
     pub failures: Vec<u32>,
@@ -57,6 +59,10 @@ pub(crate) struct FactorState<B: Backend> {
     /// `(last error, iterations)`.
     pub iteration: Vec<(f64, u32)>,
 }
+
+/// Sections of `count` values in a factor's flags (see
+/// [`FactorState::flags`]).
+pub(crate) const FLAG_SECTIONS: usize = 3;
 
 /// Number of scratch roles.
 pub(crate) const ROLES: usize = 8;
@@ -101,6 +107,7 @@ pub(crate) fn scratch_roles(config: &ShampooConfig) -> usize {
         Amortized::RootInverse(RootInverse::Eigh { .. }) => 1,
         Amortized::RootInverse(RootInverse::CoupledNewton { .. }) => Role::R as usize + 1,
         Amortized::RootInverse(RootInverse::CoupledHigherOrder { .. }) => ROLES,
+        Amortized::RootInverse(RootInverse::BatchedNewton { .. }) => Role::E as usize + 1,
         Amortized::Eigenpairs(e) => eigen(e, true),
         Amortized::Eigenbasis(e) => eigen(e, false),
         Amortized::None => 0,
@@ -272,11 +279,11 @@ fn allocate_group<B: Backend>(
             powers: opt(eigenpairs, fdtype, count * n)?,
             square: [n, n],
             values: backend.alloc(fdtype, count * n)?,
-            flags: backend.alloc(fdtype, 2 * count)?,
+            flags: backend.alloc(fdtype, FLAG_SECTIONS * count)?,
             failures: vec![0; count],
             counters: vec![Default::default(); count],
             status: vec![EighStatus::Skipped; count],
-            host_flags: vec![0.0; 2 * count],
+            host_flags: vec![0.0; FLAG_SECTIONS * count],
             accept: Vec::with_capacity(count),
             keep: Vec::with_capacity(count),
             iteration: vec![(0.0, 0); count],

@@ -99,6 +99,8 @@ pub struct Flaky {
     outcome: std::sync::atomic::AtomicU8,
     /// An operation this backend claims not to have.
     lacks: Option<Op>,
+    /// Read-backs to the host so far.
+    downloads: std::sync::atomic::AtomicUsize,
 }
 
 impl Flaky {
@@ -108,6 +110,7 @@ impl Flaky {
             inner: CpuBackend::new(1).unwrap(),
             outcome: (outcome as u8).into(),
             lacks: None,
+            downloads: 0.into(),
         }
     }
 
@@ -123,6 +126,11 @@ impl Flaky {
     pub fn set(&self, outcome: Outcome) {
         self.outcome
             .store(outcome as u8, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many times [`Backend::download`] was called.
+    pub fn downloads(&self) -> usize {
+        self.downloads.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn outcome(&self) -> u8 {
@@ -160,6 +168,8 @@ impl Backend for Flaky {
         self.inner.upload(d, s)
     }
     fn download(&self, s: HostView<'_>, d: HostViewMut<'_>) -> Result<()> {
+        self.downloads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.download(s, d)
     }
     fn synchronize(&self) -> Result<()> {

@@ -8,15 +8,15 @@
 //! The start and the Newton step are shared with the higher-order method.
 
 use super::products::{Product, power_plan, products};
-use super::reduce_into_values;
+use super::{Section, flag_section, reduce_into_values};
 use crate::Result;
 use crate::algorithm::Shampoo;
 use crate::algorithm::state::{FactorState, Role, active_factors, download_f64, pick2_mut};
-use crate::backend::{Backend, EighStatus, Map, ReduceJob, Reduction, ViewMutOps};
+use crate::backend::{Backend, EighStatus, Map, ReduceJob, Reduction};
 use crate::layout::FactorSpec;
 
 /// The integer root `p` of a coupled Newton factor.
-fn newton_root(spec: &FactorSpec) -> u32 {
+pub(super) fn newton_root(spec: &FactorSpec) -> u32 {
     (1.0 / spec.exponent).round() as u32
 }
 
@@ -134,15 +134,33 @@ pub(super) fn max_dev_identity<B: Backend>(opt: &mut Shampoo<B>, role: Role) -> 
 }
 
 /// A per-matrix reduction of each factor's `role` matrices of the blocks in
-/// `accept` into the second half of its flags, read back into `host_flags`
-/// (one synchronisation).
+/// `accept` into the second section of its flags, read back into
+/// `host_flags` (one synchronisation).
 pub(super) fn reduce_role<B: Backend>(
     opt: &mut Shampoo<B>,
     role: Role,
     kind: Reduction,
 ) -> Result<()> {
+    reduce_role_into(opt, role, kind, Section::Output)?;
     let backend = &opt.backend;
     let fdtype = opt.config.factor_dtype_for(opt.dtype);
+    for (f, _, _) in active_factors(&mut opt.groups, &opt.layout) {
+        if !f.accept.is_empty() {
+            download_f64(backend, backend.view(&f.flags), &mut f.host_flags, fdtype)?;
+        }
+    }
+    Ok(())
+}
+
+/// A per-matrix reduction of each factor's `role` matrices of the blocks in
+/// `accept` into `section` of its flags, left on the device (no read-back).
+pub(super) fn reduce_role_into<B: Backend>(
+    opt: &mut Shampoo<B>,
+    role: Role,
+    kind: Reduction,
+    section: Section,
+) -> Result<()> {
+    let backend = &opt.backend;
     let mut jobs: Vec<ReduceJob<'_, B>> = active_factors(&mut opt.groups, &opt.layout)
         .filter(|(f, _, _)| !f.accept.is_empty())
         .map(|(f, count, _)| {
@@ -154,25 +172,17 @@ pub(super) fn reduce_role<B: Backend>(
                 accept,
                 ..
             } = f;
-            let (_, second) = backend.view_mut(flags).split_at(count);
             ReduceJob {
                 input: backend.view(&scratch[m]),
                 numel: n * n,
                 count,
                 kind,
-                out: second,
+                out: flag_section(backend, flags, count, section),
                 select: Some(&accept[..]),
             }
         })
         .collect();
-    backend.reduce(&mut jobs)?;
-    drop(jobs);
-    for (f, _, _) in active_factors(&mut opt.groups, &opt.layout) {
-        if !f.accept.is_empty() {
-            download_f64(backend, backend.view(&f.flags), &mut f.host_flags, fdtype)?;
-        }
-    }
-    Ok(())
+    backend.reduce(&mut jobs)
 }
 
 /// One Newton step on the blocks in each factor's `accept` list:

@@ -12,11 +12,11 @@
 //! - QR: warm-started simultaneous iteration ([`super::qr`]).
 
 use super::eigh::{Blocks, eigh, eigh_of};
-use super::{Current, qr};
+use super::{Current, Section, flag_section, qr};
 use crate::Result;
 use crate::algorithm::Shampoo;
 use crate::algorithm::state::{FactorState, Role, active_factors, download_f64, pick3};
-use crate::backend::{Backend, EighStatus, Map, MatmulJob, ReduceJob, Reduction, ViewMutOps};
+use crate::backend::{Backend, EighStatus, Map, MatmulJob, ReduceJob, Reduction};
 use crate::config::Eigendecomposition;
 
 /// Eigendecomposes every active block's factor (in `work`) with `method`,
@@ -171,13 +171,12 @@ pub(super) fn off_diagonal_ratios<B: Backend>(opt: &mut Shampoo<B>) -> Result<()
             let n = f.spec.size;
             let m = f.roles[Role::M as usize];
             let FactorState { flags, scratch, .. } = f;
-            let (_, second) = backend.view_mut(flags).split_at(count);
             ReduceJob {
                 input: backend.view(&scratch[m]),
                 numel: n * n,
                 count,
                 kind: Reduction::OffDiagonalRatio,
-                out: second,
+                out: flag_section(backend, flags, count, Section::Output),
                 select,
             }
         })

@@ -6,7 +6,10 @@
 //!   higher-order iteration's accuracy check) keeps the previous root and
 //!   counts one consecutive failure of that factor; more than
 //!   [`MAX_CONSECUTIVE_FAILURES`] in a row is an error;
-//! - NaN/Inf in a computed result is an error;
+//! - NaN/Inf in a computed result is an error, except for the batched
+//!   Newton iteration (a `residual` tolerance is given), where a non-finite
+//!   result, or a final residual `max |M - I|` above the tolerance (or NaN),
+//!   is a solver failure as above;
 //! - anything else is accepted: the result replaces the root and the
 //!   factor's failure count is reset.
 
@@ -22,8 +25,14 @@ pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 
 /// Reads all flags with one synchronisation and applies the failure rules:
 /// leaves in each factor's `accept` the blocks whose result replaces the
-/// current one (the caller commits them).
-pub(super) fn check<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Result<()> {
+/// current one (the caller commits them). With `residual = Some(tol)`, the
+/// third section of the flags holds each block's final `max |M - I|`
+/// (the batched Newton iteration).
+pub(super) fn check<B: Backend>(
+    opt: &mut Shampoo<B>,
+    sc: &StepScalars,
+    residual: Option<f64>,
+) -> Result<()> {
     let backend = &opt.backend;
     let fdtype = opt.config.factor_dtype_for(opt.dtype);
     for (g, spec) in opt.groups.iter_mut().zip(&opt.layout.groups) {
@@ -53,6 +62,22 @@ pub(super) fn check<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Resul
                 if f.host_flags[s] == 0.0 {
                     return Err(nonfinite(MatrixKind::Factor));
                 }
+                let unconverged = residual.map(|tol| {
+                    let finite = f.host_flags[count + s] != 0.0;
+                    let r = f.host_flags[2 * count + s];
+                    // A NaN residual fails too.
+                    (!finite || r.is_nan() || r > tol).then_some(r)
+                });
+                if let Some(Some(r)) = unconverged {
+                    f.status[s] = EighStatus::Failed;
+                    tracing::warn!(
+                        block,
+                        dim = f.spec.dim,
+                        residual = r,
+                        tolerance = residual,
+                        "batched Newton did not converge (max |M - I| above the tolerance, or a non-finite root)"
+                    );
+                }
                 if f.status[s] == EighStatus::Failed {
                     f.failures[s] += 1;
                     f.counters[s].failures += 1;
@@ -60,7 +85,7 @@ pub(super) fn check<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Resul
                         block,
                         dim = f.spec.dim,
                         failures = f.failures[s],
-                        "eigendecomposition failed; keeping the previous root"
+                        "root inverse failed; keeping the previous root"
                     );
                     if f.failures[s] > MAX_CONSECUTIVE_FAILURES {
                         return Err(Error::RootInverseFailed {

@@ -13,6 +13,11 @@
 //!     ||A + eps I||_F)`, `X = z^(1/p) I`, `M = z A`, then
 //!     `M' = (1 + 1/p) I - M / p`, `X <- X M'`, `M <- M'^p M` until
 //!     `max |M - I| <= tol`;
+//!   - [`batched_newton`]: the coupled Newton step a fixed number of times
+//!     for every block, from `z = (p + 1) / (2 s)` with
+//!     `s = trace(B^8)^(1/8) ||A||_F >= lambda_max(A)` (`B = A / ||A||_F`),
+//!     and no read-back inside; the final `max |M - I|` is checked against
+//!     the tolerance with the finiteness flags;
 //!   - [`coupled_higher_order`]: `1/e = p/q`; the same coupled iteration
 //!     with a ridge relative to `||A||_inf`, `z = 1 / trace`, and Horner
 //!     steps of the given order after the first Newton step; `X^q` at the
@@ -25,12 +30,15 @@
 //!   [`Amortized::Eigenbasis`]): the eigenvectors `Q` of `A + eps I`.
 //!
 //! The [`failures`] rules decide which results replace the current ones:
-//! NaN/Inf in `A` or in a result is an error; a solver failure keeps the
+//! NaN/Inf in `A` or in a result is an error (for the batched Newton
+//! iteration a non-finite result is a failure); a solver failure keeps the
 //! previous result and counts; more than
 //! [`failures::MAX_CONSECUTIVE_FAILURES`] in a row is an error. The checks
-//! of a step happen after one synchronisation (the iterations also read
-//! their errors once per iteration).
+//! of a step happen after one synchronisation (the other iterations also
+//! read their errors once per iteration; the batched Newton iteration does
+//! not).
 
+mod batched_newton;
 mod coupled_higher_order;
 mod coupled_newton;
 mod eigendecomposition;
@@ -54,11 +62,11 @@ pub(super) fn compute<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Res
     match opt.config.amortized() {
         Amortized::RootInverse(RootInverse::Eigh { .. }) => {
             input(opt, sc, if before { eps } else { 0.0 })?;
-            finite_flags(opt, Half::Input, Which::Work)?;
+            finite_flags(opt, Section::Input, Which::Work)?;
             eigh::eigh(opt)?;
             eigh::eigh_inverse_root(opt)?;
-            finite_flags(opt, Half::Output, Which::X)?;
-            failures::check(opt, sc)?;
+            finite_flags(opt, Section::Output, Which::X)?;
+            failures::check(opt, sc, None)?;
             commit(opt, Which::X)
         }
         Amortized::RootInverse(RootInverse::CoupledNewton {
@@ -66,37 +74,49 @@ pub(super) fn compute<B: Backend>(opt: &mut Shampoo<B>, sc: &StepScalars) -> Res
             tolerance,
         }) => {
             input(opt, sc, eps)?;
-            finite_flags(opt, Half::Input, Which::Work)?;
+            finite_flags(opt, Section::Input, Which::Work)?;
             coupled_newton::coupled_newton(opt, max_iterations, tolerance)?;
-            finite_flags(opt, Half::Output, Which::X)?;
-            failures::check(opt, sc)?;
+            finite_flags(opt, Section::Output, Which::X)?;
+            failures::check(opt, sc, None)?;
+            commit(opt, Which::X)
+        }
+        Amortized::RootInverse(RootInverse::BatchedNewton {
+            iterations,
+            tolerance,
+        }) => {
+            input(opt, sc, eps)?;
+            finite_flags(opt, Section::Input, Which::Work)?;
+            batched_newton::compute(opt, iterations)?;
+            finite_flags(opt, Section::Output, Which::X)?;
+            // The one read-back of the step: flags and residuals together.
+            failures::check(opt, sc, Some(tolerance))?;
             commit(opt, Which::X)
         }
         Amortized::RootInverse(method @ RootInverse::CoupledHigherOrder { .. }) => {
             // The group epsilon is not used: the iteration has its ridge.
             input(opt, sc, 0.0)?;
-            finite_flags(opt, Half::Input, Which::Work)?;
+            finite_flags(opt, Section::Input, Which::Work)?;
             coupled_higher_order::compute(opt, method)?;
-            finite_flags(opt, Half::Output, Which::X)?;
-            failures::check(opt, sc)?;
+            finite_flags(opt, Section::Output, Which::X)?;
+            failures::check(opt, sc, None)?;
             commit(opt, Which::X)
         }
         Amortized::Eigenpairs(method) => {
             input(opt, sc, if before { eps } else { 0.0 })?;
-            finite_flags(opt, Half::Input, Which::Work)?;
+            finite_flags(opt, Section::Input, Which::Work)?;
             eigendecomposition::compute(opt, method, Current::Eigenpairs)?;
             eigh::form_roots(opt, Source::Candidate)?;
-            finite_flags(opt, Half::Output, Which::X)?;
-            failures::check(opt, sc)?;
+            finite_flags(opt, Section::Output, Which::X)?;
+            failures::check(opt, sc, None)?;
             commit_eigenpairs(opt)?;
             commit(opt, Which::X)
         }
         Amortized::Eigenbasis(method) => {
             input(opt, sc, if before { eps } else { 0.0 })?;
-            finite_flags(opt, Half::Input, Which::Work)?;
+            finite_flags(opt, Section::Input, Which::Work)?;
             eigendecomposition::compute(opt, method, Current::Root)?;
-            finite_flags(opt, Half::Output, Which::Work)?;
-            failures::check(opt, sc)?;
+            finite_flags(opt, Section::Output, Which::Work)?;
+            failures::check(opt, sc, None)?;
             commit(opt, Which::Work)
         }
         Amortized::None => Ok(()),
@@ -237,10 +257,28 @@ pub(super) fn reduce_into_values<B: Backend>(opt: &mut Shampoo<B>, kind: Reducti
     backend.reduce(&mut jobs)
 }
 
+/// The sections of a factor's flags (`count` values each).
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Half {
-    Input,
-    Output,
+pub(super) enum Section {
+    /// Finiteness of the input `A`.
+    Input = 0,
+    /// Finiteness of the result; the iterations' per-block errors and
+    /// scalars while they run.
+    Output = 1,
+    /// The batched Newton iteration's final residual `max |M - I|`, and its
+    /// per-block scalars while it runs.
+    Residual = 2,
+}
+
+/// Section `section` (`count` values) of a factor's flags.
+pub(super) fn flag_section<'a, B: Backend>(
+    backend: &B,
+    flags: &'a mut B::Buffer,
+    count: usize,
+    section: Section,
+) -> B::ViewMut<'a> {
+    let (_, rest) = backend.view_mut(flags).split_at(section as usize * count);
+    rest.split_at(count).0
 }
 
 /// Which matrices of a factor hold a result.
@@ -268,10 +306,11 @@ fn flags_and<B: Backend>(f: &mut FactorState<B>, which: Which) -> (&mut B::Buffe
     (flags, m)
 }
 
-/// Finiteness of each factor's `which` matrices into one half of its flags.
+/// Finiteness of each factor's `which` matrices into one section of its
+/// flags.
 pub(super) fn finite_flags<B: Backend>(
     opt: &mut Shampoo<B>,
-    half: Half,
+    section: Section,
     which: Which,
 ) -> Result<()> {
     let backend = &opt.backend;
@@ -279,13 +318,12 @@ pub(super) fn finite_flags<B: Backend>(
         .map(|(f, count, select)| {
             let n = f.spec.size;
             let (flags, input) = flags_and(f, which);
-            let (first, second) = backend.view_mut(flags).split_at(count);
             ReduceJob {
                 input: backend.view(input),
                 numel: n * n,
                 count,
                 kind: Reduction::AllFinite,
-                out: if half == Half::Input { first } else { second },
+                out: flag_section(backend, flags, count, section),
                 select,
             }
         })
