@@ -27,63 +27,15 @@ use std::ffi::c_void;
 use cudarc::cusolver::sys as ssys;
 use cudarc::driver::result as drv;
 
-use super::blas::solver_ok;
 use super::kernels::{Args, Kernel, grid_for, grid_matrices};
+use super::libs::solver_ok;
+use super::scratch::Scratch;
 use super::{CudaBackend, at, plan, runs};
 use crate::backend::cpu::{check_len, check_select};
 use crate::backend::{EighJob, EighStatus, ViewMutOps};
 use crate::{DType, Error, Result};
 
 const OP: &str = "eigh";
-
-/// A device allocation that only grows.
-#[derive(Default)]
-pub(super) struct DeviceScratch {
-    ptr: u64,
-    bytes: usize,
-}
-
-impl DeviceScratch {
-    /// At least `bytes` bytes (reallocating, which waits for the device,
-    /// only when the request is larger than any before).
-    pub(super) fn ensure(&mut self, bytes: usize) -> Result<u64> {
-        if bytes > self.bytes {
-            if self.ptr != 0 {
-                // SAFETY: allocated below, freed once; cuMemFree waits for
-                // work still using it.
-                unsafe { drv::free_sync(self.ptr) }.map_err(|e| Error::backend(OP, e))?;
-                self.ptr = 0;
-                self.bytes = 0;
-            }
-            // SAFETY: a plain device allocation.
-            self.ptr = unsafe { drv::malloc_sync(bytes) }
-                .map_err(|e| Error::backend(OP, format!("scratch of {bytes} bytes: {e}")))?;
-            self.bytes = bytes;
-        }
-        Ok(self.ptr)
-    }
-}
-
-impl Drop for DeviceScratch {
-    fn drop(&mut self) {
-        if self.ptr != 0 {
-            // SAFETY: freed once, by its owner.
-            let _ = unsafe { drv::free_sync(self.ptr) };
-        }
-    }
-}
-
-/// The eigensolver's scratch: solver workspace (device and host), the
-/// input copy, per-matrix flags and infos, and the float64 retry buffers.
-#[derive(Default)]
-pub(super) struct Scratch {
-    work: DeviceScratch,
-    host: Vec<u8>,
-    backup: DeviceScratch,
-    flags: DeviceScratch,
-    info: DeviceScratch,
-    retry: DeviceScratch,
-}
 
 fn data_type(dt: DType) -> ssys::cudaDataType {
     match dt {

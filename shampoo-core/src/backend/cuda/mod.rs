@@ -29,9 +29,11 @@
 mod blas;
 mod eigh;
 mod kernels;
+mod libs;
 mod ops;
 pub mod plan;
 pub mod probe;
+mod scratch;
 mod tables;
 mod wire;
 
@@ -232,7 +234,7 @@ enum Exec {
 struct Device {
     // Dropped in this order: the library handles, the cached tables and
     // the kernels while the context (last) is still alive.
-    libs: Mutex<blas::Libs>,
+    libs: Mutex<libs::Libs>,
     tables: Mutex<tables::Cache>,
     kernels: kernels::Loaded,
     stream: Stream,
@@ -324,7 +326,7 @@ impl CudaBackend {
         ctx.bind_to_thread()
             .map_err(|e| unavailable("context binding", e))?;
         let kernels = kernels::Loaded::load(&arch)?;
-        let libs = blas::Libs::new(stream)?;
+        let libs = libs::Libs::new(stream)?;
         tracing::info!(device = %device, arch = %arch, "CUDA backend ready");
         Ok(CudaBackend {
             exec: Exec::Device(Device {
@@ -434,7 +436,7 @@ impl CudaBackend {
             .map_err(|e| Error::backend("copy", e))
     }
 
-    fn libs(&self) -> Result<std::sync::MutexGuard<'_, blas::Libs>> {
+    fn libs(&self) -> Result<std::sync::MutexGuard<'_, libs::Libs>> {
         Ok(self
             .device()?
             .libs
