@@ -308,7 +308,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     BackendKind::Cpu => step::run(bench, || Ok(CpuBackend::new(threads)?))?,
                     #[cfg(feature = "cuda")]
                     BackendKind::Cuda => {
-                        step::run(bench, || Ok(shampoo_core::CudaBackend::new(0)?))?
+                        let mut r = step::run(bench, || Ok(shampoo_core::CudaBackend::new(0)?))?;
+                        r.launches = Some(shampoo_bench::plan::launches(bench, &r)?);
+                        r
                     }
                     #[cfg(not(feature = "cuda"))]
                     BackendKind::Cuda => return Err(cuda_unavailable()),

@@ -164,3 +164,25 @@ pub fn render(r: &PlanReport) -> String {
     );
     out
 }
+
+/// The launches of `bench`'s timed configuration (root inverses every
+/// `root_every` steps), with the GEMM rate of `report`'s measured steps.
+pub fn launches(
+    bench: &crate::step::StepBench,
+    report: &crate::step::StepReport,
+) -> Result<crate::step::Launches> {
+    let mut cfg = bench.config.clone();
+    cfg.precondition_frequency = bench.root_every;
+    cfg.start_preconditioning_step = shampoo_core::config::StartStep::At(bench.root_every);
+    let r = run(&bench.set, &bench.tensors, &cfg, bench.dtype)?;
+    let gflop = r.step.gemm_flops / 1e9;
+    let ms = report.shampoo.mean_ms;
+    Ok(crate::step::Launches {
+        per_step: r.step.launches,
+        per_root_inverse_step: r.root_inverse_step.launches,
+        host_waits_per_step: r.step.host_waits,
+        groups: r.groups,
+        gemm_gflop_per_step: gflop,
+        gemm_gflops_per_s: if ms > 0.0 { gflop / (ms * 1e-3) } else { 0.0 },
+    })
+}

@@ -148,6 +148,28 @@ pub struct StepReport {
     pub root_inverse: RootInverseCounters,
     /// The same per block and factor, for those with any.
     pub root_inverse_blocks: Vec<BlockRootInverseStats>,
+    /// What a CUDA step issues (CUDA backend only; counted on the planner
+    /// for the same configuration, see `shampoo-bench plan`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub launches: Option<Launches>,
+}
+
+/// Launches of a CUDA step, and the GEMM rate they achieve.
+#[derive(Debug, Clone, Serialize)]
+pub struct Launches {
+    /// Kernel launches, library calls and copies of a step without root
+    /// inverse.
+    pub per_step: usize,
+    /// The same for a step with every root inverse.
+    pub per_root_inverse_step: usize,
+    /// Host waits in a step without root inverse.
+    pub host_waits_per_step: usize,
+    /// Shape groups.
+    pub groups: usize,
+    /// GEMM work of a step without root inverse, as issued (full products).
+    pub gemm_gflop_per_step: f64,
+    /// That work over the measured mean step time without root inverse.
+    pub gemm_gflops_per_s: f64,
 }
 
 /// Counts the matrix-product work of a layout.
@@ -327,6 +349,7 @@ pub fn run<B: Backend>(bench: &StepBench, backend: impl Fn() -> Result<B>) -> Re
         flops,
         root_inverse,
         root_inverse_blocks,
+        launches: None,
     })
 }
 
@@ -436,6 +459,18 @@ pub fn render(r: &StepReport) -> String {
             s,
             "  block {} (tensor {}, shape {:?}), dimension {}: {} failures, {} float64 retries",
             b.block, b.param, b.shape, b.dim, b.counters.failures, b.counters.f64_retries
+        );
+    }
+    if let Some(l) = &r.launches {
+        let _ = writeln!(
+            s,
+            "CUDA launches per step: {} without root inverse ({} shape groups, {} host waits), {} with; GEMMs issued {:.3} GFLOP per step -> {:.1} GFLOP/s achieved",
+            l.per_step,
+            l.groups,
+            l.host_waits_per_step,
+            l.per_root_inverse_step,
+            l.gemm_gflop_per_step,
+            l.gemm_gflops_per_s
         );
     }
     for (name, p) in [

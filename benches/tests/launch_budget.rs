@@ -114,3 +114,29 @@ fn a_config_that_never_steps_without_a_root_inverse_is_refused() {
         "shampoo-bench: error: the config computes root inverses on every step (precondition_frequency 1): no step without one to plan\n"
     );
 }
+
+#[test]
+fn a_step_report_carries_the_launches_of_its_timed_configuration() {
+    let bench = shampoo_bench::step::StepBench {
+        set: "cpu_small".into(),
+        tensors: shapes::load("cpu_small", None).unwrap(),
+        config: config(),
+        dtype: shampoo_core::DType::F32,
+        steps: 1,
+        warmup: 1,
+        root_every: 2,
+    };
+    let report =
+        shampoo_bench::step::run(&bench, || Ok(shampoo_core::CpuBackend::new(1)?)).unwrap();
+    let l = plan::launches(&bench, &report).unwrap();
+    // The timed run recomputes roots every 2 steps from step 2.
+    let mut cfg = config();
+    cfg.precondition_frequency = 2;
+    cfg.start_preconditioning_step = shampoo_core::config::StartStep::At(2);
+    let r = plan::run("cpu_small", &bench.tensors, &cfg, bench.dtype).unwrap();
+    assert_eq!(l.per_step, r.step.launches);
+    assert_eq!(l.per_root_inverse_step, r.root_inverse_step.launches);
+    assert_eq!(l.groups, r.groups);
+    let want = r.step.gemm_flops / 1e9 / (report.shampoo.mean_ms * 1e-3);
+    assert!((l.gemm_gflops_per_s - want).abs() <= 1e-9 * want);
+}
