@@ -140,3 +140,28 @@ fn a_step_report_carries_the_launches_of_its_timed_configuration() {
     let want = r.step.gemm_flops / 1e9 / (report.shampoo.mean_ms * 1e-3);
     assert!((l.gemm_gflops_per_s - want).abs() <= 1e-9 * want);
 }
+
+#[test]
+fn bf16_preconditioning_rounds_both_operands_of_every_product_first() {
+    let tensors = shapes::load("resnet50", None).unwrap();
+    let mut cfg = config();
+    cfg.precision = Some(shampoo_core::config::MatmulPrecision {
+        preconditioning: shampoo_core::backend::Precision::Bf16,
+        ..Default::default()
+    });
+    let r = plan::run("resnet50", &tensors, &cfg, shampoo_core::DType::F32).unwrap();
+    let in_phase = |phase: &str, name: &str| -> usize {
+        r.step
+            .phases
+            .iter()
+            .filter(|(p, _)| p == phase)
+            .flat_map(|(_, c)| c)
+            .filter(|(n, _)| n == name)
+            .map(|(_, c)| c)
+            .sum()
+    };
+    let gemms = in_phase("precondition", "cublas gemm (batched)");
+    assert!(gemms > 0);
+    assert_eq!(in_phase("precondition", "kernel pack16"), 2 * gemms);
+    assert_eq!(in_phase("statistics", "kernel pack16"), 0);
+}

@@ -66,9 +66,31 @@ pub struct ShampooConfig {
     /// Element type of the factor matrices; `null` (default) means the
     /// parameters' dtype. Project extension.
     pub factor_dtype: Option<DType>,
-    /// Allow TensorFloat-32 matrix products on GPUs that have them (float32
-    /// factors only). Project extension; ignored on the CPU.
+    /// Allow TensorFloat-32 matrix products for the statistics and the
+    /// preconditioning (float32 data only): shorthand for `precision`
+    /// `{"statistics": "tf32", "preconditioning": "tf32"}`. Project
+    /// extension.
     pub tf32: bool,
+    /// Operand precision of the matrix products, per use (project
+    /// extension; default full precision everywhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<MatmulPrecision>,
+}
+
+/// Operand precision of each use of matrix products (float32 data; the
+/// products accumulate in float32 either way). See [`Precision`].
+///
+/// [`Precision`]: crate::backend::Precision
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatmulPrecision {
+    /// The factor statistics (`f32` or `tf32`).
+    pub statistics: crate::backend::Precision,
+    /// The preconditioning products (`f32`, `tf32` or `bf16`).
+    pub preconditioning: crate::backend::Precision,
+    /// The matrix-only root iterations (`coupled_newton`,
+    /// `coupled_higher_order`, `batched_newton`; `f32`, `tf32` or `bf16`).
+    pub root_iteration: crate::backend::Precision,
 }
 
 impl Default for ShampooConfig {
@@ -92,6 +114,7 @@ impl Default for ShampooConfig {
             preconditioner: Preconditioner::default(),
             factor_dtype: None,
             tf32: false,
+            precision: None,
         }
     }
 }
@@ -834,8 +857,51 @@ impl ShampooConfig {
         }
     }
 
+    /// Operand precision of the factor statistics.
+    pub fn statistics_precision(&self) -> crate::backend::Precision {
+        self.matmul_precision().statistics
+    }
+
+    /// Operand precision of the preconditioning products.
+    pub fn preconditioning_precision(&self) -> crate::backend::Precision {
+        self.matmul_precision().preconditioning
+    }
+
+    /// Operand precision of the matrix-only root iterations.
+    pub fn root_precision(&self) -> crate::backend::Precision {
+        self.matmul_precision().root_iteration
+    }
+
+    fn matmul_precision(&self) -> MatmulPrecision {
+        use crate::backend::Precision;
+        match (self.precision, self.tf32) {
+            (Some(p), _) => p,
+            (None, true) => MatmulPrecision {
+                statistics: Precision::Tf32,
+                preconditioning: Precision::Tf32,
+                root_iteration: Precision::F32,
+            },
+            (None, false) => MatmulPrecision::default(),
+        }
+    }
+
+    fn validate_precision(&self) -> Result<()> {
+        if self.tf32 && self.precision.is_some() {
+            return Err(Error::config(
+                "give either tf32 or precision, not both (tf32: true is precision {\"statistics\": \"tf32\", \"preconditioning\": \"tf32\"})",
+            ));
+        }
+        if self.statistics_precision() == crate::backend::Precision::Bf16 {
+            return Err(Error::config(
+                "precision.statistics must be f32 or tf32: the statistics accumulate squared gradients, which bf16 operands would round to 8 significant bits",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks every value against the published implementation's rules.
     pub fn validate(&self) -> Result<()> {
+        self.validate_precision()?;
         let fin = |name: &str, v: f64| -> Result<()> {
             if v.is_finite() {
                 Ok(())

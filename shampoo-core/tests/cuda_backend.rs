@@ -87,7 +87,7 @@ fn gram_and_products<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
             beta: 0.5,
             alpha: 0.25,
             full: true,
-            tf32: false,
+            precision: shampoo_core::backend::Precision::F32,
             select: Some(&sel),
         }])?;
         out.push(down(b, &f)?);
@@ -102,7 +102,7 @@ fn gram_and_products<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
                 matrices: b.view(&m),
                 transpose,
                 out: b.view_mut(&mut y),
-                tf32: false,
+                precision: shampoo_core::backend::Precision::F32,
                 select: None,
             }])?;
             out.push(down(b, &y)?);
@@ -125,7 +125,7 @@ fn gram_and_products<B: Backend>(b: &B) -> Res<Vec<Vec<f64>>> {
             trans_b: tb,
             alpha: -0.75,
             accumulate: true,
-            tf32: false,
+            precision: shampoo_core::backend::Precision::F32,
             select: Some(&[1, 2]),
         }])?;
         out.push(down(b, &c)?);

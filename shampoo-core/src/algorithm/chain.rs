@@ -20,7 +20,7 @@ pub(super) fn chain<B: Backend>(
     skip: Option<usize>,
 ) -> Result<()> {
     let backend = &opt.backend;
-    let tf32 = opt.config.tf32;
+    let precision = opt.config.preconditioning_precision();
     let rounds = opt
         .groups
         .iter()
@@ -66,7 +66,7 @@ pub(super) fn chain<B: Backend>(
                 matrices: backend.view(&f.root),
                 transpose,
                 out: backend.view_mut(dst),
-                tf32,
+                precision,
                 select: active.as_deref(),
             });
             locs[gi] = Loc::Work(target);

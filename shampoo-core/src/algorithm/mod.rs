@@ -84,6 +84,10 @@ pub struct Shampoo<B: Backend> {
     /// Per parameter: its owned blocks' geometry in the owned-directions
     /// buffer (used by [`Shampoo::step`]).
     local_apply: Vec<B::BlockTable>,
+    /// Operand precision of the root iterations' products being queued:
+    /// the configured one, and full precision for the batched Newton
+    /// iteration's final refinement steps.
+    pub(crate) root_products: crate::backend::Precision,
     profile: bool,
     times: PhaseTimes,
 }
@@ -113,6 +117,18 @@ impl<B: Backend> Shampoo<B> {
         owned: &dyn Fn(usize) -> bool,
     ) -> Result<Self> {
         config.validate()?;
+        let fdtype = config.factor_dtype_for(dtype);
+        for (what, p) in [
+            ("preconditioning", config.preconditioning_precision()),
+            ("root_iteration", config.root_precision()),
+        ] {
+            if p == crate::backend::Precision::Bf16 && (dtype == DType::F64 || fdtype == DType::F64)
+            {
+                return Err(Error::config(format!(
+                    "precision.{what} bf16 needs float32 parameters and factors (these are {dtype} and {fdtype})"
+                )));
+            }
+        }
         let layout = Layout::new(shapes, &config, owned)?;
         if let Some((op, feature)) = required_ops(&config)
             .into_iter()
@@ -143,6 +159,7 @@ impl<B: Backend> Shampoo<B> {
         );
         let mut opt = Shampoo {
             peak_lr: config.lr,
+            root_products: config.root_precision(),
             config,
             backend,
             layout,

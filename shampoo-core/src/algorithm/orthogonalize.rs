@@ -115,7 +115,7 @@ fn newton_schulz<B: Backend>(
                 beta: 0.0,
                 alpha: 1.0,
                 full: true,
-                tf32: opt.config.tf32,
+                precision: opt.config.preconditioning_precision(),
                 select: active.as_deref(),
             });
         }
@@ -137,7 +137,7 @@ fn newton_schulz<B: Backend>(
                 trans_b: false,
                 alpha: 1.0,
                 accumulate: false,
-                tf32: opt.config.tf32,
+                precision: opt.config.preconditioning_precision(),
                 select: active.as_deref(),
             });
         }
@@ -182,7 +182,7 @@ fn newton_schulz<B: Backend>(
                 matrices: backend.view(bm),
                 transpose: true,
                 out: backend.view_mut(dst),
-                tf32: opt.config.tf32,
+                precision: opt.config.preconditioning_precision(),
                 select: active.as_deref(),
             });
         }

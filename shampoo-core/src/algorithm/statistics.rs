@@ -110,7 +110,7 @@ pub(super) fn update_factors<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
                 beta,
                 alpha,
                 full: false,
-                tf32: opt.config.tf32,
+                precision: opt.config.statistics_precision(),
                 select,
             });
         }
@@ -189,7 +189,7 @@ fn update_factors_kl<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
                 beta,
                 alpha,
                 full: false,
-                tf32: opt.config.tf32,
+                precision: opt.config.statistics_precision(),
                 select: active.as_deref(),
             });
         }

@@ -342,8 +342,8 @@ pub struct GramJob<'a, B: Backend> {
     pub alpha: f64,
     /// Also fill the upper triangle.
     pub full: bool,
-    /// Reduced-precision matrix units (TF32) are allowed.
-    pub tf32: bool,
+    /// Operand precision of the products.
+    pub precision: Precision,
     /// Which tensors.
     pub select: Selection<'a>,
 }
@@ -367,8 +367,8 @@ pub struct ModeProductJob<'a, B: Backend> {
     pub transpose: bool,
     /// `count` tensors of shape `dims`.
     pub out: B::ViewMut<'a>,
-    /// Reduced-precision matrix units (TF32) are allowed.
-    pub tf32: bool,
+    /// Operand precision of the products.
+    pub precision: Precision,
     /// Which tensors.
     pub select: Selection<'a>,
 }
@@ -395,10 +395,63 @@ pub struct MatmulJob<'a, B: Backend> {
     pub alpha: f64,
     /// Add to `c` instead of replacing it.
     pub accumulate: bool,
-    /// Reduced-precision matrix units (TF32) are allowed.
-    pub tf32: bool,
+    /// Operand precision of the products.
+    pub precision: Precision,
     /// Which products.
     pub select: Selection<'a>,
+}
+
+/// Operand precision of a matrix product: the products always accumulate
+/// in the data's precision (float32 or float64); reduced precisions round
+/// the operands first, as GPU matrix units do. Only float32 data is
+/// rounded (TF32 leaves float64 products alone; bf16 operands are refused
+/// for float64 data, see [`Precision::check`]). The CPU backend rounds the
+/// operands the same way, so it measures what an option costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Full precision operands.
+    #[default]
+    F32,
+    /// TensorFloat-32 operands (10 mantissa bits).
+    Tf32,
+    /// bfloat16 operands (7 mantissa bits) with float32 accumulation.
+    Bf16,
+}
+
+impl Precision {
+    /// The mantissa bits operands are rounded to for `dtype` data (`None`:
+    /// not rounded).
+    pub fn operand_mantissa(self, dtype: DType) -> Option<u32> {
+        match (self, dtype) {
+            (_, DType::F64) | (Precision::F32, _) => None,
+            (Precision::Tf32, DType::F32) => Some(10),
+            (Precision::Bf16, DType::F32) => Some(7),
+        }
+    }
+
+    /// Refuses bf16 operands for statistics (a [`GramJob`]): they square
+    /// the gradients, which bf16 would round to 8 significant bits.
+    pub fn check_statistics(self, op: &'static str) -> Result<()> {
+        if self == Precision::Bf16 {
+            return Err(Error::backend(
+                op,
+                "bf16 operands are not offered for statistics (f32 or tf32)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses bf16 operands for float64 data.
+    pub fn check(self, op: &'static str, dtype: DType) -> Result<()> {
+        if self == Precision::Bf16 && dtype == DType::F64 {
+            return Err(Error::backend(
+                op,
+                "bf16 operands are for float32 data (float64 products stay in float64)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Outcome of one eigendecomposition.

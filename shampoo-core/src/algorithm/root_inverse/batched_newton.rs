@@ -36,6 +36,11 @@
 //! `X = z_f^(1/p) g^(-1/(4p)) I`, `M = (z_f A) g^(-1/4)` with
 //! `z_f = (p + 1) / (2 f)`.
 //!
+//! **Precision.** With `precision.root_iteration` at `tf32` or `bf16`,
+//! every product but those of the last [`REFINEMENT`] iterations reads
+//! rounded operands (float32 accumulation); the last ones run in full
+//! precision, so the residual test keeps its meaning.
+//!
 //! **Failures.** The final residual goes to the third section of the flags;
 //! [`super::failures::check`] reads all flags of a factor in one download
 //! and applies: NaN/Inf in the input `A` is an error, as for every method;
@@ -58,7 +63,11 @@ use super::{Section, reduce_into_values};
 use crate::Result;
 use crate::algorithm::Shampoo;
 use crate::algorithm::state::{FactorState, Role, active_factors};
-use crate::backend::{Backend, Map, Reduction, ViewOps};
+use crate::backend::{Backend, Map, Precision, Reduction, ViewOps};
+
+/// Final iterations run with full-precision operands whatever
+/// `precision.root_iteration` says.
+pub(crate) const REFINEMENT: u32 = 2;
 
 /// Runs the method for every active block (the damped `A` in `work`);
 /// leaves `X` in `Role::X`, the residual in the third section of the flags
@@ -74,9 +83,19 @@ pub(super) fn compute<B: Backend>(opt: &mut Shampoo<B>, iterations: u32) -> Resu
     products(opt, |_| Some(Product::Mul(Role::Z, Role::Z, Role::Z)))?;
     reduce_role_into(opt, Role::Z, Reduction::FrobeniusNorm, Section::Residual)?;
     scaled_start(opt)?;
-    for _ in 0..iterations {
+    // Reduced-precision operands for all but the last REFINEMENT steps,
+    // which run in full precision: Newton's quadratic convergence takes a
+    // bf16-accurate iterate (about 1e-2) to float32 accuracy in two steps.
+    let configured = opt.config.root_precision();
+    for i in 0..iterations {
+        opt.root_products = if i + REFINEMENT >= iterations {
+            Precision::F32
+        } else {
+            configured
+        };
         newton_step(opt, &newton_root)?;
     }
+    opt.root_products = configured;
     reduce_role_into(
         opt,
         Role::M,

@@ -125,7 +125,7 @@ pub(super) fn rotate<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
                 trans_b: false,
                 alpha: 1.0,
                 accumulate: false,
-                tf32: false,
+                precision: crate::backend::Precision::F32,
                 select,
             }
         })
@@ -152,7 +152,7 @@ pub(super) fn rotate<B: Backend>(opt: &mut Shampoo<B>) -> Result<()> {
                 trans_b: true,
                 alpha: 1.0,
                 accumulate: false,
-                tf32: false,
+                precision: crate::backend::Precision::F32,
                 select,
             }
         })

@@ -201,7 +201,7 @@ fn gram_into_x<B: Backend>(opt: &mut Shampoo<B>, from: Option<Role>) -> Result<(
                 alpha: 1.0,
                 full: true,
                 // Roots are formed in full precision.
-                tf32: false,
+                precision: crate::backend::Precision::F32,
                 select,
             }
         })

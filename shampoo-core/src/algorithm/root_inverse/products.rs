@@ -51,6 +51,7 @@ pub(super) fn products<B: Backend>(
     mut op: impl FnMut(&FactorState<B>) -> Option<Product>,
 ) -> Result<()> {
     let backend = &opt.backend;
+    let precision = opt.root_products;
     let mut muls: Vec<MatmulJob<'_, B>> = Vec::new();
     let mut copies: Vec<Map<'_, B>> = Vec::new();
     let mut swaps: Vec<(usize, Role)> = Vec::new();
@@ -83,8 +84,7 @@ pub(super) fn products<B: Backend>(
                     trans_b: false,
                     alpha: 1.0,
                     accumulate: false,
-                    // Newton iterations are formed in full precision.
-                    tf32: false,
+                    precision,
                     select,
                 });
                 swaps.push((i, c));

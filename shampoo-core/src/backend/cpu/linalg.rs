@@ -5,12 +5,14 @@
 //! `A = 1` it is a `d x B` matrix, when `B = 1` an `A x d` matrix; both are
 //! one product. Otherwise the work is a sum (or a batch) of `A` products.
 
+use std::borrow::Cow;
+
 use faer::linalg::matmul::matmul as gemm;
 use faer::traits::RealField;
 use faer::{Accum, MatMut, MatRef, Par};
 
 use super::{CpuBackend, check_len, check_select, chunks, take_mut, typed, typed_mut};
-use crate::backend::{GramJob, MatmulJob, ModeProductJob};
+use crate::backend::{GramJob, MatmulJob, ModeProductJob, Precision};
 use crate::{DType, Error, Float, Result};
 
 /// Element types the CPU backend computes in.
@@ -35,8 +37,24 @@ fn check_mode(op: &'static str, dims: &[usize], mode: usize) -> Result<()> {
     Ok(())
 }
 
-struct GramTask<'a, T> {
-    input: &'a [T],
+/// `x` as a product reads it at `precision`: rounded (a copy) for
+/// float32 data at TF32 or bf16, else `x` itself (the same rounding as the
+/// GPU's matrix units; [`Precision`]).
+fn operand<T: CpuFloat>(x: &[T], precision: Precision) -> Cow<'_, [T]> {
+    let format = match precision.operand_mantissa(T::DTYPE) {
+        None => return Cow::Borrowed(x),
+        Some(10) => super::wire::TF32,
+        Some(_) => super::wire::BF16,
+    };
+    Cow::Owned(
+        x.iter()
+            .map(|&v| T::from_f64(f64::from(super::wire::round_f32(v.to_f64() as f32, format))))
+            .collect(),
+    )
+}
+
+struct GramTask<'a, T: Clone> {
+    input: Cow<'a, [T]>,
     out: &'a mut [T],
     shape: (usize, usize, usize),
     beta: T,
@@ -75,7 +93,7 @@ fn gram_task<T: CpuFloat>(t: GramTask<'_, T>) {
             MatMut::from_row_major_slice_mut(t.out, d, d).submatrix_mut(p0, p0, d - p0, w);
         if b == 1 {
             // (A x d)^T (A x d): columns p0.. of the A x d matrix.
-            let m = MatRef::from_row_major_slice(t.input, a, d);
+            let m = MatRef::from_row_major_slice(&t.input, a, d);
             gemm(
                 out.rb_mut(),
                 accum,
@@ -116,6 +134,7 @@ fn gram_job<'a, T: CpuFloat>(
     check_select(OP, job.select, job.count)?;
     let numel: usize = job.dims.iter().product();
     let (a, d, b) = split_dims(job.dims, job.mode);
+    job.precision.check_statistics(OP)?;
     let input = typed::<T>(job.input, OP)?;
     let out = typed_mut::<T>(take_mut(&mut job.out), OP)?;
     check_len(OP, "input", input.len(), job.count, numel)?;
@@ -124,7 +143,7 @@ fn gram_job<'a, T: CpuFloat>(
         tasks.push((
             (d * d * a * b) as u64,
             GramTask {
-                input: &input[i * numel..(i + 1) * numel],
+                input: operand(&input[i * numel..(i + 1) * numel], job.precision),
                 out: o,
                 shape: (a, d, b),
                 beta: T::from_f64(job.beta),
@@ -150,9 +169,9 @@ pub(super) fn mode_gram(be: &CpuBackend, jobs: &mut [GramJob<'_, CpuBackend>]) -
     Ok(())
 }
 
-struct ProductTask<'a, T> {
-    input: &'a [T],
-    matrix: &'a [T],
+struct ProductTask<'a, T: Clone> {
+    input: Cow<'a, [T]>,
+    matrix: Cow<'a, [T]>,
     out: &'a mut [T],
     shape: (usize, usize, usize),
     transpose: bool,
@@ -160,11 +179,11 @@ struct ProductTask<'a, T> {
 
 fn product_task<T: CpuFloat>(t: ProductTask<'_, T>) {
     let (a, d, b) = t.shape;
-    let m = MatRef::from_row_major_slice(t.matrix, d, d);
+    let m = MatRef::from_row_major_slice(&t.matrix, d, d);
     let m = if t.transpose { m.transpose() } else { m };
     if b == 1 {
         // out (A x d) = in (A x d) M^T
-        let x = MatRef::from_row_major_slice(t.input, a, d);
+        let x = MatRef::from_row_major_slice(&t.input, a, d);
         let o = MatMut::from_row_major_slice_mut(t.out, a, d);
         gemm(o, Accum::Replace, x, m.transpose(), T::ONE, Par::Seq);
     } else {
@@ -186,6 +205,7 @@ fn product_job<'a, T: CpuFloat>(
     check_select(OP, job.select, job.count)?;
     let numel: usize = job.dims.iter().product();
     let (a, d, b) = split_dims(job.dims, job.mode);
+    job.precision.check(OP, T::DTYPE)?;
     let input = typed::<T>(job.input, OP)?;
     let matrices = typed::<T>(job.matrices, OP)?;
     let out = typed_mut::<T>(take_mut(&mut job.out), OP)?;
@@ -196,8 +216,8 @@ fn product_job<'a, T: CpuFloat>(
         tasks.push((
             (numel * d) as u64,
             ProductTask {
-                input: &input[i * numel..(i + 1) * numel],
-                matrix: &matrices[i * d * d..(i + 1) * d * d],
+                input: operand(&input[i * numel..(i + 1) * numel], job.precision),
+                matrix: operand(&matrices[i * d * d..(i + 1) * d * d], job.precision),
                 out: o,
                 shape: (a, d, b),
                 transpose: job.transpose,
@@ -223,9 +243,9 @@ pub(super) fn mode_product(
     Ok(())
 }
 
-struct MatmulTask<'a, T> {
-    a: &'a [T],
-    b: &'a [T],
+struct MatmulTask<'a, T: Clone> {
+    a: Cow<'a, [T]>,
+    b: Cow<'a, [T]>,
     c: &'a mut [T],
     n: usize,
     trans_a: bool,
@@ -236,8 +256,8 @@ struct MatmulTask<'a, T> {
 
 fn matmul_task<T: CpuFloat>(t: MatmulTask<'_, T>) {
     let n = t.n;
-    let a = MatRef::from_row_major_slice(t.a, n, n);
-    let b = MatRef::from_row_major_slice(t.b, n, n);
+    let a = MatRef::from_row_major_slice(&t.a, n, n);
+    let b = MatRef::from_row_major_slice(&t.b, n, n);
     let a = if t.trans_a { a.transpose() } else { a };
     let b = if t.trans_b { b.transpose() } else { b };
     let c = MatMut::from_row_major_slice_mut(t.c, n, n);
@@ -256,6 +276,7 @@ fn matmul_job<'a, T: CpuFloat>(
     const OP: &str = "matmul";
     check_select(OP, job.select, job.count)?;
     let nn = job.n * job.n;
+    job.precision.check(OP, T::DTYPE)?;
     let a = typed::<T>(job.a, OP)?;
     let b = typed::<T>(job.b, OP)?;
     let c = typed_mut::<T>(take_mut(&mut job.c), OP)?;
@@ -266,8 +287,8 @@ fn matmul_job<'a, T: CpuFloat>(
         tasks.push((
             (nn * job.n) as u64,
             MatmulTask {
-                a: &a[i * nn..(i + 1) * nn],
-                b: &b[i * nn..(i + 1) * nn],
+                a: operand(&a[i * nn..(i + 1) * nn], job.precision),
+                b: operand(&b[i * nn..(i + 1) * nn], job.precision),
                 c,
                 n: job.n,
                 trans_a: job.trans_a,

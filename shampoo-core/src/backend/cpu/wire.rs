@@ -29,6 +29,15 @@ pub(crate) const F64: Format = Format { mant: 52, exp: 11 };
 pub(crate) const BF16: Format = Format { mant: 7, exp: 8 };
 /// IEEE binary16.
 pub(crate) const F16: Format = Format { mant: 10, exp: 5 };
+/// TensorFloat-32 (float32's range, 10 mantissa bits).
+pub(crate) const TF32: Format = Format { mant: 10, exp: 8 };
+
+/// `x` rounded to `to`'s precision (to nearest, ties to even) and back: a
+/// float32 operand as a reduced-precision matrix unit reads it.
+pub(crate) fn round_f32(x: f32, to: Format) -> f32 {
+    let narrow = convert(u64::from(x.to_bits()), F32, to);
+    f32::from_bits(convert(narrow, to, F32) as u32)
+}
 
 impl WireFormat {
     pub(crate) fn format(self) -> Format {

@@ -24,7 +24,9 @@ use super::kernels::{Args, Kernel, grid_for};
 use super::libs::blas_ok;
 use super::{CudaBackend, at, plan, runs, same_dtype};
 use crate::backend::cpu::{check_len, check_select};
-use crate::backend::{GramJob, MatmulJob, ModeProductJob, ViewMutOps, ViewOps};
+use std::ffi::c_void;
+
+use crate::backend::{GramJob, MatmulJob, ModeProductJob, Precision, ViewMutOps, ViewOps};
 use crate::{DType, Error, Result};
 
 fn int(op: &'static str, x: usize) -> Result<i32> {
@@ -74,14 +76,69 @@ fn set_math(h: bsys::cublasHandle_t, dt: DType, tf32: bool) -> Result<()> {
     })
 }
 
+/// Where an operand's bf16 copy lives: `(base, elements, copy)`; an
+/// address `x` inside `base..` maps to `copy + (x - base) / size * 2`.
+type Copy16 = (u64, usize, u64);
+
+fn to_copy(x: u64, size: usize, copies: &[Copy16]) -> u64 {
+    for &(base, len, copy) in copies {
+        if x >= base && x < base + (len * size) as u64 {
+            return copy + (x - base) / size as u64 * 2;
+        }
+    }
+    x
+}
+
 impl CudaBackend {
-    /// Queues one batched GEMM (TF32 tensor cores allowed for float32 when
-    /// `tf32`).
-    fn gemm(&self, dt: DType, tf32: bool, g: &Gemm) -> Result<()> {
+    /// Queues one batched GEMM at `precision`: TF32 sets the tensor-core
+    /// math mode (float32 data); bf16 first rounds the operand `regions`
+    /// (`(address, elements)` of float32 data holding every A and B the
+    /// GEMM reads) into bf16 copies (one `pack16` launch each) and runs the
+    /// GEMM on them with float32 accumulation and output.
+    fn gemm(
+        &self,
+        dt: DType,
+        precision: Precision,
+        g: &Gemm,
+        regions: &[(u64, usize)],
+    ) -> Result<()> {
         const OP: &str = "gemm";
         if g.batch == 0 || g.m == 0 || g.n == 0 {
             return Ok(());
         }
+        precision.check(OP, dt)?;
+        let mut g = g.clone();
+        if precision == Precision::Bf16 {
+            let mut copies: Vec<Copy16> = Vec::new();
+            for (i, &(base, len)) in regions.iter().enumerate() {
+                if copies.iter().any(|c| c.0 == base && c.1 == len) {
+                    continue;
+                }
+                let copy = self.bf16_scratch(i, len)?;
+                self.launch(
+                    Kernel::Pack16,
+                    dt,
+                    grid_for(len),
+                    Args::new()
+                        .u(base)
+                        .u(copy)
+                        .u(len as u64)
+                        .u(len as u64)
+                        .u(super::kernels::kernel_defines::WIRE_BF16),
+                )?;
+                copies.push((base, len, copy));
+            }
+            let size = dt.size();
+            g.a.0 = to_copy(g.a.0, size, &copies);
+            g.b.0 = to_copy(g.b.0, size, &copies);
+            if let Some(arrays) = g.pointers.as_deref_mut() {
+                let [a, b, _] = arrays;
+                for x in a.iter_mut().chain(b.iter_mut()) {
+                    *x = to_copy(*x, size, &copies);
+                }
+            }
+        }
+        let g = &g;
         let flops = 2.0 * (g.m * g.n * g.k * g.batch) as f64;
         if let (super::Exec::Plan(r), Some(arrays)) = (&self.exec, g.pointers.as_deref()) {
             r.table(arrays.concat());
@@ -100,7 +157,7 @@ impl CudaBackend {
         }
         let libs = self.libs()?;
         let h = libs.blas;
-        set_math(h, dt, tf32)?;
+        set_math(h, dt, precision == Precision::Tf32)?;
         let (m, n, k) = (int(OP, g.m)?, int(OP, g.n)?, int(OP, g.k)?);
         let (lda, ldb, ldc) = (int(OP, g.a.1)?, int(OP, g.b.1)?, int(OP, g.c.1)?);
         let batch = int(OP, g.batch)?;
@@ -112,6 +169,71 @@ impl CudaBackend {
         // device memory of this context.
         let s = unsafe {
             match (dt, g.pointers.is_some()) {
+                (DType::F32, pointers) if precision == Precision::Bf16 => {
+                    let (al, be) = (g.alpha as f32, g.beta as f32);
+                    let (bf, f32t) = (
+                        bsys::cudaDataType::CUDA_R_16BF,
+                        bsys::cudaDataType::CUDA_R_32F,
+                    );
+                    let (compute, algo) = (
+                        bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    );
+                    let (alpha, beta) = (
+                        &al as *const f32 as *const c_void,
+                        &be as *const f32 as *const c_void,
+                    );
+                    if pointers {
+                        bsys::cublasGemmBatchedEx(
+                            h,
+                            ta,
+                            tb,
+                            m,
+                            n,
+                            k,
+                            alpha,
+                            g.a.0 as *const *const c_void,
+                            bf,
+                            lda,
+                            g.b.0 as *const *const c_void,
+                            bf,
+                            ldb,
+                            beta,
+                            g.c.0 as *const *mut c_void,
+                            f32t,
+                            ldc,
+                            batch,
+                            compute,
+                            algo,
+                        )
+                    } else {
+                        bsys::cublasGemmStridedBatchedEx(
+                            h,
+                            ta,
+                            tb,
+                            m,
+                            n,
+                            k,
+                            alpha,
+                            g.a.0 as *const c_void,
+                            bf,
+                            lda,
+                            sa,
+                            g.b.0 as *const c_void,
+                            bf,
+                            ldb,
+                            sb,
+                            beta,
+                            g.c.0 as *mut c_void,
+                            f32t,
+                            ldc,
+                            sc,
+                            batch,
+                            compute,
+                            algo,
+                        )
+                    }
+                }
                 (DType::F32, false) => {
                     let (al, be) = (g.alpha as f32, g.beta as f32);
                     bsys::cublasSgemmStridedBatched(
@@ -195,6 +317,15 @@ impl CudaBackend {
             }
         };
         blas_ok(OP, s)
+    }
+
+    /// Device scratch `i` (0 or 1) for `len` bf16 operand values (grown on
+    /// demand; a planner's is a fresh fake address).
+    fn bf16_scratch(&self, i: usize, len: usize) -> Result<u64> {
+        match &self.exec {
+            super::Exec::Plan(r) => Ok(r.alloc(2 * len)),
+            super::Exec::Device(_) => self.libs()?.bf16[i.min(1)].ensure(2 * len.max(1)),
+        }
     }
 
     /// Device scratch of at least `bytes` bytes for the statistics' mode
@@ -403,6 +534,7 @@ fn matmul_plan(
 pub(super) fn mode_gram(be: &CudaBackend, jobs: &mut [GramJob<'_, CudaBackend>]) -> Result<()> {
     const OP: &str = "mode_gram";
     for job in jobs.iter_mut() {
+        job.precision.check_statistics(OP)?;
         let (a, d, b) = split_dims(OP, job.dims, job.mode)?;
         check_select(OP, job.select, job.count)?;
         let numel = a * d * b;
@@ -439,7 +571,7 @@ pub(super) fn mode_gram(be: &CudaBackend, jobs: &mut [GramJob<'_, CudaBackend>])
                             .u(b as u64)
                             .u(batch as u64),
                     )?,
-                    Step::Gemm(g) => be.gemm(dt, job.tf32, &g)?,
+                    Step::Gemm(g) => be.gemm(dt, job.precision, &g, &[])?,
                 }
             }
             // The product is symmetric up to rounding, so the column-major
@@ -484,7 +616,12 @@ pub(super) fn mode_product(
             let mats = at(job.matrices.ptr, dt, s * d * d);
             let out = at(job.out.ptr, dt, s * numel);
             let g = product_plan((a, d, b), job.transpose, input, mats, out, dt.size(), l);
-            be.gemm(dt, job.tf32, &g)?;
+            be.gemm(
+                dt,
+                job.precision,
+                &g,
+                &[(input, l * numel), (mats, l * d * d)],
+            )?;
         }
     }
     Ok(())
@@ -512,7 +649,8 @@ pub(super) fn matmul(be: &CudaBackend, jobs: &mut [MatmulJob<'_, CudaBackend>]) 
                 at(job.c.ptr, dt, s * nn),
                 l,
             );
-            be.gemm(dt, job.tf32, &g)?;
+            let (a, b) = (at(job.a.ptr, dt, s * nn), at(job.b.ptr, dt, s * nn));
+            be.gemm(dt, job.precision, &g, &[(a, l * nn), (b, l * nn)])?;
         }
     }
     Ok(())
@@ -644,7 +782,7 @@ mod tests {
                         beta,
                         alpha: 0.25,
                         full: false,
-                        tf32: false,
+                        precision: Precision::F32,
                         select: None,
                     }])
                     .unwrap();
@@ -699,7 +837,7 @@ mod tests {
                         matrices: HostView::F64(&m),
                         transpose,
                         out: HostViewMut::F64(&mut want),
-                        tf32: false,
+                        precision: Precision::F32,
                         select: None,
                     }])
                     .unwrap();
@@ -716,6 +854,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bf16_copies_take_every_operand_address_to_its_place_in_the_copy() {
+        // A middle-mode product (pointer arrays) of 2 blocks (3, 4, 5),
+        // f32 input at 0x1000 and matrices at 0x9000, copies at 0x100000 and
+        // 0x200000.
+        let (a, d, b, count, size) = (3usize, 4usize, 5usize, 2usize, 4usize);
+        let numel = a * d * b;
+        let (input, mats) = (0x1000u64, 0x9000u64);
+        let copies = [
+            (input, count * numel, 0x10_0000u64),
+            (mats, count * d * d, 0x20_0000u64),
+        ];
+        let g = product_plan((a, d, b), false, input, mats, 0x5_0000, size, count);
+        let arrays = g.pointers.as_deref().unwrap();
+        for t in 0..count {
+            for i in 0..a {
+                let k = t * a + i;
+                let elem = t * numel + i * d * b;
+                assert_eq!(
+                    to_copy(arrays[0][k], size, &copies),
+                    0x10_0000 + 2 * elem as u64
+                );
+                assert_eq!(
+                    to_copy(arrays[1][k], size, &copies),
+                    0x20_0000 + 2 * (t * d * d) as u64
+                );
+                // Outputs stay float32, where they were.
+                assert_eq!(to_copy(arrays[2][k], size, &copies), arrays[2][k]);
+            }
+        }
+        // A strided product's operands map the same way.
+        let g = product_plan((a * d, b, 1), true, input, mats, 0x5_0000, size, count);
+        assert_eq!(to_copy(g.a.0, size, &copies), 0x20_0000);
+        assert_eq!(to_copy(g.b.0, size, &copies), 0x10_0000);
     }
 
     #[test]
@@ -740,7 +914,7 @@ mod tests {
                     trans_b: tb,
                     alpha: -0.75,
                     accumulate,
-                    tf32: false,
+                    precision: Precision::F32,
                     select: None,
                 }])
                 .unwrap();

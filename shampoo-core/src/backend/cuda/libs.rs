@@ -17,6 +17,8 @@ pub(super) struct Libs {
     pub(super) scratch: super::scratch::Scratch,
     /// Scratch of the statistics' mode moves, grown on demand.
     pub(super) moved: super::scratch::DeviceScratch,
+    /// bf16 copies of a GEMM's two operands, grown on demand.
+    pub(super) bf16: [super::scratch::DeviceScratch; 2],
 }
 
 // SAFETY: the handles are only used while the backend's mutex is held, so
@@ -50,6 +52,7 @@ impl Libs {
             params,
             scratch: super::scratch::Scratch::default(),
             moved: super::scratch::DeviceScratch::default(),
+            bf16: Default::default(),
         })
     }
 }
