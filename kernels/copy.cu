@@ -3,24 +3,28 @@
 // scaling, symmetrization, the damped root input and the coupled Newton
 // iteration's elementwise steps.
 
-// Offset in the parameter of element `i` (row-major within the block).
-__device__ __forceinline__ u64 block_offset(const Geometry& g, u64 i) {
+// Offset in the parameter of element `i` (row-major within the block). `I`
+// is the index type of the divisions: 32-bit whenever the block has fewer
+// than 2^32 elements (every dimension and sub-dimension is then below 2^32
+// too), which is much cheaper than 64-bit division on the GPU.
+template <typename I>
+__device__ __forceinline__ u64 block_offset(const Geometry& g, I i) {
     u64 off = g.base;
     u64 sub_end = 0;
     for (u64 k = 0; k < g.order; ++k) {
         sub_end += g.nsub[k];
     }
     for (int k = (int)g.order - 1; k >= 0; --k) {
-        u64 d = g.dims[k];
-        u64 local = i % d;
+        I d = (I)g.dims[k];
+        I local = i % d;
         i /= d;
         if (g.nsub[k] == 0) {
-            off += local * g.strides[k];
+            off += (u64)local * g.strides[k];
         } else {
-            u64 m = g.start[k] + local;
+            I m = (I)g.start[k] + local;
             for (u64 s = sub_end; s > sub_end - g.nsub[k]; --s) {
-                u64 size = g.sub_sizes[s - 1];
-                off += (m % size) * g.sub_strides[s - 1];
+                I size = (I)g.sub_sizes[s - 1];
+                off += (u64)(m % size) * g.sub_strides[s - 1];
                 m /= size;
             }
             sub_end -= g.nsub[k];
@@ -28,6 +32,9 @@ __device__ __forceinline__ u64 block_offset(const Geometry& g, u64 i) {
     }
     return off;
 }
+
+// Whether a block's indices fit the 32-bit path.
+__device__ __forceinline__ bool fits32(u64 numel) { return numel <= 0xffffffffull; }
 
 // One block's copy between its parameter and its packed place (the
 // backend's `move_words`): gather reads the parameter (plus coef * add),
@@ -53,8 +60,9 @@ __device__ void gather(const Move* moves, u64 count) {
         const T* src = (const T*)m.param;
         const T* add = (const T*)m.add;
         T c = (T)m.coef;
+        bool narrow = fits32(m.numel);
         GRID_LOOP(i, m.numel) {
-            u64 o = block_offset(m.g, i);
+            u64 o = narrow ? block_offset<unsigned>(m.g, (unsigned)i) : block_offset<u64>(m.g, i);
             T x = src[o];
             if (add != 0) {
                 x = x + c * add[o];
@@ -70,8 +78,9 @@ __device__ void scatter(const Move* moves, u64 count) {
         const Move& m = moves[r];
         T* dst = (T*)m.param;
         const T* src = (const T*)m.packed;
+        bool narrow = fits32(m.numel);
         GRID_LOOP(i, m.numel) {
-            u64 o = block_offset(m.g, i);
+            u64 o = narrow ? block_offset<unsigned>(m.g, (unsigned)i) : block_offset<u64>(m.g, i);
             if (m.accumulate) {
                 dst[o] += src[i];
             } else {

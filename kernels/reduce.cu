@@ -5,11 +5,17 @@
 // (shampoo-core/src/backend/cpu/kernels.rs, chunked_sum_squares): chunks of
 // 256 elements; within a chunk, sixteen lanes in T (lane = index % 16,
 // ascending); the lanes folded pairwise in double; the chunk sums added in
-// double, in chunk order. Each thread computes one chunk; thread 0 adds the
-// chunk sums of a round in order.
+// double, in chunk order. The split is fixed, so the result does not depend
+// on timing. LANE_THREADS consecutive threads share a chunk, each owning
+// LANES_PER_THREAD lanes (one with 256 threads), so a warp reads
+// consecutive elements and every lane accumulator is a register (the lane
+// loop is unrolled: no per-thread array indexed at run time).
 
 #define SUM_CHUNK 256
 #define SUM_LANES 16
+#define LANE_THREADS (REDUCE_THREADS < SUM_LANES ? REDUCE_THREADS : SUM_LANES)
+#define LANES_PER_THREAD (SUM_LANES / LANE_THREADS)
+#define CHUNKS_PER_ROUND (REDUCE_THREADS / LANE_THREADS)
 
 #define GRAFT_ADAGRAD 2
 #define GRAFT_EMA 3
@@ -29,39 +35,53 @@ __device__ __forceinline__ T grafted(u64 kind, T g, const T* v, u64 i, T bc, T e
 template <typename T>
 __device__ void sum_squares(const T* x, const T* v, u64 kind, double bc, double eps, T* out,
                             u64 numel, u64 count, u64 root) {
-    __shared__ double chunk_sums[REDUCE_THREADS];
+    __shared__ double lane_sums[CHUNKS_PER_ROUND * SUM_LANES];
+    __shared__ double chunk_sums[CHUNKS_PER_ROUND];
     T bcT = (T)bc, epsT = (T)eps;
     u64 chunks = (numel + SUM_CHUNK - 1) / SUM_CHUNK;
+    unsigned slot = threadIdx.x / LANE_THREADS, lane0 = threadIdx.x % LANE_THREADS;
     MATRIX_LOOP(b, count) {
         const T* xb = x + b * numel;
         const T* vb = v != 0 ? v + b * numel : 0;
         double total = 0.0;
-        for (u64 round = 0; round < chunks; round += REDUCE_THREADS) {
-            u64 c = round + threadIdx.x;
+        for (u64 round = 0; round < chunks; round += CHUNKS_PER_ROUND) {
+            u64 c = round + slot;
+            T acc[LANES_PER_THREAD];
+#pragma unroll
+            for (int j = 0; j < LANES_PER_THREAD; ++j) {
+                acc[j] = (T)0.0;
+            }
             if (c < chunks) {
-                T acc[SUM_LANES];
-                for (int l = 0; l < SUM_LANES; ++l) {
-                    acc[l] = (T)0.0;
+                u64 start = c * SUM_CHUNK;
+                u64 end = start + SUM_CHUNK < numel ? start + SUM_CHUNK : numel;
+                for (u64 i = start; i < end; i += SUM_LANES) {
+#pragma unroll
+                    for (int j = 0; j < LANES_PER_THREAD; ++j) {
+                        u64 e = i + lane0 + j * LANE_THREADS;
+                        if (e < end) {
+                            T q = grafted<T>(vb != 0 ? kind : 0, xb[e], vb, e, bcT, epsT);
+                            acc[j] += q * q;
+                        }
+                    }
                 }
-                u64 end = (c + 1) * SUM_CHUNK < numel ? (c + 1) * SUM_CHUNK : numel;
-                for (u64 i = c * SUM_CHUNK; i < end; ++i) {
-                    T q = grafted<T>(vb != 0 ? kind : 0, xb[i], vb, i, bcT, epsT);
-                    acc[(i - c * SUM_CHUNK) % SUM_LANES] += q * q;
-                }
-                double w[SUM_LANES];
-                for (int l = 0; l < SUM_LANES; ++l) {
-                    w[l] = (double)acc[l];
-                }
+            }
+#pragma unroll
+            for (int j = 0; j < LANES_PER_THREAD; ++j) {
+                lane_sums[slot * SUM_LANES + lane0 + j * LANE_THREADS] = (double)acc[j];
+            }
+            __syncthreads();
+            if (lane0 == 0 && c < chunks) {
+                double* w = lane_sums + slot * SUM_LANES;
                 for (int width = SUM_LANES / 2; width >= 1; width /= 2) {
                     for (int l = 0; l < width; ++l) {
                         w[l] += w[l + width];
                     }
                 }
-                chunk_sums[threadIdx.x] = w[0];
+                chunk_sums[slot] = w[0];
             }
             __syncthreads();
             if (threadIdx.x == 0) {
-                u64 valid = chunks - round < REDUCE_THREADS ? chunks - round : REDUCE_THREADS;
+                u64 valid = chunks - round < CHUNKS_PER_ROUND ? chunks - round : CHUNKS_PER_ROUND;
                 for (u64 k = 0; k < valid; ++k) {
                     total += chunk_sums[k];
                 }

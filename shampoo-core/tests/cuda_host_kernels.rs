@@ -872,7 +872,8 @@ fn reductions_with_a_block_of_threads_give_the_cpu_backends_bits() {
         return;
     };
     let cpu = CpuBackend::new(1).unwrap();
-    // Three 300 x 300 matrices: 352 chunks of 256, two rounds of the block.
+    // Three 300 x 300 matrices: 352 chunks of 256 (the last one partial),
+    // 22 rounds of the block's 16 chunks (16 threads each).
     let (n, count) = (300usize, 3usize);
     let nn = n * n;
     let mut x = values(30, count * nn);

@@ -235,3 +235,46 @@ fn every_toolkit_library_is_found_where_nvrtc_is() {
         }
     }
 }
+
+/// Each entry point's PTX: `(name, body)`.
+fn entries(ptx: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in ptx.lines() {
+        if let Some(rest) = line.trim().strip_prefix(".visible .entry ") {
+            out.push((
+                rest.split('(').next().unwrap().trim().to_string(),
+                String::new(),
+            ));
+        } else if let Some((_, body)) = out.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn no_kernel_keeps_arrays_in_local_memory_and_gathers_divide_in_32_bits() {
+    if !nvrtc_available() {
+        return;
+    }
+    let ptx = compile_all("sm_90").unwrap();
+    let mut seen = 0;
+    for (file, code) in ptx.iter() {
+        for (name, body) in entries(code) {
+            // Local memory: a per-thread array indexed at run time (or a
+            // spill), slow on every GPU.
+            assert!(!body.contains(".local"), "{file}: {name} uses local memory");
+            if name.starts_with("gather_") || name.starts_with("scatter_") {
+                // The block geometry is walked with 32-bit divisions (the
+                // 64-bit path is only for blocks of 2^32 elements or more).
+                assert!(
+                    body.contains("div.u32") || body.contains("rem.u32"),
+                    "{file}: {name} has no 32-bit division path"
+                );
+                seen += 1;
+            }
+        }
+    }
+    assert_eq!(seen, 4, "gather and scatter for f32 and f64");
+}
