@@ -226,8 +226,13 @@ if want selfcheck; then
 fi
 if want step; then
     for set in resnet50 gpt2_small; do
+        # What the step issues (counted, no GPU needed), then three configs
+        # side by side: eigh, batched Newton, batched Newton with TF32
+        # statistics and bf16 products (ratios to the first).
+        check "plan_$set" 60 "$BIN" plan --shapes "$set"
         check "step_cuda_$set" 1800 "$BIN" step --backend cuda --shapes "$set" \
-            --config benches/configs/gpu.json --json
+            --config benches/configs/gpu.json --config benches/configs/gpu_batched_newton.json \
+            --config benches/configs/gpu_batched_newton_bf16.json
         check "yardstick_$set" 1800 "$PY" benches/python/published_step.py \
             --device cuda --shapes "$set" --max-dim 1024 --json
     done

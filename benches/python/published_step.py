@@ -7,8 +7,11 @@ visited one at a time from Python; factor statistics with
 `torch.tensordot` as full products and `L.mul_(b2).add_(C, alpha=1 - b2)`;
 Adam grafting and the filtered gradient with `torch._foreach_*`;
 preconditioning with one `tensordot` per dimension; root inverses with
-`torch.linalg.eigh` per factor. Also times `torch.optim.Adam` (and its fused
-variant where available) on the same tensors.
+`torch.linalg.eigh` per factor. Also times, alone, the loop of
+`torch.linalg.eigh` over every factor and the loop of the published coupled
+inverse Newton iteration over every factor (`coupled_newton_loop_ms`,
+convergence read back every iteration), and `torch.optim.Adam` (and its
+fused variant where available) on the same tensors.
 
 It measures the cost of the published *pattern* with the same library the
 published implementation uses, on this machine; it is not the published
@@ -124,6 +127,24 @@ class PublishedStyleShampoo:
         torch._foreach_add_(params, pre, alpha=-self.lr)
 
 
+def coupled_newton_root(a, p, max_iterations=100, tolerance=1e-6):
+    """The published coupled inverse Newton iteration for A^(-1/p), one
+    matrix at a time, its convergence read back every iteration (as the
+    published implementation does)."""
+    n = a.shape[0]
+    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    z = (p + 1) / (2 * torch.linalg.matrix_norm(a))
+    x = z ** (1.0 / p) * eye
+    m = z * a
+    for _ in range(max_iterations):
+        if torch.max(torch.abs(m - eye)).item() <= tolerance:
+            break
+        mp = (1 + 1.0 / p) * eye - m / p
+        x = x @ mp
+        m = torch.linalg.matrix_power(mp, p) @ m
+    return x
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -190,10 +211,22 @@ def main():
         sync(args.device)
         eigh_only.append((time.perf_counter() - t0) * 1e3)
 
+    newton_only = []
+    for _ in range(max(3, args.steps // 2)):
+        mats = [(f / 0.5 + 1e-12 * torch.eye(f.shape[0], dtype=f.dtype, device=f.device), 2 * b["order"])
+                for b in opt.blocks for f in b["factors"]]
+        sync(args.device)
+        t0 = time.perf_counter()
+        for a, p in mats:
+            coupled_newton_root(a, p)
+        sync(args.device)
+        newton_only.append((time.perf_counter() - t0) * 1e3)
+
     res = {"set": args.shapes, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
            "torch": torch.__version__,
            "shampoo_ms": statistics.median(plain), "shampoo_root_inverse_ms": statistics.median(root),
-           "eigh_loop_ms": statistics.median(eigh_only)}
+           "eigh_loop_ms": statistics.median(eigh_only),
+           "coupled_newton_loop_ms": statistics.median(newton_only)}
     for name, kw in [("adam_ms", {}), ("adam_foreach_ms", {"foreach": True}), ("adam_fused_ms", {"fused": True})]:
         try:
             adam = torch.optim.Adam(params, lr=1e-3, **kw)
