@@ -33,6 +33,7 @@
 //! buffer and view types (for fault injection or tracing) may forward them
 //! by reinterpretation.
 
+mod checks;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
