@@ -589,7 +589,9 @@ pub struct ReduceJob<'a, B: Backend> {
 }
 
 /// The fused elementwise kernels. Per-block scalars live in views of
-/// `count` elements; the rest are `f64` job scalars.
+/// `count` elements; the rest are `f64` job scalars. Every backend checks a
+/// job with `Map::check` (in `checks.rs`: lengths, dtypes, selection and
+/// the views a job's options need) before it runs any job of a call.
 #[repr(C)]
 pub enum Map<'a, B: Backend> {
     /// `out = sym(lower(F)) / divisor + eps I`.
