@@ -33,6 +33,7 @@
 //! buffer and view types (for fault injection or tracing) may forward them
 //! by reinterpretation.
 
+mod checks;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -641,7 +642,9 @@ pub struct ReduceJob<'a, B: Backend> {
 }
 
 /// The fused elementwise kernels. Per-block scalars live in views of
-/// `count` elements; the rest are `f64` job scalars.
+/// `count` elements; the rest are `f64` job scalars. Every backend checks a
+/// job with `Map::check` (in `checks.rs`: lengths, dtypes, selection and
+/// the views a job's options need) before it runs any job of a call.
 #[repr(C)]
 pub enum Map<'a, B: Backend> {
     /// `out = sym(lower(F)) / divisor + eps I`.

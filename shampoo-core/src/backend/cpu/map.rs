@@ -6,9 +6,9 @@
 
 use super::kernels;
 use super::linalg::CpuFloat;
-use super::{CpuBackend, check_len, check_select, take_mut, typed, typed_mut};
+use super::{CpuBackend, take_mut};
 use crate::backend::{DirectionSource, EigenRule, GraftKernel, Map, MomentumKernel};
-use crate::{DType, Error, Float, HostView, Result};
+use crate::{DType, Float, HostView, HostViewMut, Result};
 
 /// One block's (or matrix's) share of a map.
 enum Task<'a, T> {
@@ -518,10 +518,11 @@ fn mask(select: Option<&[u32]>, count: usize) -> Vec<bool> {
     }
 }
 
-/// Chunks of a slice (`count` of them), `None` where not kept.
+/// Chunks of a slice (`count` of them), `None` where not kept (empty ones
+/// when `per` is 0).
 fn split<'a, T>(data: &'a mut [T], per: usize, keep: &[bool]) -> Vec<Option<&'a mut [T]>> {
     if per == 0 {
-        return keep.iter().map(|_| None).collect();
+        return keep.iter().map(|&k| k.then(<&mut [T]>::default)).collect();
     }
     data.chunks_mut(per)
         .zip(keep)
@@ -563,29 +564,19 @@ fn opt_split<'a, T>(
     }
 }
 
-const OP: &str = "map";
-
-fn tm<'a, T: Float>(
-    v: crate::HostViewMut<'a>,
-    what: &str,
-    count: usize,
-    per: usize,
-) -> Result<&'a mut [T]> {
-    let s = typed_mut::<T>(v, OP)?;
-    check_len(OP, what, s.len(), count, per)?;
-    Ok(s)
+/// The typed slice of a view the job's check has seen (its dtype is the
+/// job's, its length right).
+fn tm<T: Float>(v: HostViewMut<'_>) -> &mut [T] {
+    v.typed::<T>().expect("Map::check: the job's dtype")
 }
 
-fn tr<'a, T: Float>(v: HostView<'a>, what: &str, count: usize, per: usize) -> Result<&'a [T]> {
-    let s = typed::<T>(v, OP)?;
-    check_len(OP, what, s.len(), count, per)?;
-    Ok(s)
+/// The typed slice of a view the job's check has seen.
+fn tr<T: Float>(v: HostView<'_>) -> &[T] {
+    v.typed::<T>().expect("Map::check: the job's dtype")
 }
 
-fn map_job<'a, T: CpuFloat>(
-    job: &mut Map<'a, CpuBackend>,
-    tasks: &mut Vec<(u64, Task<'a, T>)>,
-) -> Result<()> {
+/// A checked job's tasks.
+fn map_job<'a, T: CpuFloat>(job: &mut Map<'a, CpuBackend>, tasks: &mut Vec<(u64, Task<'a, T>)>) {
     match job {
         Map::RootInput {
             factors,
@@ -597,9 +588,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (n, count) = (*n, *count);
-            check_select(OP, *select, count)?;
-            let f = tr::<T>(*factors, "factors", count, n * n)?;
-            let out = tm::<T>(take_mut(out), "out", count, n * n)?;
+            let f = tr::<T>(*factors);
+            let out = tm::<T>(take_mut(out));
             let (divisor, eps) = (T::from_f64(*divisor), T::from_f64(*eps));
             per_chunk(tasks, out, n * n, *select, count, |i, out| {
                 Task::RootInput {
@@ -621,8 +611,7 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (n, count) = (*n, *count);
-            check_select(OP, *select, count)?;
-            let values = tm::<T>(take_mut(values), "values", count, n)?;
+            let values = tm::<T>(take_mut(values));
             let e = if *half { *exponent / 2.0 } else { *exponent };
             let (rule, exponent) = (*rule, T::from_f64(e));
             per_chunk(tasks, values, n, *select, count, |_, values| {
@@ -641,9 +630,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (n, count) = (*n, *count);
-            check_select(OP, *select, count)?;
-            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
-            let d = tr::<T>(*d, "d", count, n)?;
+            let x = tm::<T>(take_mut(x));
+            let d = tr::<T>(*d);
             per_chunk(tasks, x, n * n, *select, count, |i, x| Task::ScaleRows {
                 x,
                 d: chunk(d, i, n),
@@ -657,8 +645,7 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (n, count) = (*n, *count);
-            check_select(OP, *select, count)?;
-            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
+            let x = tm::<T>(take_mut(x));
             per_chunk(tasks, x, n * n, *select, count, |_, x| Task::Symmetrize {
                 x,
                 n,
@@ -672,9 +659,7 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
-            check_len(OP, "src", src.len(), count, numel)?;
+            let dst = tm::<T>(take_mut(dst));
             let src = *src;
             per_chunk(tasks, dst, numel, *select, count, |i, dst| Task::Copy {
                 src: src.slice(i * numel, numel),
@@ -689,8 +674,7 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
+            let dst = tm::<T>(take_mut(dst));
             let value = T::from_f64(*value);
             per_chunk(tasks, dst, numel, *select, count, |_, dst| Task::Fill {
                 dst,
@@ -711,14 +695,10 @@ fn map_job<'a, T: CpuFloat>(
         } => {
             let (numerator, scale) = (T::from_f64(*numerator), T::from_f64(*scale));
             let (n, count) = (*n, *count);
-            check_select(OP, *select, count)?;
-            let a = tr::<T>(*a, "a", count, n * n)?;
-            let norms = typed::<T>(*norms, OP)?;
-            if norms.len() < count {
-                return Err(Error::backend(OP, "too few norms"));
-            }
-            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
-            let m = tm::<T>(take_mut(m), "m", count, n * n)?;
+            let a = tr::<T>(*a);
+            let norms = tr::<T>(*norms);
+            let x = tm::<T>(take_mut(x));
+            let m = tm::<T>(take_mut(m));
             let keep = mask(*select, count);
             let xs = split(x, n * n, &keep);
             let ms = split(m, n * n, &keep);
@@ -750,9 +730,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (n, count) = (*n, *count);
-            check_select(OP, *select, count)?;
-            let m = tr::<T>(*m, "m", count, n * n)?;
-            let out = tm::<T>(take_mut(out), "out", count, n * n)?;
+            let m = tr::<T>(*m);
+            let out = tm::<T>(take_mut(out));
             let (coef, diag) = (T::from_f64(*coef), T::from_f64(*diag));
             per_chunk(tasks, out, n * n, *select, count, |i, out| {
                 Task::NewtonCoefficient {
@@ -778,27 +757,17 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let g = tr::<T>(*g, "g", count, numel)?;
+            let g = tr::<T>(*g);
             let keep = mask(*select, count);
-            let vs = opt_split(
-                v.as_mut()
-                    .map(|v| tm::<T>(take_mut(v), "v", count, numel))
-                    .transpose()?,
-                numel,
-                &keep,
-            );
+            let vs = opt_split(v.as_mut().map(|v| tm::<T>(take_mut(v))), numel, &keep);
             let (m1s, gfs) = match filtered.as_mut() {
                 Some((m1, gf)) => (
-                    split(tm::<T>(take_mut(m1), "m1", count, numel)?, numel, &keep),
-                    split(tm::<T>(take_mut(gf), "gf", count, numel)?, numel, &keep),
+                    split(tm::<T>(take_mut(m1)), numel, &keep),
+                    split(tm::<T>(take_mut(gf)), numel, &keep),
                 ),
                 None => (vec![], vec![]),
             };
-            let norms = graft_sq_norms
-                .as_mut()
-                .map(|s| tm::<T>(take_mut(s), "graft_sq_norms", count, 1))
-                .transpose()?;
+            let norms = graft_sq_norms.as_mut().map(|s| tm::<T>(take_mut(s)));
             let mut norms: Vec<Option<&mut T>> = match norms {
                 Some(n) => n
                     .iter_mut()
@@ -816,9 +785,6 @@ fn map_job<'a, T: CpuFloat>(
                 };
                 if !keep[i] {
                     continue;
-                }
-                if filtered.is_some() && filt.is_none() {
-                    return Err(Error::backend(OP, "filtered-gradient buffers missing"));
                 }
                 tasks.push((
                     numel as u64,
@@ -851,46 +817,22 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let gf = tr::<T>(*gf, "gf", count, numel)?;
-            let v = v.map(|v| tr::<T>(v, "v", count, numel)).transpose()?;
-            let p_sh = p_sh.map(|p| tr::<T>(p, "p_sh", count, numel)).transpose()?;
-            let norms = sq_norms
-                .map(|s| tr::<T>(s, "sq_norms", 2, count))
-                .transpose()?;
-            let wd = weight_decay
-                .map(|(w, c)| {
-                    Ok::<_, Error>((tr::<T>(w, "weights", count, numel)?, T::from_f64(c)))
-                })
-                .transpose()?;
-            if *source == DirectionSource::Graft
-                && *graft != GraftKernel::Sgd
-                && *graft != GraftKernel::None
-                && v.is_none()
-            {
-                return Err(Error::backend(OP, "grafting accumulator missing"));
-            }
-            if *source != DirectionSource::Graft && p_sh.is_none() {
-                return Err(Error::backend(OP, "preconditioned gradient missing"));
-            }
-            if *source == DirectionSource::GraftedShampoo && norms.is_none() {
-                return Err(Error::backend(OP, "grafting norms missing"));
-            }
+            let gf = tr::<T>(*gf);
+            let v = v.map(tr::<T>);
+            let p_sh = p_sh.map(tr::<T>);
+            let norms = sq_norms.map(tr::<T>);
+            let wd = weight_decay.map(|(w, c)| (tr::<T>(w), T::from_f64(c)));
             let all = vec![true; count];
             let keep = mask(*select, count);
             let mut moms = match momentum.as_mut() {
-                Some((b, k)) => split(
-                    tm::<T>(take_mut(b), "momentum", count, numel)?,
-                    numel,
-                    &keep,
-                )
-                .into_iter()
-                .map(|b| b.map(|b| (b, *k)))
-                .collect(),
+                Some((b, k)) => split(tm::<T>(take_mut(b)), numel, &keep)
+                    .into_iter()
+                    .map(|b| b.map(|b| (b, *k)))
+                    .collect(),
                 None => Vec::new(),
             }
             .into_iter();
-            let outs = split(tm::<T>(take_mut(out), "out", count, numel)?, numel, &all);
+            let outs = split(tm::<T>(take_mut(out)), numel, &all);
             for (i, o) in outs.into_iter().enumerate() {
                 let o = o.expect("every chunk");
                 let mom = if momentum.is_some() {
@@ -943,9 +885,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let r = tr::<T>(*r, "r", count, numel)?;
-            let d = tm::<T>(take_mut(d), "d", count, numel)?;
+            let r = tr::<T>(*r);
+            let d = tm::<T>(take_mut(d));
             let (beta2, weight) = (*beta2, *weight);
             per_chunk(tasks, d, numel, *select, count, |i, d| {
                 Task::EigenvalueUpdate {
@@ -967,9 +908,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let d = tr::<T>(*d, "d", count, numel)?;
-            let r = tm::<T>(take_mut(r), "r", count, numel)?;
+            let d = tr::<T>(*d);
+            let r = tm::<T>(take_mut(r));
             let (bc2, eps, exponent) = (T::from_f64(*bc2), T::from_f64(*eps), *exponent);
             per_chunk(tasks, r, numel, *select, count, |i, r| {
                 Task::EigenvalueScale {
@@ -991,9 +931,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (n, count) = (*n, *count);
-            check_select(OP, *select, count)?;
-            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
-            let traces = tr::<T>(*traces, "traces", count, 1)?;
+            let x = tm::<T>(take_mut(x));
+            let traces = tr::<T>(*traces);
             let (eps, e) = (T::from_f64(*eps), T::from_f64(-*exponent));
             per_chunk(tasks, x, n * n, *select, count, |i, x| {
                 let t = traces[i];
@@ -1014,9 +953,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (n, count) = (*n, *count);
-            check_select(OP, *select, count)?;
-            let x = tm::<T>(take_mut(x), "x", count, n * n)?;
-            let values = tr::<T>(*values, "values", count, 1)?;
+            let x = tm::<T>(take_mut(x));
+            let values = tr::<T>(*values);
             let (rel, abs) = (T::from_f64(*rel), T::from_f64(*abs));
             per_chunk(tasks, x, n * n, *select, count, |i, x| {
                 let r = values[i] * rel;
@@ -1035,11 +973,10 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (n, count) = (*n, *count);
-            check_select(OP, *select, count)?;
-            let b = tr::<T>(*b, "b", count, n * n)?;
-            let vectors = tr::<T>(*vectors, "vectors", count, n * n)?;
-            let outs = tm::<T>(take_mut(out_vectors), "out_vectors", count, n * n)?;
-            let vals = tm::<T>(take_mut(values), "values", count, n)?;
+            let b = tr::<T>(*b);
+            let vectors = tr::<T>(*vectors);
+            let outs = tm::<T>(take_mut(out_vectors));
+            let vals = tm::<T>(take_mut(values));
             let keep = mask(*select, count);
             let outs = split(outs, n * n, &keep);
             let vals = split(vals, n, &keep);
@@ -1069,10 +1006,9 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let src = tr::<T>(*src, "src", count, numel)?;
-            let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
-            let norms = tr::<T>(*norms, "norms", count, 1)?;
+            let src = tr::<T>(*src);
+            let dst = tm::<T>(take_mut(dst));
+            let norms = tr::<T>(*norms);
             let floor = T::from_f64(*floor);
             per_chunk(tasks, dst, numel, *select, count, |i, dst| Task::Scaled {
                 src: Some(chunk(src, i, numel)),
@@ -1090,9 +1026,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let x = tm::<T>(take_mut(x), "x", count, numel)?;
-            let y = tr::<T>(*y, "y", count, numel)?;
+            let x = tm::<T>(take_mut(x));
+            let y = tr::<T>(*y);
             let (a, b) = (T::from_f64(*a), T::from_f64(*b));
             per_chunk(tasks, x, numel, *select, count, |i, x| Task::Axpby {
                 x,
@@ -1109,9 +1044,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let x = tm::<T>(take_mut(x), "x", count, numel)?;
-            let scales = tr::<T>(*scales, "scales", count, 1)?;
+            let x = tm::<T>(take_mut(x));
+            let scales = tr::<T>(*scales);
             per_chunk(tasks, x, numel, *select, count, |i, dst| Task::Scaled {
                 src: None,
                 dst,
@@ -1126,9 +1060,8 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let src = tr::<T>(*src, "src", count, numel)?;
-            let dst = tm::<T>(take_mut(dst), "dst", count, numel)?;
+            let src = tr::<T>(*src);
+            let dst = tm::<T>(take_mut(dst));
             per_chunk(tasks, dst, numel, *select, count, |i, dst| Task::Sign {
                 src: chunk(src, i, numel),
                 dst,
@@ -1146,10 +1079,9 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let us = tm::<T>(take_mut(u), "u", count, numel)?;
-            let zs = tm::<T>(take_mut(z), "z", count, numel)?;
-            let w = tr::<T>(*w, "w", count, numel)?;
+            let us = tm::<T>(take_mut(u));
+            let zs = tm::<T>(take_mut(z));
+            let w = tr::<T>(*w);
             let keep = mask(*select, count);
             let (c1, c2) = (T::from_f64(*c1), T::from_f64(*c2));
             let shrink = shrink.map(T::from_f64);
@@ -1181,10 +1113,9 @@ fn map_job<'a, T: CpuFloat>(
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(OP, *select, count)?;
-            let z = tr::<T>(*z, "z", count, numel)?;
-            let w = tr::<T>(*w, "w", count, numel)?;
-            let out = tm::<T>(take_mut(out), "out", count, numel)?;
+            let z = tr::<T>(*z);
+            let w = tr::<T>(*w);
+            let out = tm::<T>(take_mut(out));
             let coef = T::from_f64(*coef);
             per_chunk(tasks, out, numel, *select, count, |i, out| {
                 Task::Interpolate {
@@ -1196,38 +1127,19 @@ fn map_job<'a, T: CpuFloat>(
             });
         }
     }
-    Ok(())
-}
-
-/// The dtype a map job computes in (its output's).
-fn job_dtype(job: &Map<'_, CpuBackend>) -> DType {
-    match job {
-        Map::RootInput { out, .. } => out.dtype(),
-        Map::EigenPower { values, .. } => values.dtype(),
-        Map::ScaleRows { x, .. } | Map::Symmetrize { x, .. } => x.dtype(),
-        Map::Copy { dst, .. } | Map::Fill { dst, .. } => dst.dtype(),
-        Map::NewtonInit { x, .. } => x.dtype(),
-        Map::NewtonCoefficient { out, .. } => out.dtype(),
-        Map::GradientStatistics { g, .. } => g.dtype(),
-        Map::Direction { out, .. } => out.dtype(),
-        Map::EigenvalueUpdate { d, .. } => d.dtype(),
-        Map::EigenvalueScale { r, .. } => r.dtype(),
-        Map::TraceScale { x, .. } | Map::AddRidge { x, .. } => x.dtype(),
-        Map::Eigenpairs { values, .. } => values.dtype(),
-        Map::ScaleByNorm { dst, .. } | Map::Sign { dst, .. } => dst.dtype(),
-        Map::Axpby { x, .. } | Map::ScaleBlocks { x, .. } => x.dtype(),
-        Map::IterateAverage { u, .. } => u.dtype(),
-        Map::Interpolate { out, .. } => out.dtype(),
-    }
 }
 
 pub(super) fn map(be: &CpuBackend, jobs: &mut [Map<'_, CpuBackend>]) -> Result<()> {
+    // Every job is checked before any runs.
+    for job in jobs.iter() {
+        job.check()?;
+    }
     let mut t32 = Vec::new();
     let mut t64 = Vec::new();
     for job in jobs.iter_mut() {
-        match job_dtype(job) {
-            DType::F32 => map_job::<f32>(job, &mut t32)?,
-            DType::F64 => map_job::<f64>(job, &mut t64)?,
+        match job.dtype() {
+            DType::F32 => map_job::<f32>(job, &mut t32),
+            DType::F64 => map_job::<f64>(job, &mut t64),
         }
     }
     be.run(t32, run_task, t64, run_task);

@@ -135,33 +135,7 @@ pub(crate) fn typed_mut<'a, T: Float>(v: HostViewMut<'a>, op: &'static str) -> R
         .ok_or_else(|| Error::backend(op, format!("expected {} data, got {dt}", T::DTYPE)))
 }
 
-/// Checks that a view holds `count * per` elements.
-pub(crate) fn check_len(
-    op: &'static str,
-    what: &str,
-    len: usize,
-    count: usize,
-    per: usize,
-) -> Result<()> {
-    if len != count * per {
-        return Err(Error::backend(
-            op,
-            format!("{what} has {len} elements, expected {count} x {per}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks a selection's indices.
-pub(crate) fn check_select(op: &'static str, select: Option<&[u32]>, count: usize) -> Result<()> {
-    match select.and_then(|s| s.iter().find(|&&i| i as usize >= count)) {
-        Some(&bad) => Err(Error::backend(
-            op,
-            format!("selected index {bad} out of {count}"),
-        )),
-        None => Ok(()),
-    }
-}
+pub(crate) use crate::backend::checks::{check_len, check_select};
 
 /// Splits `data` into `count` chunks of `per` and keeps the selected ones,
 /// with their index.

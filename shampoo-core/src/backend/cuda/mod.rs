@@ -501,16 +501,7 @@ pub(crate) fn at(ptr: u64, dtype: DType, i: usize) -> u64 {
     ptr + (i * dtype.size()) as u64
 }
 
-/// Checks that every dtype equals the job's.
-pub(crate) fn same_dtype(op: &'static str, dt: DType, others: &[(&str, DType)]) -> Result<()> {
-    match others.iter().find(|(_, d)| *d != dt) {
-        Some((what, d)) => Err(Error::backend(
-            op,
-            format!("{what} is {d}, expected {dt} data"),
-        )),
-        None => Ok(()),
-    }
-}
+pub(crate) use crate::backend::checks::same_dtype;
 
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;

@@ -349,6 +349,7 @@ fn per_run(
     Ok(())
 }
 
+/// Launches a checked job.
 #[allow(clippy::too_many_lines)]
 fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
     match job {
@@ -362,10 +363,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (n, count, dt) = (*n, *count, out.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("factors", factors.dtype())])?;
-            check_len(MAP, "factors", factors.len(), count, n * n)?;
-            check_len(MAP, "out", out.len(), count, n * n)?;
             let (f, o, d, e) = (factors.ptr, out.ptr, *divisor, *eps);
             per_run(
                 be,
@@ -395,8 +392,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (n, count, dt) = (*n, *count, values.dtype());
-            check_select(MAP, *select, count)?;
-            check_len(MAP, "values", values.len(), count, n)?;
             let e = if *half { *exponent / 2.0 } else { *exponent };
             // (rule code, eps, atol, rtol; rtol < 0: n machine epsilons)
             let (code, eps, atol, rtol) = match *rule {
@@ -437,10 +432,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (n, count, dt) = (*n, *count, x.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("d", d.dtype())])?;
-            check_len(MAP, "x", x.len(), count, n * n)?;
-            check_len(MAP, "d", d.len(), count, n)?;
             let (xp, dp) = (x.ptr, d.ptr);
             per_run(
                 be,
@@ -465,8 +456,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (n, count, dt) = (*n, *count, x.dtype());
-            check_select(MAP, *select, count)?;
-            check_len(MAP, "x", x.len(), count, n * n)?;
             let xp = x.ptr;
             per_run(
                 be,
@@ -489,9 +478,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count) = (*numel, *count);
-            check_select(MAP, *select, count)?;
-            check_len(MAP, "dst", dst.len(), count, numel)?;
-            check_len(MAP, "src", src.len(), count, numel)?;
             let (sd, dd) = (src.dtype(), dst.dtype());
             let (kernel, kdt) = match (sd, dd) {
                 (DType::F32, DType::F64) => (Kernel::CastF32F64, dd),
@@ -519,8 +505,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, dst.dtype());
-            check_select(MAP, *select, count)?;
-            check_len(MAP, "dst", dst.len(), count, numel)?;
             let (dp, v) = (dst.ptr, *value);
             per_run(
                 be,
@@ -548,18 +532,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (n, count, dt) = (*n, *count, x.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(
-                MAP,
-                dt,
-                &[("a", a.dtype()), ("norms", norms.dtype()), ("m", m.dtype())],
-            )?;
-            check_len(MAP, "a", a.len(), count, n * n)?;
-            if norms.len() < count {
-                return Err(Error::backend(MAP, "too few norms"));
-            }
-            check_len(MAP, "x", x.len(), count, n * n)?;
-            check_len(MAP, "m", m.len(), count, n * n)?;
             let (ap, np, xp, mp) = (a.ptr, norms.ptr, x.ptr, m.ptr);
             let (num, sc, inv) = (*numerator, *scale, 1.0 / *p as f64);
             per_run(
@@ -594,10 +566,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (n, count, dt) = (*n, *count, out.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("m", m.dtype())])?;
-            check_len(MAP, "m", m.len(), count, n * n)?;
-            check_len(MAP, "out", out.len(), count, n * n)?;
             let (alpha, diag) = (*coef, *diag);
             let (mp, op) = (m.ptr, out.ptr);
             per_run(
@@ -633,24 +601,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
         } => {
             let (numel, count, dt) = (*numel, *count, g.dtype());
             let (b3, lion) = (*beta3, u64::from(*beta3 != *beta1));
-            check_select(MAP, *select, count)?;
-            check_len(MAP, "g", g.len(), count, numel)?;
-            let mut dts = Vec::new();
-            if let Some(v) = v.as_ref() {
-                check_len(MAP, "v", v.len(), count, numel)?;
-                dts.push(("v", v.dtype()));
-            }
-            if let Some((m1, gf)) = filtered.as_ref() {
-                check_len(MAP, "m1", m1.len(), count, numel)?;
-                check_len(MAP, "gf", gf.len(), count, numel)?;
-                dts.push(("m1", m1.dtype()));
-                dts.push(("gf", gf.dtype()));
-            }
-            if let Some(s) = graft_sq_norms.as_ref() {
-                check_len(MAP, "graft_sq_norms", s.len(), count, 1)?;
-                dts.push(("graft_sq_norms", s.dtype()));
-            }
-            same_dtype(MAP, dt, &dts)?;
             let (kind, beta2, weight, eps, bc) = graft_code(*graft);
             let vp = v.as_ref().map_or(0, |v| v.ptr);
             let (m1p, gfp) = filtered.as_ref().map_or((0, 0), |(m, f)| (m.ptr, f.ptr));
@@ -725,44 +675,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, out.dtype());
-            check_select(MAP, *select, count)?;
-            check_len(MAP, "gf", gf.len(), count, numel)?;
-            check_len(MAP, "out", out.len(), count, numel)?;
-            let mut dts = vec![("gf", gf.dtype())];
-            if let Some(v) = v {
-                check_len(MAP, "v", v.len(), count, numel)?;
-                dts.push(("v", v.dtype()));
-            }
-            if let Some(p) = p_sh {
-                check_len(MAP, "p_sh", p.len(), count, numel)?;
-                dts.push(("p_sh", p.dtype()));
-            }
-            if let Some(s) = sq_norms {
-                check_len(MAP, "sq_norms", s.len(), 2, count)?;
-                dts.push(("sq_norms", s.dtype()));
-            }
-            if let Some((w, _)) = weight_decay {
-                check_len(MAP, "weights", w.len(), count, numel)?;
-                dts.push(("weights", w.dtype()));
-            }
-            if let Some((b, _)) = momentum.as_ref() {
-                check_len(MAP, "momentum", b.len(), count, numel)?;
-                dts.push(("momentum", b.dtype()));
-            }
-            same_dtype(MAP, dt, &dts)?;
-            if *source == DirectionSource::Graft
-                && *graft != GraftKernel::Sgd
-                && *graft != GraftKernel::None
-                && v.is_none()
-            {
-                return Err(Error::backend(MAP, "grafting accumulator missing"));
-            }
-            if *source != DirectionSource::Graft && p_sh.is_none() {
-                return Err(Error::backend(MAP, "preconditioned gradient missing"));
-            }
-            if *source == DirectionSource::GraftedShampoo && sq_norms.is_none() {
-                return Err(Error::backend(MAP, "grafting norms missing"));
-            }
             let src_code = match source {
                 DirectionSource::Graft => defs::SOURCE_GRAFT,
                 DirectionSource::GraftedShampoo => defs::SOURCE_GRAFTED_SHAMPOO,
@@ -833,10 +745,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, d.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("r", r.dtype())])?;
-            check_len(MAP, "r", r.len(), count, numel)?;
-            check_len(MAP, "d", d.len(), count, numel)?;
             let (rp, dp, b2, w) = (r.ptr, d.ptr, *beta2, *weight);
             per_run(
                 be,
@@ -866,10 +774,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, r.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("d", d.dtype())])?;
-            check_len(MAP, "d", d.len(), count, numel)?;
-            check_len(MAP, "r", r.len(), count, numel)?;
             let (rp, dp, b, e, x) = (r.ptr, d.ptr, *bc2, *eps, *exponent);
             per_run(
                 be,
@@ -899,10 +803,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (n, count, dt) = (*n, *count, x.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("traces", traces.dtype())])?;
-            check_len(MAP, "x", x.len(), count, n * n)?;
-            check_len(MAP, "traces", traces.len(), count, 1)?;
             let (xp, tp, e, p) = (x.ptr, traces.ptr, *eps, *exponent);
             per_run(
                 be,
@@ -932,10 +832,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (n, count, dt) = (*n, *count, x.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("values", values.dtype())])?;
-            check_len(MAP, "x", x.len(), count, n * n)?;
-            check_len(MAP, "values", values.len(), count, 1)?;
             let (xp, vp, r, ab) = (x.ptr, values.ptr, *rel, *abs);
             per_run(
                 be,
@@ -969,11 +865,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, dst.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("src", src.dtype()), ("norms", norms.dtype())])?;
-            check_len(MAP, "src", src.len(), count, numel)?;
-            check_len(MAP, "dst", dst.len(), count, numel)?;
-            check_len(MAP, "norms", norms.len(), count, 1)?;
             let (sp, dp, np, f) = (src.ptr, dst.ptr, norms.ptr, *floor);
             per_run(
                 be,
@@ -1002,10 +893,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, x.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("scales", scales.dtype())])?;
-            check_len(MAP, "x", x.len(), count, numel)?;
-            check_len(MAP, "scales", scales.len(), count, 1)?;
             let (xp, sp) = (x.ptr, scales.ptr);
             per_run(
                 be,
@@ -1036,10 +923,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, x.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("y", y.dtype())])?;
-            check_len(MAP, "x", x.len(), count, numel)?;
-            check_len(MAP, "y", y.len(), count, numel)?;
             let (xp, yp, ca, cb) = (x.ptr, y.ptr, *a, *b);
             per_run(
                 be,
@@ -1066,10 +949,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, dst.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("src", src.dtype())])?;
-            check_len(MAP, "src", src.len(), count, numel)?;
-            check_len(MAP, "dst", dst.len(), count, numel)?;
             let (sp, dp) = (src.ptr, dst.ptr);
             per_run(
                 be,
@@ -1098,11 +977,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, u.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("z", z.dtype()), ("w", w.dtype())])?;
-            check_len(MAP, "u", u.len(), count, numel)?;
-            check_len(MAP, "z", z.len(), count, numel)?;
-            check_len(MAP, "w", w.len(), count, numel)?;
             let (up, zp, wp, k1, k2) = (u.ptr, z.ptr, w.ptr, *c1, *c2);
             let (sh, has) = (shrink.unwrap_or(1.0), u64::from(shrink.is_some()));
             per_run(
@@ -1135,11 +1009,6 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             select,
         } => {
             let (numel, count, dt) = (*numel, *count, out.dtype());
-            check_select(MAP, *select, count)?;
-            same_dtype(MAP, dt, &[("z", z.dtype()), ("w", w.dtype())])?;
-            check_len(MAP, "z", z.len(), count, numel)?;
-            check_len(MAP, "w", w.len(), count, numel)?;
-            check_len(MAP, "out", out.len(), count, numel)?;
             let (zp, wp, op, c) = (z.ptr, w.ptr, out.ptr, *coef);
             per_run(
                 be,
@@ -1162,6 +1031,10 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
 }
 
 pub(super) fn map(be: &CudaBackend, jobs: &mut [Map<'_, CudaBackend>]) -> Result<()> {
+    // Every job is checked before any is launched.
+    for job in jobs.iter() {
+        job.check()?;
+    }
     for job in jobs.iter_mut() {
         map_job(be, job)?;
     }
