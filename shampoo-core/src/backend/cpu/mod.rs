@@ -135,7 +135,7 @@ pub(crate) fn typed_mut<'a, T: Float>(v: HostViewMut<'a>, op: &'static str) -> R
         .ok_or_else(|| Error::backend(op, format!("expected {} data, got {dt}", T::DTYPE)))
 }
 
-pub(crate) use crate::backend::checks::{check_len, check_select};
+use crate::backend::checks::{check_len, check_select};
 
 /// Splits `data` into `count` chunks of `per` and keeps the selected ones,
 /// with their index.

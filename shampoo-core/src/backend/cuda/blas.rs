@@ -22,8 +22,9 @@ use cudarc::cublas::sys as bsys;
 
 use super::kernels::{Args, Kernel, grid_for};
 use super::libs::blas_ok;
-use super::{CudaBackend, at, plan, runs, same_dtype};
-use crate::backend::cpu::{check_len, check_select};
+use super::{CudaBackend, at, plan, runs};
+use crate::backend::checks::same_dtype;
+use crate::backend::checks::{check_len, check_select};
 use std::ffi::c_void;
 
 use crate::backend::{GramJob, MatmulJob, ModeProductJob, Precision, ViewMutOps, ViewOps};

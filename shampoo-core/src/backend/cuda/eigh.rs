@@ -31,7 +31,7 @@ use super::kernels::{Args, Kernel, grid_for, grid_matrices};
 use super::libs::solver_ok;
 use super::scratch::Scratch;
 use super::{CudaBackend, at, plan, runs};
-use crate::backend::cpu::{check_len, check_select};
+use crate::backend::checks::{check_len, check_select};
 use crate::backend::{EighJob, EighStatus, ViewMutOps};
 use crate::{DType, Error, Result};
 
@@ -267,7 +267,7 @@ pub(super) fn eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> R
         }
         check_select(OP, job.select, count)?;
         let dt = job.a.dtype();
-        super::same_dtype(OP, dt, &[("values", job.values.dtype())])?;
+        crate::backend::checks::same_dtype(OP, dt, &[("values", job.values.dtype())])?;
         check_len(OP, "matrices", job.a.len(), count, n * n)?;
         check_len(OP, "values", job.values.len(), count, n)?;
         check_len(OP, "status", job.status.len(), count, 1)?;

@@ -501,8 +501,6 @@ pub(crate) fn at(ptr: u64, dtype: DType, i: usize) -> u64 {
     ptr + (i * dtype.size()) as u64
 }
 
-pub(crate) use crate::backend::checks::same_dtype;
-
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
     type View<'a> = CudaView<'a>;

@@ -2,8 +2,9 @@
 //! the host, one kernel launch per run of selected blocks.
 
 use super::kernels::{Args, Kernel, grid_for, grid_matrices, kernel_defines as defs};
-use super::{CudaBackend, CudaView, at, complement, runs, same_dtype};
-use crate::backend::cpu::{check_len, check_select};
+use super::{CudaBackend, CudaView, at, complement, runs};
+use crate::backend::checks::same_dtype;
+use crate::backend::checks::{check_len, check_select};
 use crate::backend::{
     DirectionSource, EigenRule, GatherJob, GraftKernel, Map, ReduceJob, Reduction, ScatterJob,
     TableEntry, ViewMutOps, ViewOps, check_table,
