@@ -178,7 +178,43 @@ __device__ void interpolate(const T* z, const T* w, T* out, double coef, u64 n) 
     GRID_LOOP(i, n) { out[i] = (z[i] - w[i]) * c; }
 }
 
+// Several jobs in one launch: row j of `t` holds job j's addresses and
+// sizes (the backend's `Batch`, in the order of the single kernel's
+// arguments); the scalars are the same for every job.
+template <typename T>
+__device__ void gradient_statistics_jobs(const u64* t, u64 jobs, u64 kind, double beta2,
+                                         double c2, double beta1, double c1, double beta3,
+                                         double c3, u64 lion, double bc1) {
+    for (u64 j = 0; j < jobs; ++j) {
+        const u64* r = t + 5 * j;
+        gradient_statistics<T>((const T*)r[0], (T*)r[1], kind, beta2, c2, (T*)r[2], (T*)r[3],
+                               beta1, c1, beta3, c3, lion, bc1, r[4]);
+    }
+}
+
+template <typename T>
+__device__ void direction_jobs(const u64* t, u64 jobs, u64 source, u64 kind, double bc,
+                               double eps, double wd, double mu, double keep, u64 nesterov,
+                               double neg_lr) {
+    for (u64 j = 0; j < jobs; ++j) {
+        const u64* r = t + 11 * j;
+        direction<T>(source, (const T*)r[0], (const T*)r[1], kind, bc, eps, (const T*)r[2],
+                     (const T*)r[3], r[4], r[5], (const T*)r[6], wd, (T*)r[7], mu, keep, nesterov,
+                     neg_lr, (T*)r[8], r[9], r[10]);
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                         \
+    extern "C" __global__ void gradient_statistics_jobs_##S(                                      \
+        const u64* t, u64 jobs, u64 kind, double beta2, double c2, double beta1, double c1,       \
+        double beta3, double c3, u64 lion, double bc1) {                                          \
+        gradient_statistics_jobs<T>(t, jobs, kind, beta2, c2, beta1, c1, beta3, c3, lion, bc1);   \
+    }                                                                                             \
+    extern "C" __global__ void direction_jobs_##S(const u64* t, u64 jobs, u64 source, u64 kind,   \
+                                                  double bc, double eps, double wd, double mu,    \
+                                                  double keep, u64 nesterov, double neg_lr) {     \
+        direction_jobs<T>(t, jobs, source, kind, bc, eps, wd, mu, keep, nesterov, neg_lr);        \
+    }                                                                                             \
     extern "C" __global__ void gradient_statistics_##S(                                           \
         const T* g, T* v, u64 kind, double beta2, double c2, T* m1, T* gf, double beta1,          \
         double c1, double beta3, double c3, u64 lion, double bc1, u64 n) {                        \

@@ -256,11 +256,27 @@ __device__ void matrix_stat(const T* x, T* out, u64 kind, u64 n, u64 count) {
     }
 }
 
+// sum_squares for several jobs in one launch: row j of `t` holds job j's
+// x, v, out, numel and count (the backend's `Batch`); the other arguments
+// are the same for every job.
+template <typename T>
+__device__ void sum_squares_jobs(const u64* t, u64 jobs, u64 kind, double bc, double eps,
+                                 u64 root) {
+    for (u64 j = 0; j < jobs; ++j) {
+        const u64* r = t + 5 * j;
+        sum_squares<T>((const T*)r[0], (const T*)r[1], kind, bc, eps, (T*)r[2], r[3], r[4], root);
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                         \
     extern "C" __global__ void sum_squares_##S(const T* x, const T* v, u64 kind, double bc,       \
                                                double eps, T* out, u64 numel, u64 count,          \
                                                u64 root) {                                        \
         sum_squares<T>(x, v, kind, bc, eps, out, numel, count, root);                             \
+    }                                                                                             \
+    extern "C" __global__ void sum_squares_jobs_##S(const u64* t, u64 jobs, u64 kind, double bc,  \
+                                                    double eps, u64 root) {                       \
+        sum_squares_jobs<T>(t, jobs, kind, bc, eps, root);                                        \
     }                                                                                             \
     extern "C" __global__ void max_abs_dev_identity_##S(const T* x, T* out, u64 n, u64 count) {   \
         max_abs_dev_identity<T>(x, out, n, count);                                                \

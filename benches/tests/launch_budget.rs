@@ -45,6 +45,13 @@ fn a_steady_step_issues_at_most_eight_launches_per_shape_group() {
         assert_eq!(calls(s, "kernel gather"), 1, "{set}");
         assert_eq!(calls(s, "kernel scatter"), 1, "{set}");
         assert_eq!(calls(s, "copy host to device"), 0, "{set}");
+        // The elementwise work of all groups: one launch per kernel.
+        for k in ["kernel gradient_statistics_jobs", "kernel direction_jobs"] {
+            assert_eq!(calls(s, k), 1, "{set}: {k}");
+        }
+        assert_eq!(calls(s, "kernel sum_squares_jobs"), 2, "{set}");
+        let gemms_and_moves = calls(s, "cublas gemm (batched)") + calls(s, "kernel swap_axes");
+        assert_eq!(s.launches, gemms_and_moves + 6, "{set}");
         assert_eq!(s.host_waits, 0, "{set}: the steady step waits for the host");
         assert!(s.gemm_flops > 0.0);
     }

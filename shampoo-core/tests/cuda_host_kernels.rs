@@ -1337,3 +1337,197 @@ fn wire_packing_gives_the_cpu_jobs_bits() {
         assert_eq!(want_bits, gback, "unpack16_f32 {format:?}");
     }
 }
+
+/// The `_jobs` variants (one launch for the jobs of several groups, each
+/// job's addresses and sizes a row of a table) give exactly the bits of
+/// their single-job kernels run once per job.
+#[test]
+fn batched_job_kernels_equal_their_single_job_kernels() {
+    let Some((_, lib, _)) = host_kernels() else {
+        return;
+    };
+    // Two jobs of different shapes: 3 blocks of 70 and 2 blocks of 300.
+    let jobs = [(70usize, 3usize), (300, 2)];
+    let inputs = |seed: u64| -> Vec<Vec<f64>> {
+        jobs.iter()
+            .enumerate()
+            .map(|(j, &(n, c))| values(seed + j as u64, n * c))
+            .collect()
+    };
+    let g = inputs(40);
+    let gs = kernel!(
+        lib,
+        "gradient_statistics_f64",
+        fn(C, P, u64, f64, f64, P, P, f64, f64, f64, f64, u64, f64, u64)
+    );
+    let gs_jobs = kernel!(
+        lib,
+        "gradient_statistics_jobs_f64",
+        fn(*const u64, u64, u64, f64, f64, f64, f64, f64, f64, u64, f64)
+    );
+    let (mut v1, mut m1, mut f1) = (inputs(50), inputs(60), inputs(70));
+    let (mut v2, mut m2, mut f2) = (v1.clone(), m1.clone(), f1.clone());
+    for j in 0..jobs.len() {
+        // SAFETY: every buffer of job j holds its n x c elements.
+        unsafe {
+            gs(
+                g[j].as_ptr(),
+                v1[j].as_mut_ptr(),
+                3,
+                0.99,
+                0.01,
+                m1[j].as_mut_ptr(),
+                f1[j].as_mut_ptr(),
+                0.9,
+                0.1,
+                0.8,
+                0.2,
+                1,
+                0.5,
+                g[j].len() as u64,
+            )
+        };
+    }
+    let rows: Vec<u64> = (0..jobs.len())
+        .flat_map(|j| {
+            [
+                g[j].as_ptr() as u64,
+                v2[j].as_mut_ptr() as u64,
+                m2[j].as_mut_ptr() as u64,
+                f2[j].as_mut_ptr() as u64,
+                g[j].len() as u64,
+            ]
+        })
+        .collect();
+    // SAFETY: the rows point at the buffers above.
+    unsafe { gs_jobs(rows.as_ptr(), 2, 3, 0.99, 0.01, 0.9, 0.1, 0.8, 0.2, 1, 0.5) };
+    for j in 0..jobs.len() {
+        assert_eq!(bits(&v1[j]), bits(&v2[j]), "v of job {j}");
+        assert_eq!(bits(&m1[j]), bits(&m2[j]), "m1 of job {j}");
+        assert_eq!(bits(&f1[j]), bits(&f2[j]), "gf of job {j}");
+    }
+
+    let ss = kernel!(
+        lib,
+        "sum_squares_f64",
+        fn(C, C, u64, f64, f64, P, u64, u64, u64)
+    );
+    let ss_jobs = kernel!(
+        lib,
+        "sum_squares_jobs_f64",
+        fn(*const u64, u64, u64, f64, f64, u64)
+    );
+    let mut n1: Vec<Vec<f64>> = jobs.iter().map(|&(_, c)| vec![0.0; c]).collect();
+    let mut n2 = n1.clone();
+    for (j, &(n, c)) in jobs.iter().enumerate() {
+        // SAFETY: as above; c norms.
+        unsafe {
+            ss(
+                f1[j].as_ptr(),
+                v1[j].as_ptr(),
+                3,
+                0.3,
+                1e-8,
+                n1[j].as_mut_ptr(),
+                n as u64,
+                c as u64,
+                1,
+            )
+        };
+    }
+    let rows: Vec<u64> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, &(n, c))| {
+            [
+                f1[j].as_ptr() as u64,
+                v1[j].as_ptr() as u64,
+                n2[j].as_mut_ptr() as u64,
+                n as u64,
+                c as u64,
+            ]
+        })
+        .collect();
+    // SAFETY: as above.
+    unsafe { ss_jobs(rows.as_ptr(), 2, 3, 0.3, 1e-8, 1) };
+    for j in 0..jobs.len() {
+        assert_eq!(bits(&n1[j]), bits(&n2[j]), "norms of job {j}");
+    }
+
+    let dir = kernel!(
+        lib,
+        "direction_f64",
+        fn(u64, C, C, u64, f64, f64, C, C, u64, u64, C, f64, P, f64, f64, u64, f64, P, u64, u64)
+    );
+    let dir_jobs = kernel!(
+        lib,
+        "direction_jobs_f64",
+        fn(*const u64, u64, u64, u64, f64, f64, f64, f64, f64, u64, f64)
+    );
+    let p_sh = inputs(80);
+    let sq: Vec<Vec<f64>> = jobs
+        .iter()
+        .enumerate()
+        .map(|(j, &(_, c))| {
+            values(90 + j as u64, 2 * c)
+                .iter()
+                .map(|x| x.abs() + 0.1)
+                .collect()
+        })
+        .collect();
+    let w = inputs(100);
+    let (mut b1, mut o1) = (inputs(110), inputs(120));
+    let (mut b2, mut o2) = (b1.clone(), o1.clone());
+    for (j, &(n, c)) in jobs.iter().enumerate() {
+        // SAFETY: as above; 2 x c norms.
+        unsafe {
+            dir(
+                1,
+                f1[j].as_ptr(),
+                v1[j].as_ptr(),
+                3,
+                0.3,
+                1e-8,
+                p_sh[j].as_ptr(),
+                sq[j].as_ptr(),
+                0,
+                c as u64,
+                w[j].as_ptr(),
+                0.01,
+                b1[j].as_mut_ptr(),
+                0.9,
+                0.9,
+                1,
+                -0.05,
+                o1[j].as_mut_ptr(),
+                n as u64,
+                c as u64,
+            )
+        };
+    }
+    let rows: Vec<u64> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, &(n, c))| {
+            [
+                f1[j].as_ptr() as u64,
+                v1[j].as_ptr() as u64,
+                p_sh[j].as_ptr() as u64,
+                sq[j].as_ptr() as u64,
+                0,
+                c as u64,
+                w[j].as_ptr() as u64,
+                b2[j].as_mut_ptr() as u64,
+                o2[j].as_mut_ptr() as u64,
+                n as u64,
+                c as u64,
+            ]
+        })
+        .collect();
+    // SAFETY: as above.
+    unsafe { dir_jobs(rows.as_ptr(), 2, 1, 3, 0.3, 1e-8, 0.01, 0.9, 0.9, 1, -0.05) };
+    for j in 0..jobs.len() {
+        assert_eq!(bits(&b1[j]), bits(&b2[j]), "momentum of job {j}");
+        assert_eq!(bits(&o1[j]), bits(&o2[j]), "direction of job {j}");
+    }
+}

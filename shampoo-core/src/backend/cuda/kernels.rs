@@ -196,54 +196,71 @@ impl Drop for Loaded {
     }
 }
 
-/// Kernel arguments, each in an 8-byte aligned slot (structs take several),
-/// so that a launch needs no heap allocation.
+/// Kernel arguments, one 8-byte word each, so that a launch needs no heap
+/// allocation. Each word is marked as the job's own (an address, a size:
+/// [`Args::u`]) or as a scalar that several jobs may share ([`Args::c`],
+/// [`Args::f`]), which is what lets a batch of launches of one kernel
+/// become one launch of its `_jobs` variant (`ops.rs`).
+#[derive(Clone, Copy)]
 pub(super) struct Args {
-    slots: [u64; 96],
-    starts: [usize; 32],
-    used: usize,
+    words: [u64; 32],
+    shared: [bool; 32],
     count: usize,
 }
 
 impl Args {
     pub(super) fn new() -> Self {
         Args {
-            slots: [0; 96],
-            starts: [0; 32],
-            used: 0,
+            words: [0; 32],
+            shared: [false; 32],
             count: 0,
         }
     }
 
-    fn push_words(&mut self, words: &[u64]) -> &mut Self {
-        assert!(
-            self.count < 32 && self.used + words.len() <= 96,
-            "too many kernel arguments"
-        );
-        self.starts[self.count] = self.used;
-        self.slots[self.used..self.used + words.len()].copy_from_slice(words);
-        self.used += words.len();
+    fn push(&mut self, word: u64, shared: bool) -> &mut Self {
+        assert!(self.count < 32, "too many kernel arguments");
+        self.words[self.count] = word;
+        self.shared[self.count] = shared;
         self.count += 1;
         self
     }
 
-    /// A 64-bit integer (or a device address).
+    /// The job's own 64-bit integer: a device address or a size.
     pub(super) fn u(&mut self, v: u64) -> &mut Self {
-        self.push_words(&[v])
+        self.push(v, false)
     }
 
-    /// A double.
+    /// A 64-bit integer that is a setting (a kind, a flag), not the job's.
+    pub(super) fn c(&mut self, v: u64) -> &mut Self {
+        self.push(v, true)
+    }
+
+    /// A double (a setting).
     pub(super) fn f(&mut self, v: f64) -> &mut Self {
-        self.push_words(&[v.to_bits()])
+        self.push(v.to_bits(), true)
+    }
+
+    /// The job's own words, in order.
+    pub(super) fn own(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.count)
+            .filter(|&i| !self.shared[i])
+            .map(|i| self.words[i])
+    }
+
+    /// The shared words, in order.
+    pub(super) fn settings(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.count)
+            .filter(|&i| self.shared[i])
+            .map(|i| self.words[i])
     }
 
     /// Pointers to the arguments, for `cuLaunchKernel`.
     fn params(&mut self) -> [*mut c_void; 32] {
         let mut p = [std::ptr::null_mut(); 32];
-        let base = self.slots.as_mut_ptr();
+        let base = self.words.as_mut_ptr();
         for (i, p) in p.iter_mut().enumerate().take(self.count) {
-            // SAFETY: every start is below `used` <= 96, inside `slots`.
-            *p = unsafe { base.add(self.starts[i]) } as *mut c_void;
+            // SAFETY: i < count <= 32, inside `words`.
+            *p = unsafe { base.add(i) } as *mut c_void;
         }
         p
     }

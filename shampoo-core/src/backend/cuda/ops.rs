@@ -322,11 +322,114 @@ fn not_yet(op: &'static str, what: &str) -> Error {
     )
 }
 
+/// A launch a map or reduction job asks for, issued by [`Batch::flush`].
+struct Pending {
+    kernel: Kernel,
+    dt: DType,
+    grid: u32,
+    args: Args,
+}
+
+/// The launches of one `map` or `reduce` call, one chain per job (its
+/// launches in order). The jobs of a call are independent (they touch
+/// disjoint memory: the CPU backend runs them in parallel), so the chains
+/// are issued round by round (every job's first launch, then every job's
+/// second, ...), and within a round the launches of a kernel that has a
+/// `_jobs` variant and the same settings become one launch of that
+/// variant: each job's own words (addresses, sizes) are a row of a device
+/// table, uploaded once and reused while they stay the same, and the
+/// settings are its arguments. A step's elementwise work is then one
+/// launch per kernel, not one per group.
+#[derive(Default)]
+pub(super) struct Batch {
+    chains: Vec<Vec<Pending>>,
+}
+
+/// The `_jobs` variant of a kernel, if it has one (kernels/map.cu,
+/// reduce.cu).
+fn jobs_variant(k: Kernel) -> Option<Kernel> {
+    match k {
+        Kernel::GradientStatistics => Some(Kernel::GradientStatisticsJobs),
+        Kernel::Direction => Some(Kernel::DirectionJobs),
+        Kernel::SumSquares => Some(Kernel::SumSquaresJobs),
+        _ => None,
+    }
+}
+
+impl Batch {
+    fn start_job(&mut self) {
+        self.chains.push(Vec::new());
+    }
+
+    fn launch(&mut self, kernel: Kernel, dt: DType, grid: u32, args: &mut Args) -> Result<()> {
+        if grid == 0 {
+            return Ok(());
+        }
+        if self.chains.is_empty() {
+            self.start_job();
+        }
+        let chain = self.chains.last_mut().expect("a chain was started");
+        chain.push(Pending {
+            kernel,
+            dt,
+            grid,
+            args: *args,
+        });
+        Ok(())
+    }
+
+    fn flush(self, be: &CudaBackend) -> Result<()> {
+        let depth = self.chains.iter().map(Vec::len).max().unwrap_or(0);
+        for r in 0..depth {
+            let round: Vec<&Pending> = self.chains.iter().filter_map(|c| c.get(r)).collect();
+            let mut done = vec![false; round.len()];
+            for i in 0..round.len() {
+                if done[i] {
+                    continue;
+                }
+                let p = round[i];
+                let alike = |q: &Pending| {
+                    q.kernel == p.kernel
+                        && q.dt == p.dt
+                        && q.args.own().count() == p.args.own().count()
+                        && q.args.settings().eq(p.args.settings())
+                };
+                let group: Vec<usize> = match jobs_variant(p.kernel) {
+                    Some(_) => (i..round.len())
+                        .filter(|&k| !done[k] && alike(round[k]))
+                        .collect(),
+                    None => vec![i],
+                };
+                group.iter().for_each(|&k| done[k] = true);
+                match (jobs_variant(p.kernel), group.len()) {
+                    (Some(variant), n) if n > 1 => {
+                        let rows: Vec<u64> =
+                            group.iter().flat_map(|&k| round[k].args.own()).collect();
+                        let grid = group.iter().map(|&k| round[k].grid).max().unwrap_or(0);
+                        let table = be.device_table(rows)?;
+                        let mut args = Args::new();
+                        args.u(table).u(n as u64);
+                        for w in p.args.settings() {
+                            args.c(w);
+                        }
+                        be.launch(variant, p.dt, grid, &mut args)?;
+                    }
+                    _ => {
+                        let mut args = p.args;
+                        be.launch(p.kernel, p.dt, p.grid, &mut args)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Launches an elementwise kernel over runs of `per`-element chunks; `args`
 /// builds the arguments of one run from `(first, len)`.
 #[allow(clippy::too_many_arguments)]
 fn per_run(
-    be: &CudaBackend,
+    b: &mut Batch,
     kernel: Kernel,
     dt: DType,
     select: crate::backend::Selection<'_>,
@@ -344,7 +447,7 @@ fn per_run(
             grid_for(len * per)
         };
         if per > 0 {
-            be.launch(kernel, dt, grid, &mut a)?;
+            b.launch(kernel, dt, grid, &mut a)?;
         }
     }
     Ok(())
@@ -352,7 +455,7 @@ fn per_run(
 
 /// Launches a checked job.
 #[allow(clippy::too_many_lines)]
-fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
+fn map_job(batch: &mut Batch, job: &mut Map<'_, CudaBackend>) -> Result<()> {
     match job {
         Map::RootInput {
             factors,
@@ -366,7 +469,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (n, count, dt) = (*n, *count, out.dtype());
             let (f, o, d, e) = (factors.ptr, out.ptr, *divisor, *eps);
             per_run(
-                be,
+                batch,
                 Kernel::RootInput,
                 dt,
                 *select,
@@ -406,7 +509,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             };
             let v = values.ptr;
             per_run(
-                be,
+                batch,
                 Kernel::EigenPower,
                 dt,
                 *select,
@@ -435,7 +538,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (n, count, dt) = (*n, *count, x.dtype());
             let (xp, dp) = (x.ptr, d.ptr);
             per_run(
-                be,
+                batch,
                 Kernel::ScaleRows,
                 dt,
                 *select,
@@ -459,7 +562,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (n, count, dt) = (*n, *count, x.dtype());
             let xp = x.ptr;
             per_run(
-                be,
+                batch,
                 Kernel::Symmetrize,
                 dt,
                 *select,
@@ -486,7 +589,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 _ => (Kernel::Copy, dd),
             };
             for (s, l) in runs(*select, count) {
-                be.launch(
+                batch.launch(
                     kernel,
                     kdt,
                     grid_for(l * numel),
@@ -508,7 +611,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (numel, count, dt) = (*numel, *count, dst.dtype());
             let (dp, v) = (dst.ptr, *value);
             per_run(
-                be,
+                batch,
                 Kernel::Fill,
                 dt,
                 *select,
@@ -536,7 +639,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (ap, np, xp, mp) = (a.ptr, norms.ptr, x.ptr, m.ptr);
             let (num, sc, inv) = (*numerator, *scale, 1.0 / *p as f64);
             per_run(
-                be,
+                batch,
                 Kernel::NewtonInit,
                 dt,
                 *select,
@@ -570,7 +673,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (alpha, diag) = (*coef, *diag);
             let (mp, op) = (m.ptr, out.ptr);
             per_run(
-                be,
+                batch,
                 Kernel::NewtonCoefficient,
                 dt,
                 *select,
@@ -608,7 +711,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (gp, b1, d1) = (g.ptr, *beta1, *bc1);
             let off = |p: u64, s: usize| if p == 0 { 0 } else { at(p, dt, s * numel) };
             per_run(
-                be,
+                batch,
                 Kernel::GradientStatistics,
                 dt,
                 *select,
@@ -618,7 +721,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 |s, l, a| {
                     a.u(at(gp, dt, s * numel))
                         .u(off(vp, s))
-                        .u(kind)
+                        .c(kind)
                         .f(beta2)
                         .f(weight)
                         .u(off(m1p, s))
@@ -627,7 +730,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                         .f(1.0 - b1)
                         .f(b3)
                         .f(1.0 - b3)
-                        .u(lion)
+                        .c(lion)
                         .f(d1)
                         .u((l * numel) as u64);
                 },
@@ -638,7 +741,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 let vk = if vp != 0 && kind >= 2 { vp } else { 0 };
                 let np = norms.ptr;
                 per_run(
-                    be,
+                    batch,
                     Kernel::SumSquares,
                     dt,
                     *select,
@@ -648,13 +751,13 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                     |s, l, a| {
                         a.u(at(src, dt, s * numel))
                             .u(off(vk, s))
-                            .u(if vk != 0 { kind } else { 0 })
+                            .c(if vk != 0 { kind } else { 0 })
                             .f(bc)
                             .f(eps)
                             .u(at(np, dt, s))
                             .u(numel as u64)
                             .u(l as u64)
-                            .u(0);
+                            .c(0);
                     },
                 )?;
             }
@@ -698,15 +801,15 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 if numel == 0 {
                     break;
                 }
-                be.launch(
+                batch.launch(
                     Kernel::Direction,
                     dt,
                     grid_for(l * numel),
                     Args::new()
-                        .u(src_code)
+                        .c(src_code)
                         .u(off(gp, s))
                         .u(off(vp, s))
-                        .u(kind)
+                        .c(kind)
                         .f(bc)
                         .f(eps)
                         .u(off(pp, s))
@@ -718,7 +821,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                         .u(off(bp, s))
                         .f(mu)
                         .f(keep)
-                        .u(nesterov as u64)
+                        .c(nesterov as u64)
                         .f(neg_lr)
                         .u(off(op, s))
                         .u(numel as u64)
@@ -727,7 +830,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             }
             // Blocks outside the selection get -0.0 and keep their state.
             for (s, l) in complement(&sel, count) {
-                be.launch(
+                batch.launch(
                     Kernel::Fill,
                     dt,
                     grid_for(l * numel),
@@ -748,7 +851,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (numel, count, dt) = (*numel, *count, d.dtype());
             let (rp, dp, b2, w) = (r.ptr, d.ptr, *beta2, *weight);
             per_run(
-                be,
+                batch,
                 Kernel::EigenvalueUpdate,
                 dt,
                 *select,
@@ -777,7 +880,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (numel, count, dt) = (*numel, *count, r.dtype());
             let (rp, dp, b, e, x) = (r.ptr, d.ptr, *bc2, *eps, *exponent);
             per_run(
-                be,
+                batch,
                 Kernel::EigenvalueScale,
                 dt,
                 *select,
@@ -806,7 +909,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (n, count, dt) = (*n, *count, x.dtype());
             let (xp, tp, e, p) = (x.ptr, traces.ptr, *eps, *exponent);
             per_run(
-                be,
+                batch,
                 Kernel::TraceScale,
                 dt,
                 *select,
@@ -835,7 +938,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (n, count, dt) = (*n, *count, x.dtype());
             let (xp, vp, r, ab) = (x.ptr, values.ptr, *rel, *abs);
             per_run(
-                be,
+                batch,
                 Kernel::AddRidge,
                 dt,
                 *select,
@@ -868,7 +971,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (numel, count, dt) = (*numel, *count, dst.dtype());
             let (sp, dp, np, f) = (src.ptr, dst.ptr, norms.ptr, *floor);
             per_run(
-                be,
+                batch,
                 Kernel::ScaleBlocks,
                 dt,
                 *select,
@@ -896,7 +999,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (numel, count, dt) = (*numel, *count, x.dtype());
             let (xp, sp) = (x.ptr, scales.ptr);
             per_run(
-                be,
+                batch,
                 Kernel::ScaleBlocks,
                 dt,
                 *select,
@@ -926,7 +1029,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (numel, count, dt) = (*numel, *count, x.dtype());
             let (xp, yp, ca, cb) = (x.ptr, y.ptr, *a, *b);
             per_run(
-                be,
+                batch,
                 Kernel::Axpby,
                 dt,
                 *select,
@@ -952,7 +1055,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (numel, count, dt) = (*numel, *count, dst.dtype());
             let (sp, dp) = (src.ptr, dst.ptr);
             per_run(
-                be,
+                batch,
                 Kernel::SignMap,
                 dt,
                 *select,
@@ -981,7 +1084,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (up, zp, wp, k1, k2) = (u.ptr, z.ptr, w.ptr, *c1, *c2);
             let (sh, has) = (shrink.unwrap_or(1.0), u64::from(shrink.is_some()));
             per_run(
-                be,
+                batch,
                 Kernel::IterateAverage,
                 dt,
                 *select,
@@ -1012,7 +1115,7 @@ fn map_job(be: &CudaBackend, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             let (numel, count, dt) = (*numel, *count, out.dtype());
             let (zp, wp, op, c) = (z.ptr, w.ptr, out.ptr, *coef);
             per_run(
-                be,
+                batch,
                 Kernel::Interpolate,
                 dt,
                 *select,
@@ -1036,15 +1139,19 @@ pub(super) fn map(be: &CudaBackend, jobs: &mut [Map<'_, CudaBackend>]) -> Result
     for job in jobs.iter() {
         job.check()?;
     }
+    let mut batch = Batch::default();
     for job in jobs.iter_mut() {
-        map_job(be, job)?;
+        batch.start_job();
+        map_job(&mut batch, job)?;
     }
-    Ok(())
+    batch.flush(be)
 }
 
 pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) -> Result<()> {
     const OP: &str = "reduce";
+    let mut batch = Batch::default();
     for job in jobs.iter_mut() {
+        batch.start_job();
         let (numel, count, dt) = (job.numel, job.count, job.input.dtype());
         check_select(OP, job.select, count)?;
         same_dtype(OP, dt, &[("output", job.out.dtype())])?;
@@ -1055,7 +1162,7 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
             Reduction::SumSquares | Reduction::FrobeniusNorm => {
                 let root = (job.kind == Reduction::FrobeniusNorm) as u64;
                 per_run(
-                    be,
+                    &mut batch,
                     Kernel::SumSquares,
                     dt,
                     job.select,
@@ -1065,13 +1172,13 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
                     |s, l, a| {
                         a.u(at(ip, dt, s * numel))
                             .u(0)
-                            .u(0)
+                            .c(0)
                             .f(1.0)
                             .f(0.0)
                             .u(at(op, dt, s))
                             .u(numel as u64)
                             .u(l as u64)
-                            .u(root);
+                            .c(root);
                     },
                 )?;
             }
@@ -1084,7 +1191,7 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
                     ));
                 }
                 per_run(
-                    be,
+                    &mut batch,
                     Kernel::MaxAbsDevIdentity,
                     dt,
                     job.select,
@@ -1114,7 +1221,7 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
                 };
                 // One thread per matrix: sums in the CPU backend's order.
                 per_run(
-                    be,
+                    &mut batch,
                     Kernel::MatrixStat,
                     dt,
                     job.select,
@@ -1138,7 +1245,7 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
             }
             Reduction::AllFinite => {
                 per_run(
-                    be,
+                    &mut batch,
                     Kernel::AllFinite,
                     dt,
                     job.select,
@@ -1157,5 +1264,5 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
             }
         }
     }
-    Ok(())
+    batch.flush(be)
 }
