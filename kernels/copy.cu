@@ -228,6 +228,12 @@ __device__ void add_ridge(T* x, const T* values, double rel, double abs, u64 n, 
         swap_axes<T>(in, out, a, d, b, count);                                                   \
     }                                                                                            \
     extern "C" __global__ void copy_##S(T* dst, const T* src, u64 n) { cast<T, T>(dst, src, n); } \
+    extern "C" __global__ void copy_jobs_##S(const u64* t, u64 jobs) {                           \
+        for (u64 j = 0; j < jobs; ++j) {                                                         \
+            const u64* r = t + 3 * j;                                                            \
+            cast<T, T>((T*)r[0], (const T*)r[1], r[2]);                                          \
+        }                                                                                        \
+    }                                                                                            \
     extern "C" __global__ void fill_##S(T* dst, double value, u64 n) { fill<T>(dst, value, n); } \
     extern "C" __global__ void scale_##S(T* x, double s, u64 n) { scale<T>(x, s, n); }          \
     extern "C" __global__ void symmetrize_##S(T* x, u64 n, u64 count) {                          \
@@ -248,6 +254,13 @@ __device__ void add_ridge(T* x, const T* values, double rel, double abs, u64 n, 
     extern "C" __global__ void newton_coefficient_##S(const T* m, T* out, double coef,           \
                                                       double diag, u64 n, u64 count) {           \
         newton_coefficient<T>(m, out, coef, diag, n, count);                                     \
+    }                                                                                            \
+    extern "C" __global__ void newton_coefficient_jobs_##S(const u64* t, u64 jobs, double coef,  \
+                                                           double diag) {                        \
+        for (u64 j = 0; j < jobs; ++j) {                                                         \
+            const u64* r = t + 4 * j;                                                            \
+            newton_coefficient<T>((const T*)r[0], (T*)r[1], coef, diag, r[2], r[3]);             \
+        }                                                                                        \
     }                                                                                            \
     extern "C" __global__ void trace_scale_##S(T* x, const T* traces, double eps,                \
                                                double exponent, u64 n, u64 count) {              \

@@ -1,8 +1,9 @@
 //! What a CUDA step issues, counted without a GPU: the optimizer runs on a
 //! [`CudaBackend::planner`], which executes the CUDA backend's own code and
 //! records every kernel launch, library call, copy and host wait instead of
-//! issuing it. Reported per phase for the first step with a root inverse
-//! and for the steady step without one that follows it.
+//! issuing it. Reported per phase for the first step with a root inverse,
+//! the steady step without one that follows it, and the next step with a
+//! root inverse (whose tables the first uploaded).
 
 use std::collections::BTreeMap;
 
@@ -27,6 +28,8 @@ pub struct StepPlan {
     pub host_waits: usize,
     /// Floating-point operations of the step's GEMMs.
     pub gemm_flops: f64,
+    /// Matrix products of the step's GEMMs (over their batches).
+    pub gemm_products: usize,
 }
 
 /// A shape set's plan.
@@ -44,6 +47,9 @@ pub struct PlanReport {
     pub root_inverse_step: StepPlan,
     /// The step without root inverse after it (steady state).
     pub step: StepPlan,
+    /// The next step with root inverses (steady state: its tables were
+    /// uploaded by the first).
+    pub later_root_inverse_step: StepPlan,
 }
 
 fn summarize(calls: &[Launch], root_inverse: bool) -> StepPlan {
@@ -64,6 +70,7 @@ fn summarize(calls: &[Launch], root_inverse: bool) -> StepPlan {
         launches: calls.iter().filter(|c| c.call.is_launch()).count(),
         host_waits: calls.iter().filter(|c| c.call == Call::HostWait).count(),
         gemm_flops: calls.iter().map(|c| c.flops).sum(),
+        gemm_products: calls.iter().map(|c| c.products).sum(),
     }
 }
 
@@ -94,6 +101,7 @@ pub fn run(
         .collect::<shampoo_core::Result<Vec<_>>>()?;
     be.take_plan();
     let mut root_step = None;
+    let mut plain_step = None;
     // Enough steps for any start and frequency a config can name within
     // reason; a config that never preconditions is reported as such.
     let limit = 10_000;
@@ -106,9 +114,10 @@ pub fn run(
             opt.step(&mut p, &g)?;
         }
         let calls = opt.backend().take_plan();
-        match (&root_step, root) {
-            (None, true) => root_step = Some(summarize(&calls, true)),
-            (Some(_), false) => {
+        match (&root_step, &plain_step, root) {
+            (None, _, true) => root_step = Some(summarize(&calls, true)),
+            (Some(_), None, false) => plain_step = Some(summarize(&calls, false)),
+            (Some(_), Some(_), true) => {
                 let layout = opt.layout();
                 return Ok(PlanReport {
                     set: set.to_string(),
@@ -116,14 +125,15 @@ pub fn run(
                     blocks: layout.blocks.len(),
                     groups: layout.groups.len(),
                     root_inverse_step: root_step.expect("matched Some"),
-                    step: summarize(&calls, false),
+                    step: plain_step.expect("matched Some"),
+                    later_root_inverse_step: summarize(&calls, true),
                 });
             }
             _ => {}
         }
     }
     anyhow::bail!(
-        "no root-inverse step followed by a step without one in {limit} steps (does the config precondition?)"
+        "no root-inverse step, a step without one, then another root-inverse step in {limit} steps (does the config precondition?)"
     )
 }
 
@@ -155,7 +165,16 @@ pub fn render(r: &PlanReport) -> String {
         "CUDA plan of {}: {} tensors, {} blocks in {} shape groups",
         r.set, r.tensors, r.blocks, r.groups
     );
-    render_step(&mut out, "step with root inverse:", &r.root_inverse_step);
+    render_step(
+        &mut out,
+        "first step with root inverse:",
+        &r.root_inverse_step,
+    );
+    render_step(
+        &mut out,
+        "next step with root inverse:",
+        &r.later_root_inverse_step,
+    );
     render_step(&mut out, "step without root inverse:", &r.step);
     let _ = writeln!(
         out,

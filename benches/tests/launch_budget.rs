@@ -172,3 +172,31 @@ fn bf16_preconditioning_rounds_both_operands_of_every_product_first() {
     assert_eq!(in_phase("precondition", "kernel pack16"), 2 * gemms);
     assert_eq!(in_phase("statistics", "kernel pack16"), 0);
 }
+
+#[test]
+fn the_batched_newton_iteration_waits_for_the_host_once_per_factor_and_uploads_once() {
+    let tensors = shapes::load("resnet50", None).unwrap();
+    let mut cfg = config();
+    cfg.preconditioner = ShampooConfig::from_json(
+        r#"{"preconditioner": {"type": "root_inv", "root_inverse": {"method": "batched_newton"}}}"#,
+    )
+    .unwrap()
+    .preconditioner;
+    let r = plan::run("resnet50", &tensors, &cfg, shampoo_core::DType::F32).unwrap();
+    let shapes: Vec<Vec<usize>> = tensors.iter().map(|t| t.shape.clone()).collect();
+    let layout = shampoo_core::layout::Layout::new(&shapes, &cfg, &|_| true).unwrap();
+    let factors: usize = layout.groups.iter().map(|g| g.factors.len()).sum();
+    let later = &r.later_root_inverse_step;
+    // One read-back of each factor's flags after the iteration; nothing
+    // inside it, whatever the iteration count.
+    assert_eq!(later.host_waits, factors);
+    // The pointer arrays were uploaded by the first root-inverse step.
+    assert!(calls(&r.root_inverse_step, "copy host to device") > 0);
+    assert_eq!(calls(later, "copy host to device"), 0);
+    // Products of a size class are merged across groups: each GEMM call
+    // carries several factors' products.
+    let gemms = calls(later, "cublas gemm (batched)");
+    let per_call = later.gemm_products as f64 / gemms as f64;
+    println!("{gemms} GEMM calls, {:.1} products each", per_call);
+    assert!(per_call > 3.0, "{gemms} GEMMs, {per_call:.1} products each");
+}

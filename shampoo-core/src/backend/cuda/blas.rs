@@ -144,7 +144,7 @@ impl CudaBackend {
         if let (super::Exec::Plan(r), Some(arrays)) = (&self.exec, g.pointers.as_deref()) {
             r.table(arrays.concat());
         }
-        if self.planned(plan::Call::Gemm, flops) {
+        if self.planned_products(plan::Call::Gemm, flops, g.batch) {
             return Ok(());
         }
         let mut g = g.clone();
@@ -630,6 +630,8 @@ pub(super) fn mode_product(
 
 pub(super) fn matmul(be: &CudaBackend, jobs: &mut [MatmulJob<'_, CudaBackend>]) -> Result<()> {
     const OP: &str = "matmul";
+    // Every job is checked before any GEMM is queued.
+    let mut plans: Vec<(DType, Precision, Gemm, [(u64, usize); 2])> = Vec::new();
     for job in jobs.iter_mut() {
         check_select(OP, job.select, job.count)?;
         let (n, nn) = (job.n, job.n * job.n);
@@ -639,22 +641,83 @@ pub(super) fn matmul(be: &CudaBackend, jobs: &mut [MatmulJob<'_, CudaBackend>]) 
         check_len(OP, "b", job.b.len(), job.count, nn)?;
         check_len(OP, "c", job.c.len(), job.count, nn)?;
         for (s, l) in runs(job.select, job.count) {
+            let (a, b) = (at(job.a.ptr, dt, s * nn), at(job.b.ptr, dt, s * nn));
             let g = matmul_plan(
                 n,
                 job.trans_a,
                 job.trans_b,
                 job.alpha,
                 job.accumulate,
-                at(job.a.ptr, dt, s * nn),
-                at(job.b.ptr, dt, s * nn),
+                a,
+                b,
                 at(job.c.ptr, dt, s * nn),
                 l,
             );
-            let (a, b) = (at(job.a.ptr, dt, s * nn), at(job.b.ptr, dt, s * nn));
-            be.gemm(dt, job.precision, &g, &[(a, l * nn), (b, l * nn)])?;
+            plans.push((dt, job.precision, g, [(a, l * nn), (b, l * nn)]));
         }
     }
+    for (dt, precision, g, regions) in merge_products(plans) {
+        be.gemm(dt, precision, &g, &regions)?;
+    }
     Ok(())
+}
+
+/// The jobs' GEMMs with every set of the same size, flags and scalars
+/// (e.g. one size class of factors spread over several groups) merged into
+/// one pointer-array GEMM, its arrays uploaded once (the addresses are the
+/// same at every iteration). bf16 GEMMs stay apart (each rounds its own
+/// operand regions).
+fn merge_products(
+    plans: Vec<(DType, Precision, Gemm, [(u64, usize); 2])>,
+) -> Vec<(DType, Precision, Gemm, Vec<(u64, usize)>)> {
+    let key = |(dt, p, g, _): &(DType, Precision, Gemm, [(u64, usize); 2])| {
+        (
+            *dt,
+            *p,
+            g.ta,
+            g.tb,
+            g.m,
+            g.n,
+            g.k,
+            g.alpha.to_bits(),
+            g.beta.to_bits(),
+        )
+    };
+    let mut out: Vec<(DType, Precision, Gemm, Vec<(u64, usize)>)> = Vec::new();
+    let mut done = vec![false; plans.len()];
+    for i in 0..plans.len() {
+        if done[i] {
+            continue;
+        }
+        let group: Vec<usize> = if plans[i].1 == Precision::Bf16 {
+            vec![i]
+        } else {
+            (i..plans.len())
+                .filter(|&k| !done[k] && key(&plans[k]) == key(&plans[i]))
+                .collect()
+        };
+        group.iter().for_each(|&k| done[k] = true);
+        let (dt, precision, first, regions) = &plans[i];
+        if group.len() == 1 {
+            out.push((*dt, *precision, first.clone(), regions.to_vec()));
+            continue;
+        }
+        let size = dt.size() as u64;
+        let mut arrays = [Vec::new(), Vec::new(), Vec::new()];
+        for &k in &group {
+            let g = &plans[k].2;
+            for t in 0..g.batch as u64 {
+                arrays[0].push(g.a.0 + t * g.a.2 as u64 * size);
+                arrays[1].push(g.b.0 + t * g.b.2 as u64 * size);
+                arrays[2].push(g.c.0 + t * g.c.2 as u64 * size);
+            }
+        }
+        let mut g = first.clone();
+        g.batch = arrays[0].len();
+        g.pointers = Some(Box::new(arrays));
+        out.push((*dt, *precision, g, Vec::new()));
+    }
+    out
 }
 
 /// The GEMM plans executed on the host with cuBLAS's column-major
@@ -891,6 +954,73 @@ mod tests {
         let g = product_plan((a * d, b, 1), true, input, mats, 0x5_0000, size, count);
         assert_eq!(to_copy(g.a.0, size, &copies), 0x20_0000);
         assert_eq!(to_copy(g.b.0, size, &copies), 0x10_0000);
+    }
+
+    #[test]
+    fn products_of_one_size_merge_into_one_pointer_array_gemm() {
+        let cpu = CpuBackend::new(1).unwrap();
+        let nn = 25usize;
+        let (a, b) = (values(11, 8 * nn), values(12, 8 * nn));
+        let mut want = vec![0.0; 8 * nn];
+        cpu.matmul(&mut [MatmulJob {
+            a: HostView::F64(&a),
+            b: HostView::F64(&b),
+            c: HostViewMut::F64(&mut want),
+            n: 5,
+            count: 8,
+            trans_a: false,
+            trans_b: true,
+            alpha: 1.0,
+            accumulate: false,
+            precision: Precision::F32,
+            select: None,
+        }])
+        .unwrap();
+        // Products 0..3 and 5..8 of the batch as two jobs (byte addresses
+        // of f64 data), and a 4 x 4 product that stays apart.
+        let job = |first: usize, batch: usize, n: usize| {
+            let off = (first * nn * 8) as u64;
+            let g = matmul_plan(
+                n,
+                false,
+                true,
+                1.0,
+                false,
+                X + off,
+                M + off,
+                OUT + off,
+                batch,
+            );
+            let len = batch * n * n;
+            (
+                DType::F64,
+                Precision::F32,
+                g,
+                [(X + off, len), (M + off, len)],
+            )
+        };
+        let merged = merge_products(vec![job(0, 3, 5), job(0, 1, 4), job(5, 3, 5)]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[1].2.m, 4);
+        assert!(merged[1].2.pointers.is_none());
+        let mut g = merged[0].2.clone();
+        assert_eq!(g.batch, 6);
+        // The arrays hold byte addresses; this test's memory counts elements.
+        for v in g.pointers.as_deref_mut().unwrap().iter_mut() {
+            for p in v.iter_mut() {
+                let (op, off) = decode(*p);
+                *p = ((op as u64) << 40) + (off / 8) as u64;
+            }
+        }
+        let mut mem = [a, b, vec![f64::NAN; 8 * nn], Vec::new()];
+        host_gemm(&g, &mut mem);
+        for k in (0..3).chain(5..8) {
+            assert_close(
+                &format!("product {k}"),
+                &want[k * nn..(k + 1) * nn],
+                &mem[2][k * nn..(k + 1) * nn],
+            );
+        }
     }
 
     #[test]

@@ -406,9 +406,14 @@ impl CudaBackend {
     /// Records `call` on a planner (true), or says the call is to be made
     /// (false).
     fn planned(&self, call: plan::Call, flops: f64) -> bool {
+        self.planned_products(call, flops, 0)
+    }
+
+    /// [`CudaBackend::planned`] for a GEMM of `products` matrix products.
+    fn planned_products(&self, call: plan::Call, flops: f64, products: usize) -> bool {
         match &self.exec {
             Exec::Plan(r) => {
-                r.record(call, flops);
+                r.record(call, flops, products);
                 true
             }
             Exec::Device(_) => false,

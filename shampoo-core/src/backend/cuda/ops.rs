@@ -345,13 +345,15 @@ pub(super) struct Batch {
     chains: Vec<Vec<Pending>>,
 }
 
-/// The `_jobs` variant of a kernel, if it has one (kernels/map.cu,
-/// reduce.cu).
+/// The `_jobs` variant of a kernel, if it has one (kernels/copy.cu,
+/// map.cu, reduce.cu).
 fn jobs_variant(k: Kernel) -> Option<Kernel> {
     match k {
         Kernel::GradientStatistics => Some(Kernel::GradientStatisticsJobs),
         Kernel::Direction => Some(Kernel::DirectionJobs),
         Kernel::SumSquares => Some(Kernel::SumSquaresJobs),
+        Kernel::Copy => Some(Kernel::CopyJobs),
+        Kernel::NewtonCoefficient => Some(Kernel::NewtonCoefficientJobs),
         _ => None,
     }
 }

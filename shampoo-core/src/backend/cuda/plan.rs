@@ -67,6 +67,8 @@ pub struct Launch {
     pub call: Call,
     /// Floating-point operations of a GEMM (`2 m n k` per product); 0 else.
     pub flops: f64,
+    /// Matrix products of a GEMM (its batch); 0 else.
+    pub products: usize,
 }
 
 /// The recorder of a planning backend.
@@ -100,10 +102,15 @@ impl Recorder {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn record(&self, call: Call, flops: f64) {
+    pub(super) fn record(&self, call: Call, flops: f64, products: usize) {
         let mut s = self.state();
         let phase = s.phase;
-        s.calls.push(Launch { phase, call, flops });
+        s.calls.push(Launch {
+            phase,
+            call,
+            flops,
+            products,
+        });
     }
 
     pub(super) fn set_phase(&self, phase: &'static str) {
@@ -133,6 +140,7 @@ impl Recorder {
             phase,
             call: Call::Upload,
             flops: 0.0,
+            products: 0,
         });
         s.tables.insert(words, p);
         p
