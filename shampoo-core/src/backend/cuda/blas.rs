@@ -631,7 +631,7 @@ pub(super) fn mode_product(
 pub(super) fn matmul(be: &CudaBackend, jobs: &mut [MatmulJob<'_, CudaBackend>]) -> Result<()> {
     const OP: &str = "matmul";
     // Every job is checked before any GEMM is queued.
-    let mut plans: Vec<(DType, Precision, Gemm, [(u64, usize); 2])> = Vec::new();
+    let mut plans: Vec<Product> = Vec::new();
     for job in jobs.iter_mut() {
         check_select(OP, job.select, job.count)?;
         let (n, nn) = (job.n, job.n * job.n);
@@ -662,15 +662,21 @@ pub(super) fn matmul(be: &CudaBackend, jobs: &mut [MatmulJob<'_, CudaBackend>]) 
     Ok(())
 }
 
+/// One job run's GEMM for `matmul`: its dtype, precision, plan and operand
+/// regions `(address, elements)`.
+type Product = (DType, Precision, Gemm, [(u64, usize); 2]);
+
+/// A GEMM to queue, maybe several products merged: its operand regions are
+/// empty when merged (merging leaves bf16 GEMMs apart).
+type MergedProduct = (DType, Precision, Gemm, Vec<(u64, usize)>);
+
 /// The jobs' GEMMs with every set of the same size, flags and scalars
 /// (e.g. one size class of factors spread over several groups) merged into
 /// one pointer-array GEMM, its arrays uploaded once (the addresses are the
 /// same at every iteration). bf16 GEMMs stay apart (each rounds its own
 /// operand regions).
-fn merge_products(
-    plans: Vec<(DType, Precision, Gemm, [(u64, usize); 2])>,
-) -> Vec<(DType, Precision, Gemm, Vec<(u64, usize)>)> {
-    let key = |(dt, p, g, _): &(DType, Precision, Gemm, [(u64, usize); 2])| {
+fn merge_products(plans: Vec<Product>) -> Vec<MergedProduct> {
+    let key = |(dt, p, g, _): &Product| {
         (
             *dt,
             *p,
@@ -683,7 +689,7 @@ fn merge_products(
             g.beta.to_bits(),
         )
     };
-    let mut out: Vec<(DType, Precision, Gemm, Vec<(u64, usize)>)> = Vec::new();
+    let mut out: Vec<MergedProduct> = Vec::new();
     let mut done = vec![false; plans.len()];
     for i in 0..plans.len() {
         if done[i] {
