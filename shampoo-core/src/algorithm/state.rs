@@ -362,6 +362,45 @@ pub(crate) fn upload_f64<B: Backend>(
     }
 }
 
+/// Downloads every active factor's flags into its `host_flags`, waiting for
+/// the device once.
+pub(crate) fn download_flags<B: Backend>(
+    backend: &B,
+    groups: &mut [GroupState<B>],
+    dtype: DType,
+) -> Result<()> {
+    let mut targets: Vec<(&B::Buffer, &mut Vec<f64>)> = groups
+        .iter_mut()
+        .filter(|g| g.any_active)
+        .flat_map(|g| g.factors.iter_mut().map(|f| (&f.flags, &mut f.host_flags)))
+        .collect();
+    match dtype {
+        DType::F64 => backend.download_all(
+            targets
+                .iter_mut()
+                .map(|(b, h)| (backend.view(b), crate::HostViewMut::F64(&mut h[..])))
+                .collect(),
+        ),
+        DType::F32 => {
+            let mut temps: Vec<Vec<f32>> =
+                targets.iter().map(|(_, h)| vec![0f32; h.len()]).collect();
+            backend.download_all(
+                targets
+                    .iter()
+                    .zip(temps.iter_mut())
+                    .map(|((b, _), t)| (backend.view(b), crate::HostViewMut::F32(&mut t[..])))
+                    .collect(),
+            )?;
+            for ((_, h), t) in targets.iter_mut().zip(&temps) {
+                for (x, y) in h.iter_mut().zip(t) {
+                    *x = f64::from(*y);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Downloads a view of either dtype into `f64` host memory.
 pub(crate) fn download_f64<B: Backend>(
     backend: &B,

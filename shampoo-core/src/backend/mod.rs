@@ -167,6 +167,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn upload(&self, dst: Self::ViewMut<'_>, src: HostView<'_>) -> Result<()>;
     /// Copies a view into host memory (same dtype, same length).
     fn download(&self, src: Self::View<'_>, dst: HostViewMut<'_>) -> Result<()>;
+    /// Copies every `(source, destination)` pair to the host, waiting for
+    /// the device once (by default, one [`Backend::download`] each).
+    fn download_all<'a>(&self, pairs: Vec<(Self::View<'a>, HostViewMut<'a>)>) -> Result<()> {
+        for (src, dst) in pairs {
+            self.download(src, dst)?;
+        }
+        Ok(())
+    }
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<()>;
     /// The algorithm enters phase `name` of a step (`statistics`,

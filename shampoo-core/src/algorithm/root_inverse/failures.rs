@@ -14,7 +14,7 @@
 //!   factor's failure count is reset.
 
 use crate::algorithm::Shampoo;
-use crate::algorithm::state::download_f64;
+use crate::algorithm::state::download_flags;
 use crate::backend::{Backend, EighStatus};
 use crate::error::MatrixKind;
 use crate::schedule::StepScalars;
@@ -33,15 +33,14 @@ pub(super) fn check<B: Backend>(
     sc: &StepScalars,
     residual: Option<f64>,
 ) -> Result<()> {
-    let backend = &opt.backend;
     let fdtype = opt.config.factor_dtype_for(opt.dtype);
+    download_flags(&opt.backend, &mut opt.groups, fdtype)?;
     for (g, spec) in opt.groups.iter_mut().zip(&opt.layout.groups) {
         if !g.any_active {
             continue;
         }
         let count = spec.count();
         for f in g.factors.iter_mut() {
-            download_f64(backend, backend.view(&f.flags), &mut f.host_flags, fdtype)?;
             f.accept.clear();
             let slots: Box<dyn Iterator<Item = u32>> = match g.active.as_deref() {
                 Some(s) => Box::new(s.iter().copied()),

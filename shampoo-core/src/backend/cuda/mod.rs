@@ -667,6 +667,52 @@ impl Backend for CudaBackend {
         self.synchronize()
     }
 
+    fn download_all<'a>(&self, pairs: Vec<(CudaView<'a>, HostViewMut<'a>)>) -> Result<()> {
+        for (src, dst) in &pairs {
+            if dst.dtype() != src.dtype || dst.len() != src.len {
+                return Err(Error::backend(
+                    "download",
+                    format!(
+                        "{} {} elements into {} {}",
+                        src.len,
+                        src.dtype,
+                        dst.len(),
+                        dst.dtype()
+                    ),
+                ));
+            }
+        }
+        if let Exec::Plan(_) = &self.exec {
+            for (src, dst) in pairs {
+                if src.len > 0 {
+                    self.planned(plan::Call::Download, 0.0);
+                    match dst {
+                        HostViewMut::F32(d) => d.fill(1.0),
+                        HostViewMut::F64(d) => d.fill(1.0),
+                    }
+                }
+            }
+            return self.synchronize();
+        }
+        let stream = self.device()?.stream.0;
+        self.bind()?;
+        for (src, dst) in pairs {
+            if src.len == 0 {
+                continue;
+            }
+            // SAFETY: sizes and dtypes checked above; the stream is
+            // synchronised below, before any host buffer is handed back.
+            unsafe {
+                match dst {
+                    HostViewMut::F32(d) => drv::memcpy_dtoh_async(d, src.ptr, stream),
+                    HostViewMut::F64(d) => drv::memcpy_dtoh_async(d, src.ptr, stream),
+                }
+            }
+            .map_err(|e| Error::backend("download", e))?;
+        }
+        self.synchronize()
+    }
+
     fn synchronize(&self) -> Result<()> {
         if self.planned(plan::Call::HostWait, 0.0) {
             return Ok(());
