@@ -29,6 +29,8 @@ log "cargo test"
 cargo test --workspace --locked
 if grep -q '^cuda = ' shampoo-core/Cargo.toml 2>/dev/null; then
     cargo test -p shampoo-core --features cuda --locked
+    # The CUDA launch budget, counted on the backend's planner (no GPU).
+    cargo test -p shampoo-bench --features cuda --locked --test launch_budget
 fi
 cargo test -p shampoo-dist --features nccl --locked
 cargo test -p shampoo-tch --locked
