@@ -31,66 +31,72 @@ __device__ __forceinline__ T grafted(u64 kind, T g, const T* v, u64 i, T bc, T e
     return g;
 }
 
+// *out = sum_i graft(x[i])^2 over one matrix of `numel` (its square root
+// when `root`), rounded to T; every thread of the block takes part.
+template <typename T>
+__device__ void sum_squares_one(const T* xb, const T* vb, u64 kind, T bcT, T epsT, T* out,
+                                u64 numel, u64 root) {
+    __shared__ double lane_sums[CHUNKS_PER_ROUND * SUM_LANES];
+    __shared__ double chunk_sums[CHUNKS_PER_ROUND];
+    u64 chunks = (numel + SUM_CHUNK - 1) / SUM_CHUNK;
+    unsigned slot = threadIdx.x / LANE_THREADS, lane0 = threadIdx.x % LANE_THREADS;
+    double total = 0.0;
+    for (u64 round = 0; round < chunks; round += CHUNKS_PER_ROUND) {
+        u64 c = round + slot;
+        T acc[LANES_PER_THREAD];
+#pragma unroll
+        for (int j = 0; j < LANES_PER_THREAD; ++j) {
+            acc[j] = (T)0.0;
+        }
+        if (c < chunks) {
+            u64 start = c * SUM_CHUNK;
+            u64 end = start + SUM_CHUNK < numel ? start + SUM_CHUNK : numel;
+            for (u64 i = start; i < end; i += SUM_LANES) {
+#pragma unroll
+                for (int j = 0; j < LANES_PER_THREAD; ++j) {
+                    u64 e = i + lane0 + j * LANE_THREADS;
+                    if (e < end) {
+                        T q = grafted<T>(vb != 0 ? kind : 0, xb[e], vb, e, bcT, epsT);
+                        acc[j] += q * q;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < LANES_PER_THREAD; ++j) {
+            lane_sums[slot * SUM_LANES + lane0 + j * LANE_THREADS] = (double)acc[j];
+        }
+        __syncthreads();
+        if (lane0 == 0 && c < chunks) {
+            double* w = lane_sums + slot * SUM_LANES;
+            for (int width = SUM_LANES / 2; width >= 1; width /= 2) {
+                for (int l = 0; l < width; ++l) {
+                    w[l] += w[l + width];
+                }
+            }
+            chunk_sums[slot] = w[0];
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            u64 valid = chunks - round < CHUNKS_PER_ROUND ? chunks - round : CHUNKS_PER_ROUND;
+            for (u64 k = 0; k < valid; ++k) {
+                total += chunk_sums[k];
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        *out = (T)(root ? sqrt(total) : total);
+    }
+}
+
 // out[b] = sum_i graft(x[b][i])^2 (its square root when `root`), rounded to T.
 template <typename T>
 __device__ void sum_squares(const T* x, const T* v, u64 kind, double bc, double eps, T* out,
                             u64 numel, u64 count, u64 root) {
-    __shared__ double lane_sums[CHUNKS_PER_ROUND * SUM_LANES];
-    __shared__ double chunk_sums[CHUNKS_PER_ROUND];
-    T bcT = (T)bc, epsT = (T)eps;
-    u64 chunks = (numel + SUM_CHUNK - 1) / SUM_CHUNK;
-    unsigned slot = threadIdx.x / LANE_THREADS, lane0 = threadIdx.x % LANE_THREADS;
     MATRIX_LOOP(b, count) {
-        const T* xb = x + b * numel;
-        const T* vb = v != 0 ? v + b * numel : 0;
-        double total = 0.0;
-        for (u64 round = 0; round < chunks; round += CHUNKS_PER_ROUND) {
-            u64 c = round + slot;
-            T acc[LANES_PER_THREAD];
-#pragma unroll
-            for (int j = 0; j < LANES_PER_THREAD; ++j) {
-                acc[j] = (T)0.0;
-            }
-            if (c < chunks) {
-                u64 start = c * SUM_CHUNK;
-                u64 end = start + SUM_CHUNK < numel ? start + SUM_CHUNK : numel;
-                for (u64 i = start; i < end; i += SUM_LANES) {
-#pragma unroll
-                    for (int j = 0; j < LANES_PER_THREAD; ++j) {
-                        u64 e = i + lane0 + j * LANE_THREADS;
-                        if (e < end) {
-                            T q = grafted<T>(vb != 0 ? kind : 0, xb[e], vb, e, bcT, epsT);
-                            acc[j] += q * q;
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < LANES_PER_THREAD; ++j) {
-                lane_sums[slot * SUM_LANES + lane0 + j * LANE_THREADS] = (double)acc[j];
-            }
-            __syncthreads();
-            if (lane0 == 0 && c < chunks) {
-                double* w = lane_sums + slot * SUM_LANES;
-                for (int width = SUM_LANES / 2; width >= 1; width /= 2) {
-                    for (int l = 0; l < width; ++l) {
-                        w[l] += w[l + width];
-                    }
-                }
-                chunk_sums[slot] = w[0];
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                u64 valid = chunks - round < CHUNKS_PER_ROUND ? chunks - round : CHUNKS_PER_ROUND;
-                for (u64 k = 0; k < valid; ++k) {
-                    total += chunk_sums[k];
-                }
-            }
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) {
-            out[b] = (T)(root ? sqrt(total) : total);
-        }
+        sum_squares_one<T>(x + b * numel, v != 0 ? v + b * numel : 0, kind, (T)bc, (T)eps,
+                           out + b, numel, root);
     }
 }
 
@@ -258,13 +264,28 @@ __device__ void matrix_stat(const T* x, T* out, u64 kind, u64 n, u64 count) {
 
 // sum_squares for several jobs in one launch: row j of `t` holds job j's
 // x, v, out, numel and count (the backend's `Batch`); the other arguments
-// are the same for every job.
+// are the same for every job. The grid strides over the matrices of all
+// jobs together (job by job, in order), so small groups do not wait for
+// each other.
 template <typename T>
 __device__ void sum_squares_jobs(const u64* t, u64 jobs, u64 kind, double bc, double eps,
                                  u64 root) {
+    u64 total = 0;
     for (u64 j = 0; j < jobs; ++j) {
+        total += t[5 * j + 4];
+    }
+    MATRIX_LOOP(m, total) {
+        u64 j = 0, b = m;
+        while (b >= t[5 * j + 4]) {
+            b -= t[5 * j + 4];
+            ++j;
+        }
         const u64* r = t + 5 * j;
-        sum_squares<T>((const T*)r[0], (const T*)r[1], kind, bc, eps, (T*)r[2], r[3], r[4], root);
+        u64 numel = r[3];
+        const T* x = (const T*)r[0];
+        const T* v = (const T*)r[1];
+        sum_squares_one<T>(x + b * numel, v != 0 ? v + b * numel : 0, kind, (T)bc, (T)eps,
+                           (T*)r[2] + b, numel, root);
     }
 }
 

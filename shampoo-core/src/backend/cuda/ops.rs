@@ -407,7 +407,15 @@ impl Batch {
                     (Some(variant), n) if n > 1 => {
                         let rows: Vec<u64> =
                             group.iter().flat_map(|&k| round[k].args.own()).collect();
-                        let grid = group.iter().map(|&k| round[k].grid).max().unwrap_or(0);
+                        // One block per matrix of every job for the per-matrix
+                        // reduction; the largest job's grid for the others
+                        // (their grid strides over each job in turn).
+                        let grids = group.iter().map(|&k| round[k].grid);
+                        let grid = if variant == Kernel::SumSquaresJobs {
+                            grids.sum::<u32>().min(65_535)
+                        } else {
+                            grids.max().unwrap_or(0)
+                        };
                         let table = be.device_table(rows)?;
                         let mut args = Args::new();
                         args.u(table).u(n as u64);
