@@ -748,7 +748,8 @@ fn map_job(batch: &mut Batch, job: &mut Map<'_, CudaBackend>) -> Result<()> {
             if let Some(norms) = graft_sq_norms.as_ref() {
                 let src = if gfp != 0 { gfp } else { gp };
                 // graft() reads the accumulator only for Adagrad and EMA.
-                let vk = if vp != 0 && kind >= 2 { vp } else { 0 };
+                let reads_v = matches!(kind, defs::GRAFT_ADAGRAD | defs::GRAFT_EMA);
+                let vk = if vp != 0 && reads_v { vp } else { 0 };
                 let np = norms.ptr;
                 per_run(
                     batch,
@@ -761,13 +762,13 @@ fn map_job(batch: &mut Batch, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                     |s, l, a| {
                         a.u(at(src, dt, s * numel))
                             .u(off(vk, s))
-                            .c(if vk != 0 { kind } else { 0 })
+                            .c(if vk != 0 { kind } else { defs::GRAFT_NONE })
                             .f(bc)
                             .f(eps)
                             .u(at(np, dt, s))
                             .u(numel as u64)
                             .u(l as u64)
-                            .c(0);
+                            .c(0); // the sum, not its square root
                     },
                 )?;
             }
@@ -795,7 +796,7 @@ fn map_job(batch: &mut Batch, job: &mut Map<'_, CudaBackend>) -> Result<()> {
                 DirectionSource::Shampoo => defs::SOURCE_SHAMPOO,
             };
             let (kind, _, _, eps, bc) = graft_code(*graft);
-            let kind = if v.is_some() { kind } else { 0 };
+            let kind = if v.is_some() { kind } else { defs::GRAFT_NONE };
             let vp = v.map_or(0, |v| v.ptr);
             let pp = p_sh.map_or(0, |p| p.ptr);
             let sp = sq_norms.map_or(0, |s| s.ptr);
@@ -1182,7 +1183,7 @@ pub(super) fn reduce(be: &CudaBackend, jobs: &mut [ReduceJob<'_, CudaBackend>]) 
                     |s, l, a| {
                         a.u(at(ip, dt, s * numel))
                             .u(0)
-                            .c(0)
+                            .c(defs::GRAFT_NONE)
                             .f(1.0)
                             .f(0.0)
                             .u(at(op, dt, s))
