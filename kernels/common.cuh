@@ -50,6 +50,12 @@ __device__ __forceinline__ double sh_epsilon(double) { return __longlong_as_doub
 __device__ __forceinline__ float sh_nan(float) { return __int_as_float(0x7fc00000); }
 __device__ __forceinline__ double sh_nan(double) { return __longlong_as_double(0x7ff8000000000000LL); }
 
+// i / d, in 32 bits when both fit (much cheaper than a 64-bit division on
+// the GPU; the same quotient).
+__device__ __forceinline__ u64 quotient(u64 i, u64 d) {
+    return ((i | d) >> 32) == 0 ? (u64)((unsigned)i / (unsigned)d) : i / d;
+}
+
 // Grid-stride loop over [0, n).
 #define GRID_LOOP(i, n) \
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \

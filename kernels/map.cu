@@ -76,7 +76,7 @@ __device__ void direction(u64 source, const T* gf, const T* v, u64 kind, double 
         if (source == SOURCE_GRAFT) {
             p = graft<T>(kind, gf[i], v != 0 ? v[i] : (T)0.0, bcT, epsT);
         } else if (source == SOURCE_GRAFTED_SHAMPOO) {
-            u64 b = first + i / numel;
+            u64 b = first + quotient(i, numel);
             T g2 = sq_norms[b], s2 = sq_norms[total + b];
             T ratio = sh_sqrt(g2) / (sh_sqrt(s2) + (T)1e-16);
             p = p_sh[i] * ratio;

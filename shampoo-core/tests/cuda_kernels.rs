@@ -265,9 +265,13 @@ fn no_kernel_keeps_arrays_in_local_memory_and_gathers_divide_in_32_bits() {
             // Local memory: a per-thread array indexed at run time (or a
             // spill), slow on every GPU.
             assert!(!body.contains(".local"), "{file}: {name} uses local memory");
-            if name.starts_with("gather_") || name.starts_with("scatter_") {
-                // The block geometry is walked with 32-bit divisions (the
-                // 64-bit path is only for blocks of 2^32 elements or more).
+            if name.starts_with("gather_")
+                || name.starts_with("scatter_")
+                || name.starts_with("direction")
+            {
+                // The block geometry (and the direction's block index) is
+                // computed with 32-bit divisions (the 64-bit path is only
+                // for 2^32 elements or more).
                 assert!(
                     body.contains("div.u32") || body.contains("rem.u32"),
                     "{file}: {name} has no 32-bit division path"
@@ -276,5 +280,8 @@ fn no_kernel_keeps_arrays_in_local_memory_and_gathers_divide_in_32_bits() {
             }
         }
     }
-    assert_eq!(seen, 4, "gather and scatter for f32 and f64");
+    assert_eq!(
+        seen, 8,
+        "gather, scatter, direction and direction_jobs for f32 and f64"
+    );
 }
