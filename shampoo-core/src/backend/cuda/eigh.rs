@@ -14,8 +14,8 @@
 //!
 //! `cusolverDnXsyevBatched` solves a whole run of matrices in one call when
 //! the library has it (CUDA 12.6.2 and later) and accepts the size: a run is
-//! split into chunks of fewer than 2^31 matrix elements (the library's
-//! 32-bit index limit on `lda * n * batch`); else (or when it returns an
+//! split into chunks of at most 2^31 - 1 matrix elements (the documented
+//! limit `n * lda * batchSize <= INT32_MAX`, [`chunk_len`]); else (or when it returns an
 //! error status, logged at warn level) each matrix is solved with
 //! `cusolverDnXsyevd`.
 //!
@@ -55,6 +55,13 @@ fn has_batched() -> bool {
     }
 }
 
+/// Matrices of `n x n` per `cusolverDnXsyevBatched` call: the most that
+/// keep `n * lda * batchSize <= INT32_MAX` (its documented limit), and at
+/// least one.
+fn chunk_len(n: usize) -> usize {
+    (i32::MAX as usize / (n * n).max(1)).max(1)
+}
+
 const JOBZ: ssys::cusolverEigMode_t = ssys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR;
 const UPLO: ssys::cublasFillMode_t = ssys::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER;
 
@@ -76,9 +83,7 @@ fn solve(
 ) -> Result<()> {
     let t = data_type(dt);
     let ni = n as i64;
-    /// Matrix elements per batched call (the 32-bit index limit).
-    const CHUNK_ELEMENTS: usize = i32::MAX as usize;
-    let chunk = (CHUNK_ELEMENTS / (n * n).max(1)).max(1);
+    let chunk = chunk_len(n);
     if batch > chunk {
         for first in (0..batch).step_by(chunk) {
             let len = chunk.min(batch - first);
@@ -238,7 +243,7 @@ fn plan_eigh(be: &CudaBackend, jobs: &mut [EighJob<'_, CudaBackend>]) -> Result<
                 &mut Args::new(),
             )?;
             be.copy_device(0, 0, 1)?;
-            let chunk = (i32::MAX as usize / (job.n * job.n).max(1)).max(1);
+            let chunk = chunk_len(job.n);
             for _ in (0..l).step_by(chunk) {
                 be.planned(plan::Call::Solver("cusolverDnXsyevBatched"), 0.0);
             }
@@ -380,5 +385,21 @@ fn retry_f64(
     } else {
         be.copy_device(a, src, nn * 4)?;
         Ok(EighStatus::Failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_len;
+
+    #[test]
+    fn batched_solver_chunks_stay_under_the_documented_limit() {
+        for n in [1usize, 2, 32, 64, 1000, 1024, 4096, 46_341] {
+            let c = chunk_len(n);
+            assert!(c >= 1);
+            assert!(n * n * c <= i32::MAX as usize || c == 1, "n {n}: {c}");
+            assert!(n * n * (c + 1) > i32::MAX as usize, "n {n}: {c} is not the most");
+        }
+        assert_eq!(chunk_len(1024), 2047);
     }
 }
