@@ -71,9 +71,12 @@ pub fn problems() -> Vec<Problem> {
 /// and eigenvalue-corrected Shampoo divides by square roots of corrected
 /// eigenvalues, which a small damping leaves at the mercy of rounding
 /// (float32 against float64 on the CPU differs by 0.19 with 1e-6, by 4e-4
-/// with 0.1; docs/cuda-backend.md).
-pub fn variants() -> Vec<(&'static str, &'static str)> {
-    vec![
+/// with 0.1; docs/cuda-backend.md). The batched Newton iteration runs in
+/// both dtypes; in float32 also with TF32 statistics and bf16 products (the
+/// CPU backend rounds operands as the GPU does, so the two differ only in
+/// accumulation order).
+pub fn variants(dtype: DType) -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![
         (
             "eigh+adam",
             r#"{"lr": 0.01, "betas": [0.9, 0.99], "epsilon": 1e-6, "weight_decay": 0.01,
@@ -98,7 +101,28 @@ pub fn variants() -> Vec<(&'static str, &'static str)> {
                 "momentum": {"momentum": 0.5, "dampening": 0.0, "nesterov": false},
                 "preconditioner": {"type": "eigenvalue_corrected"}}"#,
         ),
-    ]
+        (
+            "batched-newton+adam",
+            r#"{"lr": 0.01, "betas": [0.9, 0.99], "epsilon": 1e-3,
+                "precondition_frequency": 2, "start_preconditioning_step": 8,
+                "grafting": {"type": "adam", "beta2": 0.99, "epsilon": 1e-8},
+                "preconditioner": {"type": "root_inv",
+                    "root_inverse": {"method": "batched_newton"}}}"#,
+        ),
+    ];
+    if dtype == DType::F32 {
+        v.push((
+            "batched-newton+tf32+bf16",
+            r#"{"lr": 0.01, "betas": [0.9, 0.99], "epsilon": 0.1,
+                "precondition_frequency": 2, "start_preconditioning_step": 8,
+                "grafting": {"type": "adam", "beta2": 0.99, "epsilon": 1e-8},
+                "preconditioner": {"type": "root_inv",
+                    "root_inverse": {"method": "batched_newton"}},
+                "precision": {"statistics": "tf32", "preconditioning": "bf16",
+                              "root_iteration": "bf16"}}"#,
+        ));
+    }
+    v
 }
 
 /// The result of one problem and variant.
@@ -227,7 +251,7 @@ pub fn run<A: Backend, B: Backend>(
 ) -> Result<Vec<CheckResult>> {
     let mut out = Vec::new();
     for (k, p) in problems().into_iter().enumerate() {
-        for (j, (name, json)) in variants().into_iter().enumerate() {
+        for (j, (name, json)) in variants(dtype).into_iter().enumerate() {
             let mut cfg = ShampooConfig::from_json(json)
                 .with_context(|| format!("selfcheck variant {name}"))?;
             cfg.max_preconditioner_dim = p.max_dim;
@@ -268,7 +292,7 @@ mod tests {
                 0.0,
             )
             .unwrap();
-            assert_eq!(r.len(), problems().len() * variants().len());
+            assert_eq!(r.len(), problems().len() * variants(dtype).len());
             for c in &r {
                 assert_eq!(c.max_difference, 0.0, "{c:?}");
                 assert!(c.pass);

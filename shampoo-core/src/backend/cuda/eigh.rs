@@ -398,7 +398,10 @@ mod tests {
             let c = chunk_len(n);
             assert!(c >= 1);
             assert!(n * n * c <= i32::MAX as usize || c == 1, "n {n}: {c}");
-            assert!(n * n * (c + 1) > i32::MAX as usize, "n {n}: {c} is not the most");
+            assert!(
+                n * n * (c + 1) > i32::MAX as usize,
+                "n {n}: {c} is not the most"
+            );
         }
         assert_eq!(chunk_len(1024), 2047);
     }
