@@ -92,14 +92,28 @@ __device__ void scatter(const Move* moves, u64 count) {
 
 // Batched swap of the first two axes: in is count tensors (a, d, b), out
 // the same tensors as (d, a, b) (a mode moved to the front for one GEMM).
+// Index arithmetic in 32 bits when the batch has fewer than 2^32 elements.
+template <typename T, typename I>
+__device__ __forceinline__ void swap_axes_in(const T* in, T* out, I a, I d, I b, I numel,
+                                             u64 total) {
+    GRID_LOOP(i, total) {
+        I x = (I)i;
+        I t = x / numel, e = x - t * numel;
+        I rest = e / b, q = e - rest * b;
+        I k = rest / a, j = rest - k * a;
+        // out[t][k][j][q] = in[t][j][k][q]
+        out[i] = in[(u64)t * numel + ((u64)j * d + k) * b + q];
+    }
+}
+
 template <typename T>
 __device__ void swap_axes(const T* in, T* out, u64 a, u64 d, u64 b, u64 count) {
-    u64 numel = a * d * b;
-    GRID_LOOP(i, numel * count) {
-        u64 t = i / numel, e = i % numel;
-        u64 q = e % b, rest = e / b, j = rest % a, k = rest / a;
-        // out[t][k][j][q] = in[t][j][k][q]
-        out[i] = in[t * numel + (j * d + k) * b + q];
+    u64 numel = a * d * b, total = numel * count;
+    if (total <= 0xffffffffull) {
+        swap_axes_in<T, unsigned>(in, out, (unsigned)a, (unsigned)d, (unsigned)b,
+                                  (unsigned)numel, total);
+    } else {
+        swap_axes_in<T, u64>(in, out, a, d, b, numel, total);
     }
 }
 
