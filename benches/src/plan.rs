@@ -82,9 +82,9 @@ pub fn run(
     config: &ShampooConfig,
     dtype: DType,
 ) -> Result<PlanReport> {
-    if config.precondition_frequency == 1 {
+    if config.effective_frequency() == 1 {
         anyhow::bail!(
-            "the config computes root inverses on every step (precondition_frequency 1): no step without one to plan"
+            "the config computes root inverses on every step (precondition_frequency 1, or a mode that forces it: spectral and sign descent): no step without one to plan"
         );
     }
     let shapes: Vec<Vec<usize>> = tensors.iter().map(|t| t.shape.clone()).collect();

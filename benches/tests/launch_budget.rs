@@ -118,7 +118,7 @@ fn a_config_that_never_steps_without_a_root_inverse_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(
         err,
-        "shampoo-bench: error: the config computes root inverses on every step (precondition_frequency 1): no step without one to plan\n"
+        "shampoo-bench: error: the config computes root inverses on every step (precondition_frequency 1, or a mode that forces it: spectral and sign descent): no step without one to plan\n"
     );
 }
 
