@@ -236,6 +236,20 @@ __device__ void direction_jobs(const u64* t, u64 jobs, u64 source, u64 kind, dou
                                                     double exponent, u64 n) {                     \
         eigenvalue_scale<T>(r, d, bc2, eps, exponent, n);                                         \
     }                                                                                             \
+    extern "C" __global__ void eigenvalue_update_jobs_##S(const u64* t, u64 jobs, double beta2,   \
+                                                          double c2) {                            \
+        for (u64 j = 0; j < jobs; ++j) {                                                          \
+            const u64* r = t + 3 * j;                                                             \
+            eigenvalue_update<T>((const T*)r[0], (T*)r[1], beta2, c2, r[2]);                      \
+        }                                                                                         \
+    }                                                                                             \
+    extern "C" __global__ void eigenvalue_scale_jobs_##S(const u64* t, u64 jobs, double bc2,      \
+                                                         double eps, double exponent) {           \
+        for (u64 j = 0; j < jobs; ++j) {                                                          \
+            const u64* r = t + 3 * j;                                                             \
+            eigenvalue_scale<T>((T*)r[0], (const T*)r[1], bc2, eps, exponent, r[2]);              \
+        }                                                                                         \
+    }                                                                                             \
     extern "C" __global__ void sign_map_##S(const T* src, T* dst, u64 n) {                        \
         sign_map<T>(src, dst, n);                                                                 \
     }                                                                                             \

@@ -1531,3 +1531,135 @@ fn batched_job_kernels_equal_their_single_job_kernels() {
         assert_eq!(bits(&o1[j]), bits(&o2[j]), "direction of job {j}");
     }
 }
+
+/// The `_jobs` variants of the root iteration's and eigenvalue-corrected
+/// Shampoo's maps against their single-job kernels, bit for bit.
+#[test]
+fn batched_map_kernels_equal_their_single_job_kernels() {
+    let Some((_, lib, _)) = host_kernels() else {
+        return;
+    };
+    let sizes = [45usize, 128];
+    let make = |seed: u64| -> Vec<Vec<f64>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| {
+                values(seed + j as u64, n)
+                    .iter()
+                    .map(|x| x.abs() + 0.5)
+                    .collect()
+            })
+            .collect()
+    };
+    // copy
+    let copy = kernel!(lib, "copy_f64", fn(P, C, u64));
+    let copy_jobs = kernel!(lib, "copy_jobs_f64", fn(*const u64, u64));
+    let src = make(200);
+    let mut d1: Vec<Vec<f64>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+    let mut d2 = d1.clone();
+    for j in 0..2 {
+        // SAFETY: both hold sizes[j] elements.
+        unsafe { copy(d1[j].as_mut_ptr(), src[j].as_ptr(), sizes[j] as u64) };
+    }
+    let rows: Vec<u64> = (0..2)
+        .flat_map(|j| {
+            [
+                d2[j].as_mut_ptr() as u64,
+                src[j].as_ptr() as u64,
+                sizes[j] as u64,
+            ]
+        })
+        .collect();
+    // SAFETY: as above.
+    unsafe { copy_jobs(rows.as_ptr(), 2) };
+    assert_eq!(d1, d2);
+    // newton_coefficient on 3 x 3 and 8 x 8 matrices (9 and 64 elements of
+    // each job's first matrices).
+    let nc = kernel!(lib, "newton_coefficient_f64", fn(C, P, f64, f64, u64, u64));
+    let nc_jobs = kernel!(
+        lib,
+        "newton_coefficient_jobs_f64",
+        fn(*const u64, u64, f64, f64)
+    );
+    let dims = [(3usize, 5usize), (8, 2)];
+    let mut o1: Vec<Vec<f64>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+    let mut o2 = o1.clone();
+    for (j, &(n, c)) in dims.iter().enumerate() {
+        // SAFETY: n * n * c <= sizes[j] elements.
+        unsafe {
+            nc(
+                src[j].as_ptr(),
+                o1[j].as_mut_ptr(),
+                -0.25,
+                1.25,
+                n as u64,
+                c as u64,
+            )
+        };
+    }
+    let rows: Vec<u64> = dims
+        .iter()
+        .enumerate()
+        .flat_map(|(j, &(n, c))| {
+            [
+                src[j].as_ptr() as u64,
+                o2[j].as_mut_ptr() as u64,
+                n as u64,
+                c as u64,
+            ]
+        })
+        .collect();
+    // SAFETY: as above.
+    unsafe { nc_jobs(rows.as_ptr(), 2, -0.25, 1.25) };
+    assert_eq!(bits(&o1.concat()), bits(&o2.concat()));
+    // eigenvalue update and scale
+    let eu = kernel!(lib, "eigenvalue_update_f64", fn(C, P, f64, f64, u64));
+    let eu_jobs = kernel!(
+        lib,
+        "eigenvalue_update_jobs_f64",
+        fn(*const u64, u64, f64, f64)
+    );
+    let es = kernel!(lib, "eigenvalue_scale_f64", fn(P, C, f64, f64, f64, u64));
+    let es_jobs = kernel!(
+        lib,
+        "eigenvalue_scale_jobs_f64",
+        fn(*const u64, u64, f64, f64, f64)
+    );
+    let r = make(300);
+    let (mut e1, mut e2) = (make(400), make(400));
+    let (mut r1, mut r2) = (r.clone(), r.clone());
+    for j in 0..2 {
+        let n = sizes[j] as u64;
+        // SAFETY: every buffer holds sizes[j] elements.
+        unsafe {
+            eu(r[j].as_ptr(), e1[j].as_mut_ptr(), 0.99, 0.01, n);
+            es(r1[j].as_mut_ptr(), e1[j].as_ptr(), 0.5, 1e-8, 0.5, n);
+        }
+    }
+    let rows: Vec<u64> = (0..2)
+        .flat_map(|j| {
+            [
+                r[j].as_ptr() as u64,
+                e2[j].as_mut_ptr() as u64,
+                sizes[j] as u64,
+            ]
+        })
+        .collect();
+    let rows_scale: Vec<u64> = (0..2)
+        .flat_map(|j| {
+            [
+                r2[j].as_mut_ptr() as u64,
+                e2[j].as_ptr() as u64,
+                sizes[j] as u64,
+            ]
+        })
+        .collect();
+    // SAFETY: as above.
+    unsafe {
+        eu_jobs(rows.as_ptr(), 2, 0.99, 0.01);
+        es_jobs(rows_scale.as_ptr(), 2, 0.5, 1e-8, 0.5);
+    }
+    assert_eq!(bits(&e1.concat()), bits(&e2.concat()));
+    assert_eq!(bits(&r1.concat()), bits(&r2.concat()));
+}

@@ -354,6 +354,8 @@ fn jobs_variant(k: Kernel) -> Option<Kernel> {
         Kernel::SumSquares => Some(Kernel::SumSquaresJobs),
         Kernel::Copy => Some(Kernel::CopyJobs),
         Kernel::NewtonCoefficient => Some(Kernel::NewtonCoefficientJobs),
+        Kernel::EigenvalueUpdate => Some(Kernel::EigenvalueUpdateJobs),
+        Kernel::EigenvalueScale => Some(Kernel::EigenvalueScaleJobs),
         _ => None,
     }
 }
