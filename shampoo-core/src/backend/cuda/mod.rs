@@ -16,15 +16,22 @@
 //! Work is queued on one stream: the legacy default stream
 //! ([`CudaBackend::new`]) or a stream of the caller's
 //! ([`CudaBackend::with_stream`]). A steady-state step queues kernels and
-//! GEMMs only: no allocation and no host synchronisation. The exceptions,
-//! all in [`Backend::eigh`] (run in amortized steps only): its per-matrix
-//! statuses are host memory, so it waits for the solver; its workspace
-//! grows on the first call for a given size; and a float32 failure retried
-//! in float64 allocates the float64 copy it needs.
+//! GEMMs only: no allocation, no copy and no host synchronisation (small
+//! tables of block records and GEMM pointer arrays are uploaded the first
+//! time they are needed and reused, see `tables.rs`). The exceptions are in
+//! amortized steps: [`Backend::eigh`]'s per-matrix statuses are host
+//! memory, so it waits for the solver, its workspace grows on the first
+//! call for a given size, and a float32 failure retried in float64
+//! allocates the float64 copy it needs; the failure flags of a root-inverse
+//! step are read back once ([`Backend::download_all`]).
 //!
 //! Selections are turned into runs of consecutive matrices; each run is one
 //! launch (one batched call), so the usual selections (all, or an interval)
-//! cost no upload of indices.
+//! cost no upload of indices. The runs of all jobs of a gather, scatter,
+//! `map` or `reduce` call, and the same-size products of a `matmul` call,
+//! are merged into one launch where the kernel allows it (`ops.rs`,
+//! `blas.rs`). [`CudaBackend::planner`] runs all of this with no device and
+//! records what it would issue ([`plan`]).
 
 mod blas;
 mod eigh;
