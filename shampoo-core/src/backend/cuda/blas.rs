@@ -139,22 +139,18 @@ impl CudaBackend {
                 }
             }
         }
-        let g = &g;
-        let flops = 2.0 * (g.m * g.n * g.k * g.batch) as f64;
-        if let (super::Exec::Plan(r), Some(arrays)) = (&self.exec, g.pointers.as_deref()) {
-            r.table(arrays.concat());
-        }
-        if self.planned_products(plan::Call::Gemm, flops, g.batch) {
-            return Ok(());
-        }
-        let mut g = g.clone();
+        // The pointer arrays on the device (uploaded once; a planner records
+        // the upload the first time, as a device does it).
         if let Some(arrays) = g.pointers.as_deref() {
-            let words: Vec<u64> = arrays.concat();
-            let base = self.device_table(words)?;
+            let base = self.device_table(arrays.concat())?;
             let step = 8 * g.batch as u64;
             g.a.0 = base;
             g.b.0 = base + step;
             g.c.0 = base + 2 * step;
+        }
+        let flops = 2.0 * (g.m * g.n * g.k * g.batch) as f64;
+        if self.planned_products(plan::Call::Gemm, flops, g.batch) {
+            return Ok(());
         }
         let libs = self.libs()?;
         let h = libs.blas;
